@@ -1,0 +1,115 @@
+"""The dual encoder in numpy alone: forward, full-softmax loss and the gradient of every
+trainable tensor. Devices use it for local training; parity tests tie it to the torch module."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model_zoo.dual_encoder.config import DualEncoderConfig
+
+# Logit given to the padding id so it never wins top-K and takes no softmax mass.
+PAD_LOGIT = -1e9
+
+
+def recency_weights(config: DualEncoderConfig) -> np.ndarray:
+    """Weight per history position [max_len], 1.0 for the most recent (last) position."""
+    exponents = np.arange(config.max_len - 1, -1, -1, dtype=np.float32)
+    return np.power(np.float32(config.recency_decay), exponents).astype(np.float32)
+
+
+class DualEncoderNumpy:
+    """Numpy twin of ``DualEncoder``; ``params`` uses the torch state_dict names."""
+
+    def __init__(self, config: DualEncoderConfig, params: dict[str, np.ndarray]) -> None:
+        expected = config.param_shapes()
+        missing = sorted(set(expected) - set(params))
+        if missing:
+            raise ValueError(f"dual_encoder params lack {missing}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
+        self.config = config
+        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in expected}
+        self._recency = recency_weights(config)
+
+    def _check_history(self, history: np.ndarray) -> np.ndarray:
+        history = np.asarray(history)
+        if history.ndim != 2 or history.shape[1] != self.config.max_len:
+            raise ValueError(
+                f"history must have shape [batch, {self.config.max_len}], got {history.shape}"
+            )
+        if history.size and (history.min() < 0 or history.max() >= self.config.n_items):
+            raise ValueError(f"history ids must be in [0, {self.config.n_items})")
+        return history.astype(np.int64, copy=False)
+
+    def _encode(self, history: np.ndarray) -> dict[str, np.ndarray]:
+        p = self.params
+        w = (history > 0).astype(np.float32) * self._recency  # [B, L]
+        total = w.sum(axis=1, keepdims=True)
+        attn = w / np.where(total > 0, total, np.float32(1.0))  # [B, L]; empty history -> 0
+        u0 = np.einsum("bl,bld->bd", attn, p["item_emb.weight"][history])
+        z1 = u0 @ p["mlp.0.weight"].T + p["mlp.0.bias"]
+        h1 = np.maximum(z1, 0.0)
+        u = u0 + h1 @ p["mlp.2.weight"].T + p["mlp.2.bias"]
+        return {"attn": attn, "u0": u0, "z1": z1, "h1": h1, "u": u}
+
+    def user_vectors(self, history: np.ndarray) -> np.ndarray:
+        """[B, L] ids -> [B, dim] user vectors."""
+        return self._encode(self._check_history(history))["u"]
+
+    def logits(self, history: np.ndarray) -> np.ndarray:
+        """[B, L] ids -> [B, n_items] scores; the padding column is PAD_LOGIT."""
+        return self._logits(self.user_vectors(history))
+
+    def _logits(self, u: np.ndarray) -> np.ndarray:
+        scores = u @ self.params["out.weight"].T + self.params["out.bias"]
+        scores[:, 0] = PAD_LOGIT
+        return scores
+
+    def topk(self, history: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids (int32) and scores (float32), best first, each [B, k]."""
+        k = self.config.top_k if k is None else k
+        scores = self.logits(history)
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        ids = np.take_along_axis(part, order, axis=1)
+        return ids.astype(np.int32), np.take_along_axis(part_scores, order, axis=1)
+
+    def loss_and_grads(
+        self, history: np.ndarray, targets: np.ndarray
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean softmax cross-entropy of next-item ``targets`` [B] and its gradients."""
+        history = self._check_history(history)
+        targets = np.asarray(targets, dtype=np.int64)
+        if targets.shape != (history.shape[0],):
+            raise ValueError(f"targets must have shape [{history.shape[0]}], got {targets.shape}")
+        if targets.size and (targets.min() < 1 or targets.max() >= self.config.n_items):
+            raise ValueError(f"target ids must be in [1, {self.config.n_items})")
+        p = self.params
+        batch = history.shape[0]
+        cache = self._encode(history)
+        logits = self._logits(cache["u"])
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        rows = np.arange(batch)
+        loss = float(-np.log(np.maximum(probs[rows, targets], 1e-30)).mean())
+
+        g = probs
+        g[rows, targets] -= 1.0
+        g /= batch  # dL/dlogits [B, N]
+        grads = {"out.weight": g.T @ cache["u"], "out.bias": g.sum(axis=0)}
+        du = g @ p["out.weight"]
+        grads["mlp.2.weight"] = du.T @ cache["h1"]
+        grads["mlp.2.bias"] = du.sum(axis=0)
+        dz1 = (du @ p["mlp.2.weight"]) * (cache["z1"] > 0)
+        grads["mlp.0.weight"] = dz1.T @ cache["u0"]
+        grads["mlp.0.bias"] = dz1.sum(axis=0)
+        du0 = du + dz1 @ p["mlp.0.weight"]
+        d_emb = np.zeros_like(p["item_emb.weight"])
+        contrib = cache["attn"][:, :, None] * du0[:, None, :]
+        np.add.at(d_emb, history.ravel(), contrib.reshape(-1, self.config.dim))
+        d_emb[0] = 0.0  # the padding row never trains (torch: padding_idx=0)
+        grads["item_emb.weight"] = d_emb
+        return loss, {k: v.astype(np.float32, copy=False) for k, v in grads.items()}

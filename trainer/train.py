@@ -1,0 +1,202 @@
+"""Central training of a zoo model: Adam on next-item softmax, early stopping on validation
+HR@10, optional DP-SGD through Opacus (ghost clipping, RDP accountant)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainer.data.split import EvalSet, LeaveLastOut
+from trainer.metrics import ranking_metrics
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD settings. Give ``noise_multiplier`` or ``target_epsilon`` (then the noise is
+    calibrated for ``epochs``). The privacy unit is one training example (one next-item
+    prediction); user-level privacy comes from federated rounds with per-device clipping."""
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("DP needs exactly one of noise_multiplier or target_epsilon")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    loss: str = "full"  # "full" softmax, or "sampled" with uniform shared negatives
+    negatives: int = 1000
+    eval_users: int = 3000
+    seed: int = 0
+    dp: DPConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
+        if self.dp is not None and self.loss != "full":
+            raise ValueError("DP-SGD supports the full softmax only (per-sample gradients)")
+
+
+@dataclass
+class TrainResult:
+    params: dict[str, np.ndarray]
+    epochs_run: int
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    privacy: dict | None = None
+    seconds: float = 0.0
+
+
+def default_delta(n_examples: int) -> float:
+    """The largest power of ten below 1/n: the usual 'delta < 1/N' rule, rounded."""
+    return 10.0 ** -math.ceil(math.log10(max(n_examples, 10)))
+
+
+@torch.no_grad()
+def torch_topk(module: nn.Module, history: np.ndarray, k: int, batch: int = 1024) -> np.ndarray:
+    """Full-ranking top-k ids of a logits module for many histories -> [U, k] int32."""
+    module.eval()
+    out = []
+    for start in range(0, len(history), batch):
+        logits = module(torch.from_numpy(history[start : start + batch]).long())
+        out.append(torch.topk(logits, k).indices.to(torch.int32).numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int32)
+
+
+def evaluate_module(module: nn.Module, data: EvalSet, n_items: int, k: int = 10) -> dict:
+    return ranking_metrics(torch_topk(module, data.history, max(k, 50)), data.target, n_items, k)
+
+
+def _sampled_loss(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, negatives: int, n_items: int
+) -> torch.Tensor:
+    """Softmax over the batch's targets plus shared uniform negatives (uniform sampling
+    needs no logQ correction: every candidate has the same proposal probability)."""
+    neg = torch.randint(1, n_items, (negatives,))
+    cand, inverse = torch.unique(torch.cat([y, neg]), return_inverse=True)
+    u = module.user_vectors(x)
+    logits = u @ module.out.weight[cand].T + module.out.bias[cand]
+    return nn.functional.cross_entropy(logits, inverse[: len(y)])
+
+
+def train(
+    module: nn.Module,
+    split: LeaveLastOut,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``module`` (a zoo torch module with ``.config``) in place; keep the best epoch."""
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    n_items, max_len = module.config.n_items, module.config.max_len
+    history, target = split.train_examples(max_len)
+    valid = split.valid.subset(cfg.eval_users, seed=cfg.seed)
+    dataset = torch.utils.data.TensorDataset(
+        torch.from_numpy(history).long(), torch.from_numpy(target).long()
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator
+    )
+    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    trained, engine, delta = module, None, None
+    if cfg.dp is not None:
+        trained, optimizer, criterion, loader, engine, delta = _make_private(
+            module, optimizer, criterion, loader, cfg, len(dataset)
+        )
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    best = (-1.0, 0, snapshot())
+    result = TrainResult(params={}, epochs_run=0, best_epoch=0)
+    for epoch in range(1, cfg.epochs + 1):
+        trained.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
+        for x, y in bar:
+            if len(y) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad()
+            if cfg.loss == "sampled":
+                loss = _sampled_loss(module, x, y, cfg.negatives, n_items)
+            else:
+                loss = criterion(trained(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        metrics = evaluate_module(module, valid, n_items)
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics}
+        if engine is not None:
+            row["epsilon"] = engine.get_epsilon(delta)
+        result.history.append(row)
+        if progress:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch")
+            tqdm.write(f"epoch {epoch}: {shown}")
+        if metrics["hr@10"] > best[0]:
+            best = (metrics["hr@10"], epoch, snapshot())
+        elif epoch - best[1] >= cfg.patience:
+            break
+    result.epochs_run = epoch
+    result.best_epoch = best[1]
+    module.load_state_dict(best[2])
+    result.params = {k: v.numpy().copy() for k, v in best[2].items()}
+    if engine is not None:
+        # Spent budget counts every step taken, not just those up to the best epoch.
+        result.privacy = {
+            "epsilon": engine.get_epsilon(delta),
+            "delta": delta,
+            "unit": "example",
+            "accountant": "rdp",
+            "noise_multiplier": optimizer.noise_multiplier,
+            "max_grad_norm": cfg.dp.max_grad_norm,
+            "sample_rate": cfg.batch_size / len(dataset),
+            "steps": sum(steps for _, _, steps in engine.accountant.history),
+            "config": asdict(cfg.dp),
+        }
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _make_private(module, optimizer, criterion, loader, cfg: TrainConfig, n_examples: int):
+    from opacus import PrivacyEngine
+
+    dp = cfg.dp
+    delta = dp.delta if dp.delta is not None else default_delta(n_examples)
+    engine = PrivacyEngine(accountant="rdp")
+    common = dict(
+        module=module,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        max_grad_norm=dp.max_grad_norm,
+        grad_sample_mode="ghost",
+        poisson_sampling=True,
+    )
+    if dp.target_epsilon is not None:
+        wrapped, optimizer, criterion, loader = engine.make_private_with_epsilon(
+            target_epsilon=dp.target_epsilon, target_delta=delta, epochs=cfg.epochs, **common
+        )
+    else:
+        wrapped, optimizer, criterion, loader = engine.make_private(
+            noise_multiplier=dp.noise_multiplier, **common
+        )
+    return wrapped, optimizer, criterion, loader, engine, delta
