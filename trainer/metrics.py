@@ -17,7 +17,7 @@ def ranking_metrics(topk: np.ndarray, target: np.ndarray, n_items: int, k: int =
         raise ValueError(f"topk must be [U, >={k}] matching target [U]; got {topk.shape}")
     hits = topk == target[:, None]
     found = hits.any(axis=1)
-    pos = np.where(found, hits.argmax(axis=1), -1)
+    pos = hits.argmax(axis=1)  # 0 where not found; masked by ``found`` below
     at_k = found & (pos < k)
     return {
         f"hr@{k}": float(at_k.mean()),

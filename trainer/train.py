@@ -178,7 +178,12 @@ def train(
 
 def _make_private(module, optimizer, criterion, loader, cfg: TrainConfig, n_examples: int):
     from opacus import PrivacyEngine
+    from opacus.grad_sample.utils import register_norm_sampler
 
+    # Layers that know their exact per-sample gradient norms tell Opacus so (ghost clipping).
+    for layer in module.modules():
+        if hasattr(layer, "per_sample_grad_norms"):
+            register_norm_sampler(type(layer))(type(layer).per_sample_grad_norms)
     dp = cfg.dp
     delta = dp.delta if dp.delta is not None else default_delta(n_examples)
     engine = PrivacyEngine(accountant="rdp")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainer.data.vocab import ItemVocab
+from device_sdk.item_vocab import ItemVocab
 
 
 def kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -1,0 +1,1 @@
+"""PocketRec sync server (Flask + SQLAlchemy): arrives with the sync-server issue."""

@@ -1,0 +1,251 @@
+"""`pocketrec`: train, export and evaluate on-device recommenders; run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+DEFAULT_RUN = "runs/default"
+
+
+def _quiet() -> None:
+    """The converter stack (torchao, litert-torch, absl) is chatty at import and at INFO."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("torchao", "litert_torch", "absl", "torch", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    from trainer.data.loaders import FORMATS
+
+    p.add_argument("--data", help="interaction file (default: the embedded synthetic shop)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="file format (default: detected from the file)")
+    p.add_argument("--kcore", type=int, default=0, help="keep users/items with >= k events")
+    p.add_argument("--synthetic-users", type=int, default=2000)
+    p.add_argument("--synthetic-items", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    import model_zoo
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="dual_encoder", choices=model_zoo.names())
+    g.add_argument("--dim", type=int, default=64)
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--max-len", type=int, default=50, help="history length L")
+    g.add_argument("--recency-decay", type=float, default=1.0, help="1.0 = plain mean")
+    g.add_argument("--top-k", type=int, default=50, help="K returned by the exported graph")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=512)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--patience", type=int, default=3, help="epochs without val HR@10 gain")
+    g.add_argument("--loss", default="full", choices=("full", "sampled"))
+    g.add_argument("--negatives", type=int, default=1000, help="for --loss sampled")
+    g = p.add_argument_group("differential privacy (DP-SGD, Opacus)")
+    g.add_argument("--dp", action="store_true", help="train with DP-SGD")
+    g.add_argument("--noise-multiplier", type=float)
+    g.add_argument("--target-epsilon", type=float, help="calibrate noise to reach this epsilon")
+    g.add_argument("--delta", type=float, help="default: the power of ten below 1/examples")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clip norm")
+
+
+def _data_spec(args: argparse.Namespace):
+    from trainer.data.dataset import DataSpec
+
+    return DataSpec(path=args.data, format=args.format, kcore=args.kcore,
+                    synthetic_users=args.synthetic_users,
+                    synthetic_items=args.synthetic_items, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    import model_zoo
+    from trainer.checkpoint import Checkpoint
+    from trainer.data.dataset import prepare
+    from trainer.train import DPConfig, TrainConfig, train
+
+    spec = _data_spec(args)
+    print(f"loading {spec.name} ...", flush=True)
+    prepared = prepare(spec, args.max_len)
+    s = prepared.stats
+    print(f"  {s['events']:,} events, {s['users']:,} users, {s['items']:,} items; "
+          f"{s['eval_users']:,} users held out (leave-last-out)")
+    dp = None
+    if args.dp:
+        if args.noise_multiplier is None and args.target_epsilon is None:
+            args.target_epsilon = 8.0
+        dp = DPConfig(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
+                      target_epsilon=args.target_epsilon, delta=args.delta)
+    elif args.noise_multiplier is not None or args.target_epsilon is not None:
+        raise SystemExit("error: --noise-multiplier/--target-epsilon need --dp")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      patience=args.patience, loss=args.loss, negatives=args.negatives,
+                      seed=args.seed, dp=dp)
+    arch = model_zoo.get(args.arch)
+    config = arch.config(n_items=len(prepared.vocab), dim=args.dim, hidden=args.hidden,
+                         max_len=args.max_len, recency_decay=args.recency_decay,
+                         top_k=args.top_k)
+    module = arch.torch_module(config)
+    result = train(module, prepared.split, cfg, progress=not args.no_progress)
+    best = result.history[result.best_epoch - 1]
+    meta = {
+        "data": {**spec.to_dict(), "name": spec.name, **prepared.stats},
+        "training": {**asdict(cfg), "epochs_run": result.epochs_run,
+                     "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
+                     "history": result.history},
+        "privacy": result.privacy,
+    }
+    ckpt = Checkpoint(args.arch, config.to_dict(), result.params, prepared.vocab, meta)
+    path = ckpt.save(Path(args.run) / "checkpoint")
+    print(f"trained {result.epochs_run} epochs in {result.seconds:.0f} s; best epoch "
+          f"{result.best_epoch}: validation HR@10 {best['hr@10']:.4f}, "
+          f"NDCG@10 {best['ndcg@10']:.4f}")
+    if result.privacy:
+        p = result.privacy
+        print(f"privacy: epsilon {p['epsilon']:.2f} at delta {p['delta']:g} (RDP accountant, "
+              f"noise multiplier {p['noise_multiplier']:.3f}, clip {p['max_grad_norm']}, "
+              f"unit: one training example)")
+    print(f"checkpoint: {path}")
+    return {"checkpoint": str(path), "best": best, "privacy": result.privacy}
+
+
+def _load_run(run: str):
+    from trainer.checkpoint import Checkpoint
+    from trainer.data.dataset import DataSpec, prepare
+
+    ckpt = Checkpoint.load(Path(run) / "checkpoint")
+    data = ckpt.meta["data"]
+    spec = DataSpec(**{k: data[k] for k in DataSpec.__dataclass_fields__})
+    prepared = prepare(spec, ckpt.model_config().max_len, vocab=ckpt.vocab)
+    return ckpt, prepared
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from trainer.evaluate import K
+    from trainer.export import export_bundle
+    from trainer.metrics import topk_agreement
+    from trainer.train import torch_topk
+
+    ckpt, prepared = _load_run(args.run)
+    test = prepared.split.test
+    print("exporting: litert-torch -> float .tflite -> ai-edge-quantizer "
+          f"{args.recipe} ...", flush=True)
+    result = export_bundle(ckpt, args.run, model_version=args.model_version,
+                           parent_version=args.parent_version, recipe_name=args.recipe,
+                           histories=test.history)
+    from device_sdk.bundle import load_bundle
+
+    bundle = load_bundle(result.bundle_dir)
+    int8_ids = bundle.model().topk_many(test.history)[0]
+    torch_ids = torch_topk(ckpt.torch_module(), test.history, K)
+    agreement = topk_agreement(int8_ids, torch_ids, K)
+    report = {
+        "bundle": str(result.bundle_dir),
+        "float_bytes": result.float_bytes,
+        "int8_bytes": result.int8_bytes,
+        "size_ratio_int8_float": result.int8_bytes / result.float_bytes,
+        f"agree@{K}_int8_vs_torch": agreement,
+        "test_users": len(test),
+        "seconds": round(result.seconds, 1),
+    }
+    (Path(args.run) / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"bundle v{args.model_version}: {result.bundle_dir}  (int8 {result.int8_bytes:,} B, "
+          f"float {result.float_bytes:,} B, ratio {report['size_ratio_int8_float']:.2f})")
+    print(f"top-{K} agreement int8 LiteRT vs torch on {len(test):,} test users: {agreement:.4f}")
+    return report
+
+
+def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
+    from trainer.evaluate import evaluate_models, format_table
+    from trainer.export import FLOAT_MODEL
+
+    ckpt, prepared = _load_run(args.run)
+    data = getattr(prepared.split, args.split)
+    bundle = Path(args.run) / "bundle"
+    rows = evaluate_models(ckpt, data, bundle if bundle.is_dir() else None,
+                           Path(args.run) / FLOAT_MODEL)
+    print(f"{args.split}: {len(data):,} users of {prepared.spec.name}, full ranking over "
+          f"{len(ckpt.vocab) - 1:,} items")
+    print(format_table(rows))
+    (Path(args.run) / f"evaluation_{args.split}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    cmd_train(args)
+    args.model_version, args.parent_version, args.recipe = 1, None, "dynamic_wi8_afp32"
+    cmd_export(args)
+    args.split = "test"
+    cmd_evaluate(args)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; run directory: {args.run}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketrec",
+        description="Train, quantize and evaluate on-device recommenders (PocketRec).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--run", default=DEFAULT_RUN,
+                       help=f"run directory (default: {DEFAULT_RUN})")
+        return p
+
+    p = add("demo", "train, export and evaluate end to end (synthetic data unless --data)",
+            cmd_demo)
+    _data_args(p)
+    _train_args(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(epochs=15)
+
+    p = add("train", "central training; writes RUN/checkpoint", cmd_train)
+    _data_args(p)
+    _train_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = add("export", "RUN/checkpoint -> int8 LiteRT bundle in RUN/bundle", cmd_export)
+    p.add_argument("--model-version", type=int, default=1)
+    p.add_argument("--parent-version", type=int)
+    p.add_argument("--recipe", default="dynamic_wi8_afp32",
+                   choices=("dynamic_wi8_afp32", "weight_only_wi8_afp32"))
+
+    p = add("evaluate", "full-ranking HR@10/NDCG@10/MRR/coverage: popularity, torch, "
+            "float and int8 LiteRT", cmd_evaluate)
+    p.add_argument("--split", default="test", choices=("test", "valid"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    from trainer.data.interactions import DataFormatError
+
+    try:
+        args.func(args)
+    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
