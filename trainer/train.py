@@ -168,7 +168,8 @@ def train(
             "accountant": "rdp",
             "noise_multiplier": optimizer.noise_multiplier,
             "max_grad_norm": cfg.dp.max_grad_norm,
-            "sample_rate": cfg.batch_size / len(dataset),
+            # Opacus' Poisson loader samples at 1 / batches-per-epoch, not batch / n.
+            "sample_rate": engine.accountant.history[-1][1],
             "steps": sum(steps for _, _, steps in engine.accountant.history),
             "config": asdict(cfg.dp),
         }
