@@ -2,16 +2,17 @@
 exports and evaluates; the dual encoder beats popularity and int8 LiteRT agrees with torch."""
 
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from conftest import ONLINE_RETAIL
 
 
 def _pocketrec(*args: str) -> str:
-    exe = shutil.which("pocketrec")
-    assert exe, "the pocketrec console script is not installed"
-    done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=1800)
+    exe = Path(sys.executable).with_name("pocketrec")  # the console script pip installed
+    assert exe.is_file(), f"the pocketrec console script is not installed at {exe}"
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
