@@ -28,13 +28,18 @@ def test_pooled_embedding_per_sample_norms_are_exact():
         assert norms[b].item() == pytest.approx(layer.weight.grad.norm().item(), rel=1e-5, abs=1e-7)
 
 
-def test_dp_training_reports_the_accountants_epsilon():
-    prepared = prepare(DataSpec(synthetic_users=200, synthetic_items=80, seed=3), max_len=10)
+def _tiny_dp_run(seed: int, dp: DPConfig):
+    """(prepared data, fresh module, config) for two DP epochs on a small synthetic shop."""
+    prepared = prepare(DataSpec(synthetic_users=200, synthetic_items=80, seed=seed), max_len=10)
     arch = model_zoo.get("dual_encoder")
     config = arch.config(n_items=len(prepared.vocab), dim=8, hidden=8, max_len=10)
-    cfg = TrainConfig(epochs=2, batch_size=128, patience=5,
-                      dp=DPConfig(noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-5))
-    module = arch.torch_module(config)
+    cfg = TrainConfig(epochs=2, batch_size=128, patience=5, dp=dp)
+    return prepared, arch.torch_module(config), cfg
+
+
+def test_dp_training_reports_the_accountants_epsilon():
+    dp = DPConfig(noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-5)
+    prepared, module, cfg = _tiny_dp_run(3, dp)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     result = train(module, prepared.split, cfg, progress=False)
     p = result.privacy
@@ -51,12 +56,9 @@ def test_dp_training_reports_the_accountants_epsilon():
 
 
 def test_target_epsilon_calibrates_the_noise():
-    prepared = prepare(DataSpec(synthetic_users=200, synthetic_items=80, seed=4), max_len=10)
-    arch = model_zoo.get("dual_encoder")
-    config = arch.config(n_items=len(prepared.vocab), dim=8, hidden=8, max_len=10)
-    cfg = TrainConfig(epochs=2, batch_size=128, patience=5,
-                      dp=DPConfig(target_epsilon=3.0, max_grad_norm=1.0, delta=1e-5))
-    result = train(arch.torch_module(config), prepared.split, cfg, progress=False)
+    dp = DPConfig(target_epsilon=3.0, max_grad_norm=1.0, delta=1e-5)
+    prepared, module, cfg = _tiny_dp_run(4, dp)
+    result = train(module, prepared.split, cfg, progress=False)
     # Calibrated for the planned epochs; Poisson sampling makes the step count approximate.
     assert result.privacy["epsilon"] == pytest.approx(3.0, rel=0.15)
     assert result.privacy["noise_multiplier"] > 0.3
