@@ -55,7 +55,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", default="full", choices=("full", "sampled"))
     g.add_argument("--negatives", type=int, default=1000, help="for --loss sampled")
     g = p.add_argument_group("differential privacy (DP-SGD, Opacus)")
-    g.add_argument("--dp", action="store_true", help="train with DP-SGD")
+    g.add_argument("--dp", action="store_true",
+                   help="train with DP-SGD (without a noise setting: --target-epsilon 8)")
     g.add_argument("--noise-multiplier", type=float)
     g.add_argument("--target-epsilon", type=float, help="calibrate noise to reach this epsilon")
     g.add_argument("--delta", type=float, help="default: the power of ten below 1/examples")
