@@ -11,24 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-ONLINE_RETAIL = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
-
-
-def _ensure_run(run: Path, epochs: int) -> None:
-    if not (run / "checkpoint").is_dir():
-        subprocess.run([sys.executable, "-m", "trainer.cli", "train", "--data", str(ONLINE_RETAIL),
-                        "--run", str(run), "--epochs", str(epochs), "--no-progress"], check=True)
-    if not (run / "bundle").is_dir():
-        subprocess.run([sys.executable, "-m", "trainer.cli", "export", "--run", str(run)],
-                       check=True)
+from _retail import ensure_run
 
 
 def main() -> None:
@@ -38,7 +25,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
     run = Path(args.run)
-    _ensure_run(run, args.epochs)
+    ensure_run(run, args.epochs)
 
     from device_sdk.bundle import load_bundle
     from device_sdk.topk_model import TopKModel

@@ -94,7 +94,7 @@ def write_bundle(
     if missing:
         raise BundleError(f"bundle lacks file(s) {missing}")
     for name in files:
-        _check_name(name)
+        check_file_name(name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -192,7 +192,8 @@ def verify_signature(manifest_bytes: bytes, signature: bytes | None, public_key:
         ) from None
 
 
-def _check_name(name: str) -> None:
+def check_file_name(name: str) -> None:
+    """Refuse anything but a plain listed file name: no paths, no manifest or signature."""
     if not _SAFE_NAME.match(name) or name in (MANIFEST, SIGNATURE):
         raise BundleError(f"bad bundle file name {name!r}")
 
@@ -209,7 +210,7 @@ def _check_manifest(manifest: Any) -> None:
             f"{FORMAT_VERSION})"
         )
     for name, entry in manifest["files"].items():
-        _check_name(name)
+        check_file_name(name)
         if not isinstance(entry, dict) or not {"sha256", "size"} <= set(entry):
             raise BundleError(f"manifest entry for {name} lacks sha256/size")
     missing = [n for n in REQUIRED_FILES if n not in manifest["files"]]

@@ -46,3 +46,53 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def server_key():
+    """The publisher's Ed25519 key; devices pin its public half."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate()
+
+
+def public_raw(private_key) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def resign_bundle(src: Path, dst: Path, key, **manifest_changes) -> Path:
+    """A copy of bundle ``src`` with manifest fields replaced, signed by ``key``."""
+    import json
+
+    from device_sdk.bundle import MANIFEST, SIGNATURE, encode_manifest
+
+    copy_bundle(src, dst)
+    manifest = {**json.loads((dst / MANIFEST).read_bytes()), **manifest_changes}
+    raw = encode_manifest(manifest)
+    (dst / MANIFEST).write_bytes(raw)
+    (dst / SIGNATURE).write_bytes(key.sign(raw))
+    return dst
+
+
+def zip_bundle(directory: Path) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(directory.iterdir()):
+            zf.writestr(f.name, f.read_bytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def signed_bundles(tiny_export, server_key, tmp_path_factory):
+    """version -> signed bundle directory of the tiny export, for versions 1..3."""
+    root = tmp_path_factory.mktemp("signed")
+    return {
+        v: resign_bundle(tiny_export.bundle_dir, root / f"v{v}", server_key, model_version=v,
+                         parent_version=v - 1 or None)
+        for v in (1, 2, 3)
+    }

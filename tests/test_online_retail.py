@@ -1,12 +1,16 @@
 """Integration on the real UCI Online Retail log: the `pocketrec` console script trains,
-exports and evaluates; the dual encoder beats popularity and int8 LiteRT agrees with torch."""
+exports (signed) and evaluates; the dual encoder beats popularity and int8 LiteRT agrees with
+torch. Then the device example app runs in a fresh venv holding only `pocketrec[device]`."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ONLINE_RETAIL
+import pytest
+from conftest import ONLINE_RETAIL, REPO, resign_bundle
+
+from device_sdk.files import load_or_create_ed25519
 
 
 def _pocketrec(*args: str) -> str:
@@ -17,21 +21,63 @@ def _pocketrec(*args: str) -> str:
     return done.stdout
 
 
-def test_train_export_evaluate_on_online_retail(tmp_path):
+@pytest.fixture(scope="module")
+def retail_run(tmp_path_factory):
     assert ONLINE_RETAIL.is_file(), f"real data expected at {ONLINE_RETAIL}"
-    run = str(tmp_path / "retail")
-    out = _pocketrec("train", "--data", str(ONLINE_RETAIL), "--run", run, "--epochs", "3",
+    root = tmp_path_factory.mktemp("retail")
+    run = root / "run"
+    out = _pocketrec("train", "--data", str(ONLINE_RETAIL), "--run", str(run), "--epochs", "3",
                      "--batch-size", "1024", "--no-progress")
     assert "4,3" in out  # ~4,3xx customers after cleaning
-    _pocketrec("export", "--run", run)
-    report = json.loads((tmp_path / "retail" / "export_report.json").read_text())
+    key = root / "keys" / "server.key"
+    out = _pocketrec("export", "--run", str(run), "--signing-key", str(key))
+    public_hex = out.split("devices pin public key ")[1].split()[0]
+    return run, key, public_hex
+
+
+def test_train_export_evaluate_on_online_retail(retail_run):
+    run, _, _ = retail_run
+    report = json.loads((run / "export_report.json").read_text())
     assert report["agree@10_int8_vs_torch"] >= 0.97
     assert report["size_ratio_int8_float"] < 0.4
-    table = _pocketrec("evaluate", "--run", run)
+    table = _pocketrec("evaluate", "--run", str(run))
     assert "litert int8" in table
-    rows = {r["model"]: r for r in json.loads((tmp_path / "retail" / "evaluation_test.json")
-                                              .read_text())}
+    rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
     assert rows["torch (float)"]["hr@10"] > 2 * rows["popularity"]["hr@10"]
     assert rows["litert int8"]["hr@10"] > 2 * rows["popularity"]["hr@10"]
     assert rows["litert int8"]["agree@10"] >= 0.97
     assert rows["torch (float)"]["coverage@10"] > 10 * rows["popularity"]["coverage@10"]
+
+
+def test_device_app_with_only_the_device_extra(retail_run, tmp_path):
+    """`pip install .[device]` into an empty venv, then the example app on a real customer:
+    log, recommend, install a newer signed bundle, refuse tampered + older, train locally."""
+    run, key_path, public_hex = retail_run
+    newer = resign_bundle(run / "bundle", tmp_path / "v2", load_or_create_ed25519(key_path),
+                          model_version=2, parent_version=1)
+    venv = tmp_path / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{REPO}[device]"],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    heavy = ["flask", "sqlalchemy", "torch", "tensorflow", "jax", "pandas", "opacus"]
+    for module in heavy:  # the device venv really lacks them, so the app cannot use them
+        probe = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {module}"],
+                               capture_output=True)
+        assert probe.returncode != 0, f"{module} is importable in the device-only venv"
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), str(REPO / "examples" / "device_app.py"),
+         "--data", str(ONLINE_RETAIL), "--bundle", str(run / "bundle"), "--newer", str(newer),
+         "--server-key", public_hex, "--device-dir", str(tmp_path / "device")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "installed model v1" in out and "installed model v2" in out
+    assert "refused tampered bundle: bundle_integrity" in out
+    assert "refused older bundle: stale_version" in out
+    assert "serving model v2: 10 items" in out
+    logged = int(out.split("logged ")[1].split()[0])
+    examples = int(out.split("local training: ")[1].split()[0])
+    assert logged > 1000 and 0 < examples < logged
+    assert "clipped to 1.000" in out or "clipped to 0." in out

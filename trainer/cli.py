@@ -143,9 +143,20 @@ def cmd_export(args: argparse.Namespace) -> dict:
     test = prepared.split.test
     print("exporting: litert-torch -> float .tflite -> ai-edge-quantizer "
           f"{args.recipe} ...", flush=True)
-    result = export_bundle(ckpt, args.run, model_version=args.model_version,
+    signer = None
+    if args.signing_key:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        from device_sdk.files import load_or_create_ed25519
+
+        key = load_or_create_ed25519(args.signing_key, "signing key")
+        signer = key.sign
+        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        print(f"signing with {args.signing_key}; devices pin public key {public.hex()}")
+    out = args.out or args.run
+    result = export_bundle(ckpt, out, model_version=args.model_version,
                            parent_version=args.parent_version, recipe_name=args.recipe,
-                           histories=test.history)
+                           histories=test.history, signer=signer)
     from device_sdk.bundle import load_bundle
 
     bundle = load_bundle(result.bundle_dir)
@@ -161,7 +172,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
         "test_users": len(test),
         "seconds": round(result.seconds, 1),
     }
-    (Path(args.run) / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (Path(out) / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"bundle v{args.model_version}: {result.bundle_dir}  (int8 {result.int8_bytes:,} B, "
           f"float {result.float_bytes:,} B, ratio {report['size_ratio_int8_float']:.2f})")
     print(f"top-{K} agreement int8 LiteRT vs torch on {len(test):,} test users: {agreement:.4f}")
@@ -188,6 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     cmd_train(args)
     args.model_version, args.parent_version, args.recipe = 1, None, "dynamic_wi8_afp32"
+    args.signing_key = args.out = None
     cmd_export(args)
     args.split = "test"
     cmd_evaluate(args)
@@ -225,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-version", type=int)
     p.add_argument("--recipe", default="dynamic_wi8_afp32",
                    choices=("dynamic_wi8_afp32", "weight_only_wi8_afp32"))
+    p.add_argument("--signing-key", metavar="FILE",
+                   help="Ed25519 private key (raw 32 bytes, 0600) to sign the manifest with; "
+                   "created if missing. Devices pin its public half")
+    p.add_argument("--out", metavar="DIR", help="write OUT/bundle instead of RUN/bundle")
 
     p = add("evaluate", "full-ranking HR@10/NDCG@10/MRR/coverage: popularity, torch, "
             "float and int8 LiteRT", cmd_evaluate)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from device_sdk.item_vocab import ItemVocab
+from device_sdk.local_trainer import next_item_windows as windows
 
 
 def kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -40,14 +41,6 @@ def user_sequences(df: pd.DataFrame, vocab: ItemVocab) -> dict[str, np.ndarray]:
     starts = np.flatnonzero(change_user)
     bounds = np.r_[starts, len(ids)]
     return {users[s]: ids[s:e] for s, e in zip(bounds[:-1], bounds[1:], strict=True)}
-
-
-def windows(seq: np.ndarray, max_len: int) -> np.ndarray:
-    """Histories for predicting each of seq[1:]: row t holds seq[:t+1]'s last max_len ids,
-    left-padded with 0 -> int32 [len(seq) - 1, max_len]."""
-    padded = np.concatenate([np.zeros(max_len, dtype=np.int32), seq[:-1].astype(np.int32)])
-    view = np.lib.stride_tricks.sliding_window_view(padded, max_len)
-    return np.ascontiguousarray(view[1:])
 
 
 def last_window(seq: np.ndarray, max_len: int) -> np.ndarray:

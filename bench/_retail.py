@@ -1,0 +1,22 @@
+"""Shared by the benchmarks: a trained + exported Online Retail run, made once and reused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ONLINE_RETAIL = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
+
+
+def ensure_run(run: Path, epochs: int, signing_key: Path | None = None) -> None:
+    """Train (``pocketrec train``) and export (``pocketrec export``) into ``run`` unless the
+    checkpoint / bundle are already there."""
+    cli = [sys.executable, "-m", "trainer.cli"]
+    if not (run / "checkpoint").is_dir():
+        subprocess.run([*cli, "train", "--data", str(ONLINE_RETAIL), "--run", str(run),
+                        "--epochs", str(epochs), "--no-progress"], check=True)
+    if not (run / "bundle").is_dir():
+        key = ["--signing-key", str(signing_key)] if signing_key else []
+        subprocess.run([*cli, "export", "--run", str(run), *key], check=True)

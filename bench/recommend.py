@@ -1,0 +1,123 @@
+"""The device SDK on real Online Retail customers, side by side in one run:
+recommend() end to end (SQLite log read + history policy + LiteRT + filtering) vs the bare
+interpreter invoke, their HR@10 on each customer's real next purchase, and the time of one
+round of local training.
+
+    python bench/recommend.py                    # trains + exports on Online Retail first
+    python bench/recommend.py --run runs/retail  # reuse a run made by pocketrec
+
+Every sampled customer gets their own SQLite EventLog (one device = one customer) holding
+their real purchase lines up to, not including, the held-out last purchase."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _retail import ONLINE_RETAIL, ensure_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/bench-retail")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--customers", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    run = Path(args.run)
+    ensure_run(run, args.epochs)
+
+    from device_sdk import EventLog, HistoryPolicy, LocalTrainer, LocalTrainingConfig, Recommender
+    from device_sdk.bundle import load_bundle
+    from trainer.cli import _load_run
+    from trainer.data.loaders import load
+
+    ckpt, prepared = _load_run(str(run))
+    test = prepared.split.test
+    bundle = load_bundle(run / "bundle")
+    rec = Recommender(bundle)
+    keep_bought = Recommender(bundle, policy=HistoryPolicy(exclude_kinds=("dismiss",)))
+    trainer = LocalTrainer(bundle)
+
+    table = load(ONLINE_RETAIL)
+    by_user = {u: part for u, part in table.groupby("user", sort=False)}
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(test), size=min(args.customers, len(test)), replace=False)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-recommend-"))
+    logs, targets, histories = [], [], []
+    for row in rows:
+        user, target = test.users[row], ckpt.vocab.keys[test.target[row]]
+        part = by_user[user]
+        items = part["item"].tolist()
+        end = len(items)
+        while end and items[end - 1] == target:  # the held-out last step
+            end -= 1
+        log = EventLog(tmp / f"{user}.db")
+        log.log_many(zip(items[:end], part["event"].tolist()[:end],
+                         part["timestamp"].astype(float).tolist()[:end], strict=True))
+        logs.append(log)
+        targets.append(target)
+        histories.append(test.history[row])
+
+    def hit_rate(recommender: Recommender) -> float:
+        hits = [t in {r.item for r in recommender.recommend(log, 10)}
+                for log, t in zip(logs, targets, strict=True)]
+        return float(np.mean(hits))
+
+    bare_hits = [target in rec.model.topk(history)[0][:10]
+                 for history, target in zip(histories, test.target[rows], strict=True)]
+    quality = {
+        "recommend(), bought items dropped (default)": hit_rate(rec),
+        "recommend(), bought items kept": hit_rate(keep_bought),
+        "bare model top-10 on the split's history": float(np.mean(bare_hits)),
+    }
+
+    e2e, bare = [], []
+    for n in rng.integers(0, len(logs), size=args.requests):  # interleaved
+        started = time.perf_counter_ns()
+        rec.recommend(logs[n], 10)
+        e2e.append((time.perf_counter_ns() - started) / 1e3)
+        started = time.perf_counter_ns()
+        rec.model.topk(histories[n])
+        bare.append((time.perf_counter_ns() - started) / 1e3)
+
+    config = LocalTrainingConfig(local_epochs=1, learning_rate=0.05, batch_size=32,
+                                 clip_norm=1.0, max_examples=1000)
+    train_ms, examples = [], []
+    for log in logs[:100]:
+        started = time.perf_counter()
+        update = trainer.train(log.events(), config, base_version=bundle.version, seed=0)
+        train_ms.append((time.perf_counter() - started) * 1e3)
+        examples.append(update.num_examples)
+    update_mb = update.num_values * 4 / 2**20
+
+    print(f"model: {ckpt.architecture} {ckpt.config}, int8 {rec.model.size_bytes:,} B; "
+          f"{len(logs)} Online Retail customers, one SQLite log each; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread\n")
+    print("| what | median | p99 | ratio to bare invoke (median) |")
+    print("|---|---:|---:|---:|")
+    e2e_a, bare_a = np.asarray(e2e), np.asarray(bare)
+    print(f"| recommend(k=10) end to end | {np.median(e2e_a):.1f} µs | "
+          f"{np.percentile(e2e_a, 99):.1f} µs | {np.median(e2e_a) / np.median(bare_a):.2f}x |")
+    print(f"| bare LiteRT invoke (TopKModel.topk) | {np.median(bare_a):.1f} µs | "
+          f"{np.percentile(bare_a, 99):.1f} µs | 1.00x |")
+    t = np.asarray(train_ms)
+    print(f"| local training, 1 epoch, 100 customers (median {int(np.median(examples))} "
+          f"examples, max {max(examples)}) | {np.median(t):.0f} ms | "
+          f"{np.percentile(t, 99):.0f} ms | - |")
+    print(f"\nupdate size: {update.num_values:,} float32 values = {update_mb:.2f} MiB\n")
+    print("| HR@10 on each customer's real next purchase | value |")
+    print("|---|---:|")
+    for name, value in quality.items():
+        print(f"| {name} | {value:.4f} |")
+    for log in logs:
+        log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Verified, atomic, rollback-able storage of model bundles on the device.
+
+Layout under ``root``::
+
+    state.json          {"current": v, "previous": p, "highest": h}, replaced atomically
+    versions/<v>/       one verified bundle directory per kept version (current, previous)
+    staging/            bundles being unpacked and verified; swept on open
+
+An install unpacks into ``staging/``, verifies (pinned Ed25519 signature, every file's sha256
+and size, vocabulary digest), refuses a version not above the highest ever installed unless
+forced (anti-rollback survives uninstalls because ``highest`` is kept), runs the golden check,
+fsyncs, renames into ``versions/`` and only then replaces ``state.json`` (write aside, fsync,
+rename, fsync the directory). A process killed at any point before that last rename leaves the
+old state, so the old model keeps serving; after it, the new one does. Nothing in between is
+ever read."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_sdk.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    Bundle,
+    BundleError,
+    GoldenCheckError,
+    check_file_name,
+    load_bundle,
+)
+from device_sdk.files import atomic_write, fsync_dir, fsync_tree
+from device_sdk.recommender import HistoryPolicy, Recommender
+from device_sdk.topk_model import ModelLoadError
+
+STATE = "state.json"
+MAX_BUNDLE_BYTES = 64 << 20
+
+
+class StaleVersionError(BundleError):
+    """The bundle's version is not above the highest one installed (anti-rollback)."""
+
+    code = "stale_version"
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    version: int
+    previous: int | None
+    golden_overlap: float
+
+
+class ModelStore:
+    """Install, serve and roll back bundles signed by the server key pinned at provisioning
+    (``public_key``: raw 32-byte Ed25519)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        public_key: bytes,
+        *,
+        policy: HistoryPolicy | None = None,
+        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+    ) -> None:
+        if len(public_key) != 32:
+            raise ValueError("public_key must be the raw 32-byte Ed25519 server key")
+        self.root = Path(root)
+        self.public_key = bytes(public_key)
+        self.policy = policy
+        self.max_bundle_bytes = max_bundle_bytes
+        self._lock = threading.Lock()
+        (self.root / "versions").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.root / "staging", ignore_errors=True)
+        (self.root / "staging").mkdir()
+
+    # -- state ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, int | None]:
+        try:
+            state = json.loads((self.root / STATE).read_text())
+        except FileNotFoundError:
+            return {"current": None, "previous": None, "highest": 0}
+        except ValueError as exc:  # only a foreign writer can cause this: rename is atomic
+            raise BundleError(f"model store state {self.root / STATE} is corrupt: {exc}") from None
+        return {k: state.get(k) for k in ("current", "previous", "highest")}
+
+    def _write_state(self, state: dict[str, int | None]) -> None:
+        atomic_write(self.root / STATE, json.dumps(state, sort_keys=True).encode())
+
+    @property
+    def current_version(self) -> int | None:
+        return self._state()["current"]
+
+    @property
+    def previous_version(self) -> int | None:
+        return self._state()["previous"]
+
+    @property
+    def highest_version(self) -> int:
+        return int(self._state()["highest"] or 0)
+
+    def bundle(self, version: int) -> Bundle:
+        return load_bundle(self.root / "versions" / str(version), public_key=self.public_key)
+
+    # -- install -------------------------------------------------------------------------
+    def install(self, source: bytes | str | Path, *, force: bool = False) -> InstallResult:
+        """Install a bundle given as zip bytes, a zip file or a bundle directory, and make it
+        current. Raises ``BundleError`` (``StaleVersionError``, ``BundleIntegrityError``,
+        ``GoldenCheckError``) and leaves the store untouched when anything is wrong."""
+        with self._lock:
+            staged = Path(tempfile.mkdtemp(dir=self.root / "staging"))
+            try:
+                self._unpack(source, staged)
+                bundle = load_bundle(staged, public_key=self.public_key)
+                unlisted = sorted(
+                    {p.name for p in staged.iterdir()}
+                    - set(bundle.manifest["files"])
+                    - {MANIFEST, SIGNATURE}
+                )
+                if unlisted:
+                    raise BundleError(f"bundle has files the manifest does not list: {unlisted}")
+                state = self._state()
+                highest = int(state["highest"] or 0)
+                if bundle.version <= highest and not force:
+                    raise StaleVersionError(
+                        f"bundle version {bundle.version} is not newer than version {highest} "
+                        "already installed (pass force=True to reinstall or downgrade)"
+                    )
+                overlap = _golden(bundle)
+                fsync_tree(staged)
+                final = self.root / "versions" / str(bundle.version)
+                if final.exists():  # a forced reinstall of a kept version
+                    shutil.rmtree(final)
+                os.rename(staged, final)
+                fsync_dir(final.parent)
+                previous = state["current"] if state["current"] != bundle.version else None
+                self._write_state(
+                    {
+                        "current": bundle.version,
+                        "previous": previous if previous is not None else state["previous"],
+                        "highest": max(highest, bundle.version),
+                    }
+                )
+                self._prune()
+                return InstallResult(bundle.version, previous, overlap)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def _unpack(self, source: bytes | str | Path, dest: Path) -> None:
+        if isinstance(source, str | Path) and Path(source).is_dir():
+            for f in Path(source).iterdir():
+                if f.is_file():
+                    _check_member(f.name)
+                    shutil.copyfile(f, dest / f.name)
+            return
+        data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
+        if len(data) > self.max_bundle_bytes:
+            raise BundleError(
+                f"bundle archive is {len(data)} bytes (limit {self.max_bundle_bytes})"
+            )
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile as exc:
+            raise BundleError(f"bundle archive is not a zip file: {exc}") from None
+        with archive:
+            members = archive.infolist()
+            names = [m.filename for m in members]
+            if len(set(names)) != len(names):
+                raise BundleError("bundle archive lists a file twice")
+            total = 0
+            for member in members:
+                _check_member(member.filename)
+                total += member.file_size
+                if total > self.max_bundle_bytes:
+                    raise BundleError("bundle archive unpacks beyond the size limit")
+                # read() checks the CRC; a lying file_size cannot make us write more than the
+                # limit because we read at most limit + 1 bytes.
+                with archive.open(member) as src:
+                    content = src.read(self.max_bundle_bytes + 1)
+                if len(content) != member.file_size:
+                    raise BundleError(f"bundle member {member.filename} has a wrong size")
+                (dest / member.filename).write_bytes(content)
+
+    # -- serving and rollback ------------------------------------------------------------
+    def open_recommender(self, num_threads: int = 1) -> Recommender | None:
+        """A Recommender on the current version; if that fails to load or fails its golden
+        check, roll back to the previous version automatically. None when nothing is
+        installed (or nothing installed still loads)."""
+        with self._lock:
+            state = self._state()
+            for attempt in ("current", "previous"):
+                version = state[attempt]
+                if version is None:
+                    continue
+                try:
+                    rec = Recommender(
+                        self.bundle(version), policy=self.policy, num_threads=num_threads
+                    )
+                except (BundleError, ModelLoadError, OSError):
+                    continue
+                if attempt == "previous":
+                    self._write_state(
+                        {"current": version, "previous": None, "highest": state["highest"]}
+                    )
+                return rec
+            return None
+
+    def rollback(self) -> int:
+        """Make the previous version current again (an operator's or app's decision; the
+        anti-rollback floor stays where it was)."""
+        with self._lock:
+            state = self._state()
+            if state["previous"] is None:
+                raise BundleError("no previous model version to roll back to")
+            self.bundle(state["previous"])  # verify before switching
+            self._write_state(
+                {"current": state["previous"], "previous": None, "highest": state["highest"]}
+            )
+            return int(state["previous"])
+
+    def _prune(self) -> None:
+        state = self._state()
+        keep = {str(v) for v in (state["current"], state["previous"]) if v is not None}
+        for path in (self.root / "versions").iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _golden(bundle: Bundle) -> float:
+    try:
+        return Recommender(bundle).golden_overlap
+    except ModelLoadError as exc:
+        raise GoldenCheckError(f"the model does not load in this runtime: {exc}") from None
+
+
+def _check_member(name: str) -> None:
+    if name not in (MANIFEST, SIGNATURE):
+        check_file_name(name)
+

@@ -1,0 +1,191 @@
+"""The on-device recommender: the user's log -> history ids -> LiteRT top-K -> filtered items.
+
+History policy (what the model sees). The serving graph takes ids only, so event kinds weigh
+in through *which* items enter the L history slots:
+
+- every known item in the last ``scan_factor * L`` events is a candidate; its strength is the
+  largest kind weight among its events (view 1, click 2, add_to_cart 3, purchase 4);
+- a ``dismiss`` newer than the item's last positive event removes it (the user said no);
+- candidate score = strength * 0.5 ** (age / L), age = events logged after its last one, so
+  an old purchase outlasts a fresh glance, and the top-L candidates fill the history, ordered
+  by their last event, most recent last (the model's recency weighting expects that order).
+
+A log of purchases only (Online Retail) therefore gives exactly "the last L distinct items".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from device_sdk.bundle import Bundle, run_golden_check
+
+if TYPE_CHECKING:
+    from device_sdk.event_log import EventLog
+
+DEFAULT_KIND_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {"view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 4.0, "dismiss": 0.0}
+)
+NEGATIVE_KINDS = frozenset({"dismiss"})
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    """How the log becomes the model's history and which items are never recommended.
+
+    ``weights``: kind -> strength; kinds weighing 0 never enter the history, kinds missing
+    here (an app's extra kinds) weigh 1. ``exclude_kinds``: items with any such event are
+    dropped from results (already bought, or dismissed)."""
+
+    weights: Mapping[str, float] = field(default_factory=lambda: DEFAULT_KIND_WEIGHTS)
+    scan_factor: int = 4
+    exclude_kinds: tuple[str, ...] = ("purchase", "dismiss")
+
+    def weight(self, kind: str) -> float:
+        return float(self.weights.get(kind, 1.0))
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str
+    score: float | None  # model score; None for popularity fill
+    source: str  # "model" or "popular"
+
+
+def history_ids(
+    events: Iterable[tuple[str, str]],
+    vocab_id: Callable[[str], int],
+    max_len: int,
+    policy: HistoryPolicy,
+) -> np.ndarray:
+    """``(item, kind)`` pairs, oldest first -> int32[max_len] history, left-padded with 0,
+    most recent last."""
+    strength: dict[int, float] = {}
+    last_pos: dict[int, int] = {}
+    dismissed_at: dict[int, int] = {}
+    weights = {kind: policy.weight(kind) for kind in policy.weights}
+    pos = -1
+    for pos, (key, kind) in enumerate(events):
+        item = vocab_id(key)
+        if not item:
+            continue
+        if kind in NEGATIVE_KINDS:
+            dismissed_at[item] = pos
+            continue
+        w = weights.get(kind, 1.0)
+        if w > 0:
+            if w > strength.get(item, 0.0):
+                strength[item] = w
+            last_pos[item] = pos
+    n = pos + 1
+    scored = [
+        (s * 0.5 ** ((n - 1 - last_pos[i]) / max_len), last_pos[i], i)
+        for i, s in strength.items()
+        if dismissed_at.get(i, -1) < last_pos[i]
+    ]
+    if len(scored) > max_len:
+        scored = sorted(scored, reverse=True)[:max_len]
+    chosen = sorted(scored, key=lambda t: t[1])
+    out = np.zeros(max_len, dtype=np.int32)
+    if chosen:
+        out[max_len - len(chosen) :] = [i for _, _, i in chosen]
+    return out
+
+
+class Recommender:
+    """One verified bundle serving top-k for one user's log. Thread-safe: the LiteRT
+    interpreter is created once here and serialised by ``TopKModel``; the rest is read-only.
+
+    Construction runs the bundle's golden check and raises ``GoldenCheckError`` when the local
+    runtime does not reproduce the publisher's answers: such a model is never served."""
+
+    def __init__(
+        self, bundle: Bundle, *, policy: HistoryPolicy | None = None, num_threads: int = 1
+    ) -> None:
+        self.bundle = bundle
+        self.policy = policy or HistoryPolicy()
+        self.vocab = bundle.items()
+        self.model = bundle.model(num_threads=num_threads)
+        self.golden_overlap = run_golden_check(self.model, bundle.manifest["golden"])
+        self._n_items = len(self.vocab)
+
+    @property
+    def version(self) -> int:
+        return self.bundle.version
+
+    @property
+    def max_len(self) -> int:
+        return self.model.max_len
+
+    def history(self, log: EventLog) -> np.ndarray:
+        events = log.recent_pairs(self.policy.scan_factor * self.max_len)
+        return history_ids(events, self.vocab.id_of, self.max_len, self.policy)
+
+    def recommend(
+        self,
+        log: EventLog,
+        k: int = 10,
+        *,
+        candidates: Collection[str] | Callable[[str], bool] | None = None,
+    ) -> list[Recommendation]:
+        """Up to ``k`` items, best first: the model's top-K minus excluded (bought, dismissed),
+        unknown and non-candidate items, topped up from the popularity list. An empty history
+        gives the popularity list alone. ``candidates`` is a set of allowed keys or a predicate
+        (e.g. "in stock")."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        allowed = _predicate(candidates)
+        history = self.history(log)
+        ranked: list[tuple[str, float | None, str]] = []
+        if history.any():
+            ids, scores = self.model.topk(history)
+            ranked = [
+                (self.vocab.keys[i], float(s), "model")
+                for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
+                if 0 < i < self._n_items  # a garbage id from a broken runtime is dropped
+            ]
+        ranked += [(self.vocab.keys[i], None, "popular") for i in self.vocab.popular]
+        return self._filter(log, ranked, k, allowed)
+
+    def _filter(
+        self,
+        log: EventLog,
+        ranked: list[tuple[str, float | None, str]],
+        k: int,
+        allowed: Callable[[str], bool],
+    ) -> list[Recommendation]:
+        out: list[Recommendation] = []
+        seen: set[str] = set()
+        start = 0
+        # Walk the ranking in windows so the exclusion lookup is one indexed query per window
+        # rather than one per item, and stops as soon as k survive.
+        while len(out) < k and start < len(ranked):
+            window = ranked[start : start + max(4 * k, 100)]
+            start += len(window)
+            keys = [key for key, _, _ in window]
+            excluded = (
+                log.items_with_kinds(self.policy.exclude_kinds, among=keys)
+                if self.policy.exclude_kinds
+                else set()
+            )
+            for key, score, source in window:
+                if key in seen or key in excluded or not allowed(key):
+                    continue
+                seen.add(key)
+                out.append(Recommendation(key, score, source))
+                if len(out) == k:
+                    break
+        return out
+
+
+def _predicate(candidates: Collection[str] | Callable[[str], bool] | None) -> Callable[[str], bool]:
+    if candidates is None:
+        return lambda _key: True
+    if callable(candidates):
+        return candidates
+    allowed = frozenset(candidates)
+    return allowed.__contains__

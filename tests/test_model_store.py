@@ -1,0 +1,184 @@
+"""ModelStore: signed installs from bytes and paths, anti-rollback, tampering, atomic switch,
+automatic rollback, and a process killed mid-install — real bundles, real LiteRT, real files."""
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import REPO, public_raw, resign_bundle, zip_bundle
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device_sdk.bundle import MODEL, BundleError, BundleIntegrityError, GoldenCheckError
+from device_sdk.model_store import ModelStore, StaleVersionError
+
+
+@pytest.fixture
+def store(tmp_path, server_key):
+    return ModelStore(tmp_path / "models", public_raw(server_key))
+
+
+def _snapshot(store):
+    return (store.root / "state.json").read_bytes(), sorted(
+        p.name for p in (store.root / "versions").iterdir()
+    )
+
+
+def test_install_from_directory_then_zip_bytes_then_zip_file(store, signed_bundles, tmp_path):
+    assert store.current_version is None and store.open_recommender() is None
+    first = store.install(signed_bundles[1])
+    assert (first.version, first.previous) == (1, None) and first.golden_overlap >= 0.8
+    second = store.install(zip_bundle(signed_bundles[2]))
+    assert (second.version, second.previous) == (2, 1)
+    archive = tmp_path / "v3.zip"
+    archive.write_bytes(zip_bundle(signed_bundles[3]))
+    store.install(archive)
+    assert (store.current_version, store.previous_version, store.highest_version) == (3, 2, 3)
+    assert store.open_recommender().version == 3
+    # only the current and previous versions are kept; staging is empty
+    assert sorted(p.name for p in (store.root / "versions").iterdir()) == ["2", "3"]
+    assert not any((store.root / "staging").iterdir())
+
+
+def test_older_or_equal_versions_are_refused_unless_forced(store, signed_bundles):
+    store.install(signed_bundles[2])
+    before = _snapshot(store)
+    for version in (1, 2):
+        with pytest.raises(StaleVersionError, match="not newer"):
+            store.install(zip_bundle(signed_bundles[version]))
+        assert _snapshot(store) == before
+    store.install(signed_bundles[1], force=True)
+    assert (store.current_version, store.highest_version) == (1, 2)
+
+
+def _tampered_zip(directory, name):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(directory.iterdir()):
+            data = bytearray(f.read_bytes())
+            if f.name == name:
+                data[len(data) // 2] ^= 0x40
+            zf.writestr(f.name, bytes(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("model.tflite", BundleIntegrityError), ("weights.npz", BundleIntegrityError),
+     ("items.json", BundleIntegrityError), ("manifest.json", BundleIntegrityError),
+     ("manifest.sig", BundleIntegrityError)],
+)
+def test_a_flipped_byte_anywhere_is_refused_and_the_old_model_serves(
+    store, signed_bundles, name, error
+):
+    store.install(signed_bundles[1])
+    before = _snapshot(store)
+    with pytest.raises(error):
+        store.install(_tampered_zip(signed_bundles[2], name))
+    assert _snapshot(store) == before
+    assert store.open_recommender().version == 1
+
+
+def test_wrong_key_unsigned_and_hostile_archives_are_refused(store, signed_bundles, tmp_path):
+    other = resign_bundle(signed_bundles[2], tmp_path / "other", Ed25519PrivateKey.generate())
+    with pytest.raises(BundleIntegrityError, match="signature"):
+        store.install(other)
+    (other / "manifest.sig").unlink()
+    with pytest.raises(BundleIntegrityError, match="unsigned"):
+        store.install(other)
+    for bad_name in ("../escape.txt", "/abs.txt", "dir/model.tflite"):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr(bad_name, b"x")
+        with pytest.raises(BundleError, match="bad bundle file name"):
+            store.install(buf.getvalue())
+    with pytest.raises(BundleError, match="not a zip"):
+        store.install(b"definitely not a zip")
+    small = ModelStore(tmp_path / "small", store.public_key, max_bundle_bytes=1000)
+    with pytest.raises(BundleError, match="limit"):
+        small.install(zip_bundle(signed_bundles[2]))
+    assert store.current_version is None
+    assert not list(tmp_path.rglob("escape.txt"))
+
+
+def test_a_signed_bundle_failing_its_golden_check_is_refused(store, signed_bundles, server_key,
+                                                              tmp_path):
+    manifest = json.loads((signed_bundles[2] / "manifest.json").read_bytes())
+    golden = {**manifest["golden"], "scores": (np.asarray(manifest["golden"]["scores"]) * 3 + 1)
+              .tolist()}
+    bad = resign_bundle(signed_bundles[2], tmp_path / "bad", server_key, golden=golden)
+    store.install(signed_bundles[1])
+    with pytest.raises(GoldenCheckError, match="score gap"):
+        store.install(bad)
+    assert store.current_version == 1
+
+
+def test_a_current_version_that_no_longer_loads_rolls_back(store, signed_bundles):
+    store.install(signed_bundles[1])
+    store.install(signed_bundles[2])
+    model = store.root / "versions" / "2" / MODEL
+    model.write_bytes(model.read_bytes()[:100])  # storage corruption after install
+    rec = store.open_recommender()
+    assert rec.version == 1
+    assert (store.current_version, store.previous_version, store.highest_version) == (1, None, 2)
+    with pytest.raises(StaleVersionError):
+        store.install(signed_bundles[2])  # the floor stays: v2 needs force to come back
+
+
+def test_explicit_rollback(store, signed_bundles):
+    store.install(signed_bundles[1])
+    store.install(signed_bundles[2])
+    assert store.rollback() == 1
+    assert store.open_recommender().version == 1
+    with pytest.raises(BundleError, match="no previous"):
+        store.rollback()
+
+
+def test_kill_during_install_leaves_a_serving_model(store, signed_bundles, server_key, tmp_path):
+    """A subprocess installs v2..v25 in turn and is SIGKILLed at random moments; after every
+    kill the store opens on a version the installer had reached and serves it."""
+    store.install(signed_bundles[1])
+    zips = tmp_path / "zips"
+    zips.mkdir()
+    for v in range(2, 26):
+        b = resign_bundle(signed_bundles[1], tmp_path / f"b{v}", server_key, model_version=v)
+        (zips / f"v{v}.zip").write_bytes(zip_bundle(b))
+    rng = np.random.default_rng(3)
+    installed = 1
+    kills = interrupted = 0
+    while installed < 25 and kills < 60:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "model_store_installer.py"), str(store.root),
+             public_raw(server_key).hex(), str(zips)],
+            stdout=subprocess.PIPE, text=True, cwd=REPO,
+        )
+        # wait until it is inside its install loop, then kill it a random moment later
+        first = proc.stdout.readline()
+        time.sleep(float(rng.uniform(0.0, 0.08)))
+        proc.send_signal(signal.SIGKILL)
+        reported = [int(line) for line in (first + proc.communicate()[0]).split()]
+        kills += 1
+        reopened = ModelStore(store.root, store.public_key)
+        current = reopened.current_version
+        # everything reported installed is installed; at most one more finished unreported
+        assert current >= max(reported, default=installed)
+        assert current <= max(reported, default=installed) + 1
+        assert reopened.open_recommender().version == current
+        interrupted += current < 25
+        installed = current
+    assert installed == 25
+    assert interrupted >= 3  # the kills really landed before the installer finished
+
+
+def test_files_the_manifest_does_not_list_are_refused(store, signed_bundles, tmp_path):
+    archive = io.BytesIO(zip_bundle(signed_bundles[2]))
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("payload.sh", b"echo hi")
+    with pytest.raises(BundleError, match="does not list"):
+        store.install(archive.getvalue())
+    assert store.current_version is None
