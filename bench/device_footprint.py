@@ -60,11 +60,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         site = next((venv / "lib").glob("python*/site-packages"))
         empty = dir_size(site)
+        before = {entry.name for entry in site.iterdir()}
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{REPO}[device]"],
                        check=True)
         packages = {}
         for entry in site.iterdir():
-            if entry.is_dir() and not entry.name.endswith((".dist-info", "__pycache__")):
+            if entry.is_dir() and entry.name not in before and not entry.name.endswith(
+                (".dist-info", "__pycache__")
+            ):
                 packages[entry.name] = dir_size(entry)
         total = dir_size(site) - empty
         done = subprocess.run([str(venv / "bin" / "python"), "-c", SERVE,

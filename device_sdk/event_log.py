@@ -2,8 +2,9 @@
 
 Every view, click, add-to-cart, purchase or dismiss the app reports is one row
 ``events(id, ts, kind, item, context)``. The recommender reads the newest rows as the user's
-history, filters its top-K by ``items_with_kinds`` (e.g. drop purchased or dismissed items),
-and the local trainer streams the whole log with ``events()``. Nothing here leaves the device.
+history (``recent_pairs``), drops purchased or dismissed items (``items_with_kinds``) and
+reuses both while ``watermark()`` is unchanged; the local trainer streams the whole log with
+``events()``. Nothing here leaves the device.
 
 Storage
     ``ts`` is stored as REAL Unix seconds, exactly the float the caller passed (default
@@ -241,6 +242,7 @@ class EventLog:
         self.max_rows = max_rows
         self._lock = threading.RLock()
         self._inserts_since_check = 0
+        self._deletions = 0  # bumped whenever rows are deleted: see watermark()
 
         # isolation_level=None: the sqlite3 module issues no implicit BEGINs; a lone INSERT
         # is its own committed transaction and multi-statement work uses explicit BEGIN.
@@ -488,15 +490,21 @@ class EventLog:
             cursor = (rows[-1][1], rows[-1][0])
 
     def items_with_kinds(
-        self, kinds: Iterable[str], among: Iterable[str] | None = None
+        self, kinds: Iterable[str], among: Iterable[str] | None = None, since_id: int = 0
     ) -> set[str]:
-        """Distinct item keys with any event of ``kinds``; only keys in ``among`` if given.
+        """Distinct item keys with any event of ``kinds``; only keys in ``among`` if given,
+        only events with ``id > since_id`` if given (a rowid range: cheap for the newest).
 
         Index seeks on (kind, item): cheap enough to filter a top-K list on every request."""
         wanted = self._check_kinds(kinds)
         if not wanted:
             return set()
         kind_sql = ",".join("?" * len(wanted))
+        if since_id:
+            sql = f"SELECT DISTINCT item FROM events WHERE id > ? AND +kind IN ({kind_sql})"
+            with self._lock:
+                found = {r[0] for r in self._conn.execute(sql, [since_id, *wanted])}
+            return found if among is None else found & set(among)
         if among is None:
             sql = f"SELECT DISTINCT item FROM events WHERE kind IN ({kind_sql})"
             with self._lock:
@@ -511,6 +519,15 @@ class EventLog:
                 )
                 found.update(r[0] for r in self._conn.execute(sql, [*wanted, *part]))
         return found
+
+    def watermark(self) -> tuple[int, int]:
+        """``(deletion generation, largest id)``: equal between two calls iff this EventLog
+        neither logged nor deleted anything in between, so readers can cache derived state
+        (the Recommender caches history and exclusions on it). Writes by other processes to
+        the same file are not tracked."""
+        with self._lock:
+            top = self._conn.execute("SELECT max(id) FROM events").fetchone()[0]
+            return self._deletions, top or 0
 
     def count(self) -> int:
         """Number of events stored."""
@@ -557,6 +574,7 @@ class EventLog:
             while True:
                 with self._lock:
                     n = self._conn.execute(sql, (cutoff, chunk)).rowcount
+                    self._deletions += n > 0
                 deleted += n
                 if n < chunk:
                     break
@@ -567,6 +585,7 @@ class EventLog:
             while excess > 0:
                 with self._lock:
                     n = self._conn.execute(sql, (min(chunk, excess),)).rowcount
+                    self._deletions += n > 0
                 if n == 0:
                     break
                 deleted += n
@@ -601,6 +620,7 @@ class EventLog:
         with self._lock:
             conn = self._conn
             conn.execute("DELETE FROM events")
+            self._deletions += 1
             conn.execute("VACUUM")
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             self._inserts_since_check = 0

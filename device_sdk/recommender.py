@@ -15,6 +15,9 @@ A log of purchases only (Online Retail) therefore gives exactly "the last L dist
 
 from __future__ import annotations
 
+import itertools
+import threading
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -112,6 +115,11 @@ class Recommender:
         self.model = bundle.model(num_threads=num_threads)
         self.golden_overlap = run_golden_check(self.model, bundle.manifest["golden"])
         self._n_items = len(self.vocab)
+        # Per log: (watermark, history, excluded items). Reading the log costs ~1 us per row
+        # on a slow device, so what the last request derived is reused while the log is
+        # unchanged, and the excluded set is extended from the new rows only.
+        self._cache: weakref.WeakKeyDictionary[EventLog, tuple] = weakref.WeakKeyDictionary()
+        self._cache_lock = threading.Lock()
 
     @property
     def version(self) -> int:
@@ -124,6 +132,25 @@ class Recommender:
     def history(self, log: EventLog) -> np.ndarray:
         events = log.recent_pairs(self.policy.scan_factor * self.max_len)
         return history_ids(events, self.vocab.id_of, self.max_len, self.policy)
+
+    def _log_state(self, log: EventLog) -> tuple[np.ndarray, frozenset[str]]:
+        """(history, excluded item keys) for ``log``, from the cache when still valid."""
+        mark = log.watermark()  # taken first: rows logged meanwhile are re-read next time
+        with self._cache_lock:
+            cached = self._cache.get(log)
+        if cached is not None and cached[0] == mark:
+            return cached[1], cached[2]
+        kinds = self.policy.exclude_kinds
+        if not kinds:
+            excluded: frozenset[str] = frozenset()
+        elif cached is not None and cached[0][0] == mark[0]:  # only appends since: extend
+            excluded = cached[2] | log.items_with_kinds(kinds, since_id=cached[0][1])
+        else:
+            excluded = frozenset(log.items_with_kinds(kinds))
+        history = self.history(log)
+        with self._cache_lock:
+            self._cache[log] = (mark, history, excluded)
+        return history, excluded
 
     def recommend(
         self,
@@ -139,7 +166,7 @@ class Recommender:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         allowed = _predicate(candidates)
-        history = self.history(log)
+        history, excluded = self._log_state(log)
         ranked: list[tuple[str, float | None, str]] = []
         if history.any():
             ids, scores = self.model.topk(history)
@@ -148,37 +175,16 @@ class Recommender:
                 for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
                 if 0 < i < self._n_items  # a garbage id from a broken runtime is dropped
             ]
-        ranked += [(self.vocab.keys[i], None, "popular") for i in self.vocab.popular]
-        return self._filter(log, ranked, k, allowed)
-
-    def _filter(
-        self,
-        log: EventLog,
-        ranked: list[tuple[str, float | None, str]],
-        k: int,
-        allowed: Callable[[str], bool],
-    ) -> list[Recommendation]:
         out: list[Recommendation] = []
         seen: set[str] = set()
-        start = 0
-        # Walk the ranking in windows so the exclusion lookup is one indexed query per window
-        # rather than one per item, and stops as soon as k survive.
-        while len(out) < k and start < len(ranked):
-            window = ranked[start : start + max(4 * k, 100)]
-            start += len(window)
-            keys = [key for key, _, _ in window]
-            excluded = (
-                log.items_with_kinds(self.policy.exclude_kinds, among=keys)
-                if self.policy.exclude_kinds
-                else set()
-            )
-            for key, score, source in window:
-                if key in seen or key in excluded or not allowed(key):
-                    continue
-                seen.add(key)
-                out.append(Recommendation(key, score, source))
-                if len(out) == k:
-                    break
+        popular = ((self.vocab.keys[i], None, "popular") for i in self.vocab.popular)
+        for key, score, source in itertools.chain(ranked, popular):
+            if key in seen or key in excluded or not allowed(key):
+                continue
+            seen.add(key)
+            out.append(Recommendation(key, score, source))
+            if len(out) == k:
+                break
         return out
 
 

@@ -125,3 +125,26 @@ def test_k_must_be_positive(rec, user_log):
     with pytest.raises(ValueError, match="k must be"):
         rec.recommend(user_log[0], k=0)
 
+
+
+def test_exclusions_follow_appends_retention_and_forget(rec, tmp_path):
+    """The recommender caches per-log state; every kind of change to the log must show."""
+    every = len(rec.vocab)
+    bought = rec.vocab.keys[rec.vocab.popular[0]]
+    with EventLog(tmp_path / "r.db", max_rows=3) as log:
+        log.log(bought, "purchase", ts=1000.0)
+        assert bought not in {r.item for r in rec.recommend(log, k=every)}
+        assert rec.recommend(log, k=every) == rec.recommend(log, k=every)  # cached path
+        for n, key in enumerate(rec.vocab.keys[5:8]):
+            log.log(key, "view", ts=2000.0 + n)
+        dismissed = rec.vocab.keys[9]
+        log.log(dismissed, "dismiss", ts=3000.0)  # an append after a cached request
+        items = {r.item for r in rec.recommend(log, k=every)}
+        assert bought not in items and dismissed not in items
+        assert log.apply_retention() == 2  # the purchase ages out of the log ...
+        items = {r.item for r in rec.recommend(log, k=every)}
+        assert bought in items and dismissed not in items  # ... and is recommendable again
+        log.forget()
+        assert [r.item for r in rec.recommend(log, k=3)] == [
+            rec.vocab.keys[i] for i in rec.vocab.popular[:3]
+        ]
