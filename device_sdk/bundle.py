@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,54 @@ def check_file_name(name: str) -> None:
     """Refuse anything but a plain listed file name: no paths, no manifest or signature."""
     if not _SAFE_NAME.match(name) or name in (MANIFEST, SIGNATURE):
         raise BundleError(f"bad bundle file name {name!r}")
+
+
+def check_member_name(name: str) -> None:
+    """Refuse anything but a name a bundle directory may hold (manifest and signature too)."""
+    if name not in (MANIFEST, SIGNATURE):
+        check_file_name(name)
+
+
+def extract_bundle_zip(data: bytes, dest: str | Path, max_bytes: int) -> None:
+    """Unpack a bundle zip (flat, plain member names) into the existing directory ``dest``,
+    refusing archives over ``max_bytes`` packed or unpacked. Verification is load_bundle's."""
+    dest = Path(dest)
+    if len(data) > max_bytes:
+        raise BundleError(f"bundle archive is {len(data)} bytes (limit {max_bytes})")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise BundleError(f"bundle archive is not a zip file: {exc}") from None
+    with archive:
+        members = archive.infolist()
+        names = [m.filename for m in members]
+        if len(set(names)) != len(names):
+            raise BundleError("bundle archive lists a file twice")
+        total = 0
+        for member in members:
+            check_member_name(member.filename)
+            total += member.file_size
+            if total > max_bytes:
+                raise BundleError("bundle archive unpacks beyond the size limit")
+            # read() checks the CRC; a lying file_size cannot make us write more than the
+            # limit because we read at most limit + 1 bytes.
+            try:
+                with archive.open(member) as src:
+                    content = src.read(max_bytes + 1)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise BundleError(f"bundle member {member.filename} is corrupt: {exc}") from None
+            if len(content) != member.file_size:
+                raise BundleError(f"bundle member {member.filename} has a wrong size")
+            (dest / member.filename).write_bytes(content)
+
+
+def zip_bundle_dir(directory: str | Path) -> bytes:
+    """A bundle directory as the flat zip the /v1 bundle download serves (sorted members)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+            zf.writestr(f.name, f.read_bytes())
+    return buf.getvalue()
 
 
 def _check_manifest(manifest: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,21 +61,18 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def load_or_create_ed25519(path: str | Path, what: str = "key") -> Ed25519PrivateKey:
-    """The Ed25519 private key in ``path`` (raw 32 bytes, mode 0600), generated on first use.
+def load_or_create_private_bytes(
+    path: str | Path, generate: Callable[[], bytes], what: str = "key"
+) -> bytes:
+    """The raw 32-byte private key in ``path`` (mode 0600), created by ``generate`` on first
+    use.
 
     Created atomically and never overwritten: two processes starting at once end up with
     the same key. A file other users could read or replace is refused, not trusted."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        raw = Ed25519PrivateKey.generate().private_bytes(
-            Encoding.Raw, PrivateFormat.Raw, NoEncryption()
-        )
-        tmp = write_temp(path, raw, 0o600)
+        tmp = write_temp(path, generate(), 0o600)
         try:
             # link, unlike rename, fails if the file appeared meanwhile: then the other
             # process's key wins and both load the same key below.
@@ -84,7 +82,22 @@ def load_or_create_ed25519(path: str | Path, what: str = "key") -> Ed25519Privat
             pass
         finally:
             tmp.unlink(missing_ok=True)
-    return Ed25519PrivateKey.from_private_bytes(_read_private_file(path, what))
+    return _read_private_file(path, what)
+
+
+def load_or_create_ed25519(path: str | Path, what: str = "key") -> Ed25519PrivateKey:
+    """The Ed25519 private key in ``path`` (raw 32 bytes, mode 0600), generated on first use
+    (see ``load_or_create_private_bytes``)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    def generate() -> bytes:
+        return Ed25519PrivateKey.generate().private_bytes(
+            Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+        )
+
+    raw = load_or_create_private_bytes(path, generate, what)
+    return Ed25519PrivateKey.from_private_bytes(raw)
 
 
 def _read_private_file(path: Path, what: str) -> bytes:
@@ -102,5 +115,5 @@ def _read_private_file(path: Path, what: str) -> bytes:
     finally:
         os.close(fd)
     if len(raw) != _KEY_BYTES:
-        raise ValueError(f"{what} file {path} is not a raw 32-byte Ed25519 private key")
+        raise ValueError(f"{what} file {path} is not a raw 32-byte private key")
     return raw

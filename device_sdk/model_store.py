@@ -16,13 +16,11 @@ ever read."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import tempfile
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,8 @@ from device_sdk.bundle import (
     Bundle,
     BundleError,
     GoldenCheckError,
-    check_file_name,
+    check_member_name,
+    extract_bundle_zip,
     load_bundle,
 )
 from device_sdk.files import atomic_write, fsync_dir, fsync_tree
@@ -155,36 +154,11 @@ class ModelStore:
         if isinstance(source, str | Path) and Path(source).is_dir():
             for f in Path(source).iterdir():
                 if f.is_file():
-                    _check_member(f.name)
+                    check_member_name(f.name)
                     shutil.copyfile(f, dest / f.name)
             return
         data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
-        if len(data) > self.max_bundle_bytes:
-            raise BundleError(
-                f"bundle archive is {len(data)} bytes (limit {self.max_bundle_bytes})"
-            )
-        try:
-            archive = zipfile.ZipFile(io.BytesIO(data))
-        except zipfile.BadZipFile as exc:
-            raise BundleError(f"bundle archive is not a zip file: {exc}") from None
-        with archive:
-            members = archive.infolist()
-            names = [m.filename for m in members]
-            if len(set(names)) != len(names):
-                raise BundleError("bundle archive lists a file twice")
-            total = 0
-            for member in members:
-                _check_member(member.filename)
-                total += member.file_size
-                if total > self.max_bundle_bytes:
-                    raise BundleError("bundle archive unpacks beyond the size limit")
-                # read() checks the CRC; a lying file_size cannot make us write more than the
-                # limit because we read at most limit + 1 bytes.
-                with archive.open(member) as src:
-                    content = src.read(self.max_bundle_bytes + 1)
-                if len(content) != member.file_size:
-                    raise BundleError(f"bundle member {member.filename} has a wrong size")
-                (dest / member.filename).write_bytes(content)
+        extract_bundle_zip(data, dest, self.max_bundle_bytes)
 
     # -- serving and rollback ------------------------------------------------------------
     def open_recommender(self, num_threads: int = 1) -> Recommender | None:
@@ -236,9 +210,3 @@ def _golden(bundle: Bundle) -> float:
         return Recommender(bundle).golden_overlap
     except ModelLoadError as exc:
         raise GoldenCheckError(f"the model does not load in this runtime: {exc}") from None
-
-
-def _check_member(name: str) -> None:
-    if name not in (MANIFEST, SIGNATURE):
-        check_file_name(name)
-

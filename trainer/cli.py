@@ -206,6 +206,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {time.perf_counter() - started:.0f} s; run directory: {args.run}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from sync_server.dev_server import serve
+
+    serve(args.host, args.port, args.data_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pocketrec",
@@ -245,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", "full-ranking HR@10/NDCG@10/MRR/coverage: popularity, torch, "
             "float and int8 LiteRT", cmd_evaluate)
     p.add_argument("--split", default="test", choices=("test", "valid"))
+
+    p = sub.add_parser("serve", help="run the sync server (development server; production: "
+                       "gunicorn 'sync_server:create_app()')",
+                       description="Run the sync server with the development web server. "
+                       "Configuration: POCKETREC_SERVER_CONFIG and POCKETREC_* variables.")
+    p.set_defaults(func=cmd_serve)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument("--data-dir", help="server data directory (overrides DATA_DIR)")
     return parser
 
 

@@ -1,0 +1,53 @@
+"""The app factory: ``create_app(config)`` wires config, database (migrated to head), keys,
+blob store, rate limiter, metrics, error handlers and blueprints. No module-level app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from sync_server.api import blueprints
+from sync_server.auth import NonceStore
+from sync_server.blobs import BlobStore
+from sync_server.config import load_config
+from sync_server.db import Database, upgrade
+from sync_server.errors import register_error_handlers
+from sync_server.keys import ServerKeys
+from sync_server.metrics import Metrics
+from sync_server.rate_limit import RateLimiter
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """A configured sync server (see ``sync_server.config`` for the keys). Creates DATA_DIR,
+    the keys and the schema on first start."""
+    settings = load_config(config)
+    data_dir = Path(settings["DATA_DIR"])
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    app = Flask(__name__)
+    app.config["POCKETREC"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
+    app.json.sort_keys = False
+
+    db = Database(settings["DATABASE_URL"])
+    upgrade(db.engine, lock_path=data_dir / "migrate.lock")
+    # No pooled connection may survive into forked gunicorn workers (gunicorn --preload).
+    db.engine.dispose()
+    app.extensions["pocketrec_db"] = db
+    app.extensions["pocketrec_nonces"] = NonceStore(db)
+    app.extensions["pocketrec_keys"] = ServerKeys.load_or_create(data_dir / "keys")
+    app.extensions["pocketrec_blobs"] = BlobStore(data_dir / "blobs")
+    app.extensions["pocketrec_rate_limiter"] = RateLimiter(settings["RATE_LIMIT"])
+    metrics = Metrics()
+    metrics.install(app)
+    app.extensions["pocketrec_metrics"] = metrics
+
+    register_error_handlers(app)
+    for bp in blueprints():
+        app.register_blueprint(bp)
+    logging.getLogger(__name__).info("sync server ready: data in %s", data_dir)
+    return app

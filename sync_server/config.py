@@ -1,0 +1,86 @@
+"""Server configuration: defaults < a TOML/JSON file named by ``POCKETREC_SERVER_CONFIG`` <
+``POCKETREC_<KEY>`` environment variables < the dict passed to ``create_app``.
+
+Keys:
+    DATA_DIR          keys/, blobs/ and the default SQLite file live here
+    DATABASE_URL      SQLAlchemy URL; default ``sqlite:///DATA_DIR/pocketrec.db``
+    ADMIN_TOKEN       bearer token of the admin API; unset = admin API disabled
+    ENROLLMENT_TOKEN  when set, registration requires it
+    MAX_BODY_BYTES    largest request body a device may send (bytes)
+    MAX_BUNDLE_BYTES  largest bundle zip an admin may upload (bytes)
+    RATE_LIMIT        requests per minute per device (token bucket, burst = the same number)
+    CHECKIN_RETRY_AFTER  seconds a device is told to wait when no task is offered
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "POCKETREC_"
+CONFIG_FILE_ENV = "POCKETREC_SERVER_CONFIG"
+
+DEFAULTS: dict[str, Any] = {
+    "DATA_DIR": "pocketrec-server",
+    "DATABASE_URL": None,
+    "ADMIN_TOKEN": None,
+    "ENROLLMENT_TOKEN": None,
+    "MAX_BODY_BYTES": 16 * 2**20,
+    "MAX_BUNDLE_BYTES": 256 * 2**20,
+    "RATE_LIMIT": 120,
+    "CHECKIN_RETRY_AFTER": 60,
+}
+_INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER"}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and what to change."""
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: cannot read it: {exc}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a table/object of settings")
+    return {str(k).upper(): v for k, v in data.items()}
+
+
+def load_config(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The effective configuration (see the module docstring for the precedence)."""
+    environ = os.environ if environ is None else environ
+    config = dict(DEFAULTS)
+    if environ.get(CONFIG_FILE_ENV):
+        config.update(_read_file(Path(environ[CONFIG_FILE_ENV])))
+    for key in DEFAULTS:
+        if ENV_PREFIX + key in environ:
+            config[key] = environ[ENV_PREFIX + key]
+    config.update({str(k).upper(): v for k, v in (overrides or {}).items()})
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    for key in _INTEGERS:
+        try:
+            config[key] = int(config[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {config[key]!r}") from None
+        if config[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {config[key]}")
+    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL"):
+        config[key] = config[key] or None  # an empty variable means unset
+    config["DATA_DIR"] = str(Path(config["DATA_DIR"]).expanduser().resolve())
+    if config["DATABASE_URL"] is None:
+        config["DATABASE_URL"] = f"sqlite:///{Path(config['DATA_DIR']) / 'pocketrec.db'}"
+    return config

@@ -1,0 +1,110 @@
+"""The database schema (SQLAlchemy 2.0 typed models). Every change needs an Alembic
+revision in ``migrations/versions``; ``tests/test_migrations.py`` checks they agree.
+
+Types are portable (SQLite by default, PostgreSQL by URL): LargeBinary, JSON,
+DateTime(timezone=True), always written in UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    """A registered device: its id is derived from its Ed25519 public key."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Nonce(Base):
+    """A request nonce seen from a device; the primary key makes a replay an insert conflict,
+    atomic across workers. Rows older than 2 x MAX_SKEW_S are pruned."""
+
+    __tablename__ = "nonces"
+
+    device_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ModelVersion(Base):
+    """One published model: the exact signed manifest bytes and the bundle zip's blob."""
+
+    __tablename__ = "model_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="published")  # published|paused
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Round(Base):
+    """A federated round (state machine open -> collecting -> aggregating -> published |
+    failed); filled in by the rounds work."""
+
+    __tablename__ = "rounds"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+
+
+class Update(Base):
+    """An accepted (still sealed) update; the payload is a blob, one per device per round."""
+
+    __tablename__ = "updates"
+    __table_args__ = (UniqueConstraint("round_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    num_examples: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PrivacyLedger(Base):
+    """What the accountant needs per round: one row per noised aggregation."""
+
+    __tablename__ = "privacy_ledger"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), unique=True)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sampling_rate: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

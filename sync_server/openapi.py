@@ -1,0 +1,194 @@
+"""The OpenAPI 3.1 document served at /v1/openapi.json, written by hand from
+docs/ARCHITECTURE.md ("Wire protocol /v1"). tests/test_server_api.py checks that it lists
+exactly the app's /v1 routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from device_sdk.protocol import (
+    HEADER_DEVICE,
+    HEADER_MANIFEST_SIGNATURE,
+    HEADER_MODEL_VERSION,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+)
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "bad_request / malformed input", 401: "bad_signature, stale_request, "
+        "replayed_request, unknown_device, unauthorized", 403: "refused", 404: "not found",
+        409: "conflict", 413: "body_too_large", 429: "rate_limited (see Retry-After)",
+    }
+    return {str(s): _json(_ERROR, text[s]) for s in statuses}
+
+
+_SIGNED = [{"deviceSignature": []}]
+_ADMIN = [{"adminToken": []}]
+_VERSION_PARAM = {"name": "version", "in": "path", "required": True,
+                  "schema": {"type": "integer", "minimum": 0}}
+_MODEL_VERSION = {
+    "type": "object",
+    "properties": {
+        "model_version": {"type": "integer"},
+        "parent_version": {"type": ["integer", "null"]},
+        "status": {"enum": ["published", "paused"]},
+        "blob_sha256": {"type": "string"},
+        "size": {"type": "integer"},
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+}
+_SERVER_KEYS = {
+    "type": "object",
+    "required": ["signing_key", "transport_key", "transport_key_sig"],
+    "properties": {
+        "signing_key": {"type": "string", "contentEncoding": "base64",
+                        "description": "raw Ed25519 public key (32 bytes)"},
+        "transport_key": {"type": "string", "contentEncoding": "base64",
+                          "description": "raw X25519 public key (32 bytes)"},
+        "transport_key_sig": {"type": "string", "contentEncoding": "base64",
+                              "description": "Ed25519 signature over "
+                              "b'pocketrec-v1/transport-key\\n' + transport_key"},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document as a dict."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "PocketRec sync server", "version": "1",
+                 "description": "Wire protocol /v1; every error is "
+                 '{"error": {"code", "message"}} with a stable code.'},
+        "paths": {
+            "/v1/server-keys": {"get": {
+                "summary": "The server's public keys (the transport key endorsed by the "
+                "signing key)",
+                "responses": {"200": _json(_SERVER_KEYS, "keys")},
+            }},
+            "/v1/devices": {"post": {
+                "summary": "Register the Ed25519 key that signs this request (idempotent)",
+                "security": _SIGNED,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["public_key"],
+                    "properties": {"public_key": {"type": "string", "contentEncoding": "base64"},
+                                   "enrollment_token": {"type": ["string", "null"]}},
+                }}}},
+                "responses": {
+                    "201": _json({"$ref": "#/components/schemas/DeviceId"}, "registered"),
+                    "200": _json({"$ref": "#/components/schemas/DeviceId"}, "already known"),
+                    **_errors(400, 401, 403, 413, 429),
+                },
+            }},
+            "/v1/models/current": {"get": {
+                "summary": "The manifest of the model chosen for this device",
+                "security": _SIGNED,
+                "parameters": [{"name": "If-None-Match", "in": "header",
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {
+                        "description": "exact manifest.json bytes",
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            HEADER_MODEL_VERSION: {"schema": {"type": "integer"}},
+                            HEADER_MANIFEST_SIGNATURE: {
+                                "description": "base64 Ed25519 signature over the body",
+                                "schema": {"type": "string"}},
+                        },
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "304": {"description": "If-None-Match matched"},
+                    **_errors(401, 404, 429),
+                },
+            }},
+            "/v1/models/{version}/bundle": {"get": {
+                "summary": "The bundle zip (flat: manifest.json, manifest.sig, model.tflite, "
+                "weights.npz, items.json)",
+                "security": _SIGNED,
+                "parameters": [_VERSION_PARAM],
+                "responses": {
+                    "200": {"description": "bundle", "content": {"application/zip": {
+                        "schema": {"type": "string", "contentMediaType": "application/zip"}}}},
+                    **_errors(401, 404, 429),
+                },
+            }},
+            "/v1/rounds/checkin": {"post": {
+                "summary": "Ask for a round task",
+                "security": _SIGNED,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["num_examples"],
+                    "properties": {"model_version": {"type": ["integer", "null"]},
+                                   "num_examples": {"type": "integer", "minimum": 0}},
+                }}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "task": {"oneOf": [{"type": "null"},
+                                           {"$ref": "#/components/schemas/RoundTask"}]},
+                        "retry_after": {"type": "number"},
+                    }}, "a task, or none and when to ask again"),
+                    **_errors(400, 401, 413, 429),
+                },
+            }},
+            "/v1/admin/server-keys": {"get": {
+                "summary": "The server's public keys, for provisioning devices",
+                "security": _ADMIN,
+                "responses": {"200": _json(_SERVER_KEYS, "keys"), **_errors(401, 403)},
+            }},
+            "/v1/admin/models": {
+                "get": {
+                    "summary": "Every model version",
+                    "security": _ADMIN,
+                    "responses": {
+                        "200": _json({"type": "object", "properties": {
+                            "models": {"type": "array", "items": _MODEL_VERSION}}}, "versions"),
+                        **_errors(401, 403),
+                    },
+                },
+                "post": {
+                    "summary": "Publish a bundle zip: verified, signed by the server, made "
+                    "current. bad_bundle (400), version_not_newer (409)",
+                    "security": _ADMIN,
+                    "requestBody": {"required": True, "content": {
+                        "application/zip": {"schema": {"type": "string"}},
+                        "application/octet-stream": {"schema": {"type": "string"}}}},
+                    "responses": {"201": _json(_MODEL_VERSION, "published"),
+                                  **_errors(400, 401, 403, 409, 413)},
+                },
+            },
+            "/v1/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+            }},
+        },
+        "components": {
+            "securitySchemes": {
+                "deviceSignature": {
+                    "type": "apiKey", "in": "header", "name": HEADER_SIGNATURE,
+                    "description": f"Ed25519 over 'pocketrec-v1', method, raw path+query, "
+                    f"sha256(body), {HEADER_TIMESTAMP}, {HEADER_NONCE}, {HEADER_DEVICE}, "
+                    "joined by newlines",
+                },
+                "adminToken": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                }}},
+                "DeviceId": {"type": "object", "properties": {
+                    "device_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}},
+                "RoundTask": {"type": "object", "required": [
+                    "round_id", "model_version", "clip_norm", "local_epochs", "learning_rate",
+                    "batch_size", "proximal_mu", "max_examples", "trainable", "deadline",
+                    "upload_scheme"]},
+            },
+        },
+    }

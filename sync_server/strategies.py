@@ -1,0 +1,301 @@
+"""Aggregation strategies, Flower-style: small composable pieces that each report what they did.
+
+A ``Strategy`` turns one round's client deltas into new global weights:
+
+- ``FedAvg``  weighted mean of the deltas, applied with a server learning rate;
+- ``FedAvgM`` the same with server momentum (Hsu et al. 2019);
+- ``FedAdam`` the mean delta as a pseudo-gradient for a server Adam (Reddi et al. 2021).
+
+``DPFedAvg`` wraps any of them (central DP, McMahan et al. 2018): every delta must already be
+clipped to the round's clip norm C (devices clip; the wrapper re-checks), the deltas are summed
+with equal weight, Gaussian noise with std = noise_multiplier x C is added to the *sum*, and
+the noised sum divided by the expected number of clients becomes the mean the inner
+optimizer applies. Optional adaptive clipping (Andrew et al. 2021) moves C towards a target
+quantile of the update norms from the noised count of clients that were under C.
+
+State (momentum and Adam moments, the current clip norm) is plain numpy in ``state()`` /
+``load_state()`` so the server can persist it beside the weights and resume after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One device's contribution: float32 deltas by parameter name, and its example count.
+    ``under_clip`` is the device's report that its unclipped norm was <= the clip norm (the
+    bit adaptive clipping counts); None when it did not say."""
+
+    delta: Mapping[str, np.ndarray]
+    num_examples: int
+    under_clip: bool | None = None
+
+
+@dataclass
+class RoundResult:
+    """New weights plus the measurements every stage added (TFF-style)."""
+
+    weights: Weights
+    measurements: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    name: str
+
+    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult: ...
+
+    def state(self) -> dict[str, np.ndarray]: ...
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None: ...
+
+
+def _check(weights: Weights, updates: Sequence[ClientUpdate]) -> list[str]:
+    if not updates:
+        raise ValueError("cannot aggregate a round with no updates")
+    names = sorted(updates[0].delta)
+    for n, u in enumerate(updates):
+        if sorted(u.delta) != names:
+            raise ValueError(f"update {n} has parameters {sorted(u.delta)}, expected {names}")
+        for name in names:
+            if u.delta[name].shape != weights[name].shape:
+                raise ValueError(
+                    f"update {n}: {name} has shape {u.delta[name].shape}, "
+                    f"weights have {weights[name].shape}"
+                )
+    return names
+
+
+def weighted_mean(updates: Sequence[ClientUpdate], names: Sequence[str]) -> Weights:
+    """Example-weighted mean of the deltas (plain mean when every count is 0)."""
+    counts = np.array([max(u.num_examples, 0) for u in updates], dtype=np.float64)
+    w = counts / counts.sum() if counts.sum() > 0 else np.full(len(updates), 1 / len(updates))
+    return {
+        name: sum(wi * u.delta[name].astype(np.float64) for wi, u in zip(w, updates, strict=True))
+        for name in names
+    }
+
+
+class _ServerOptimizer:
+    """Applies a mean delta to the weights; subclasses keep optimizer state."""
+
+    name = "fedavg"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        if not server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        self.server_lr = server_lr
+
+    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult:
+        names = _check(weights, updates)
+        return self.apply(weights, weighted_mean(updates, names), len(updates))
+
+    def apply(self, weights: Weights, mean: Weights, clients: int) -> RoundResult:
+        new = dict(weights)
+        for name, step in self.step(mean).items():
+            new[name] = (weights[name].astype(np.float64) + step).astype(np.float32)
+        norm = math.sqrt(sum(float(np.sum(m * m)) for m in mean.values()))
+        return RoundResult(new, {"clients": float(clients), "mean_delta_norm": norm})
+
+    def step(self, mean: Weights) -> Weights:
+        return {k: self.server_lr * v for k, v in mean.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        return None
+
+
+class FedAvg(_ServerOptimizer):
+    """w <- w + server_lr * weighted mean delta (server_lr 1 is McMahan et al.'s FedAvg)."""
+
+
+class FedAvgM(_ServerOptimizer):
+    """Server momentum: v <- momentum * v + mean; w <- w + server_lr * v."""
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__(server_lr)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self._velocity: Weights = {}
+
+    def step(self, mean: Weights) -> Weights:
+        for k, v in mean.items():
+            self._velocity[k] = self.momentum * self._velocity.get(k, 0.0) + v
+        return {k: self.server_lr * self._velocity[k] for k in mean}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"velocity/{k}": v for k, v in self._velocity.items()}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self._velocity = {
+            k.split("/", 1)[1]: np.asarray(v, np.float64)
+            for k, v in state.items()
+            if k.startswith("velocity/")
+        }
+
+
+class FedAdam(_ServerOptimizer):
+    """Adam on the pseudo-gradient -mean (Reddi et al. 2021, no bias correction, as there):
+    m <- b1 m + (1 - b1) d; v <- b2 v + (1 - b2) d^2; w <- w + lr m / (sqrt(v) + tau)."""
+
+    name = "fedadam"
+
+    def __init__(
+        self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        super().__init__(server_lr)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and tau > 0):
+            raise ValueError("need 0 <= beta1, beta2 < 1 and tau > 0")
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
+        self._m: Weights = {}
+        self._v: Weights = {}
+
+    def step(self, mean: Weights) -> Weights:
+        out = {}
+        for k, d in mean.items():
+            self._m[k] = self.beta1 * self._m.get(k, 0.0) + (1 - self.beta1) * d
+            self._v[k] = self.beta2 * self._v.get(k, 0.0) + (1 - self.beta2) * d * d
+            out[k] = self.server_lr * self._m[k] / (np.sqrt(self._v[k]) + self.tau)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**{f"m/{k}": v for k, v in self._m.items()},
+                **{f"v/{k}": v for k, v in self._v.items()}}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self._m = {k[2:]: np.asarray(v, np.float64) for k, v in state.items() if k[:2] == "m/"}
+        self._v = {k[2:]: np.asarray(v, np.float64) for k, v in state.items() if k[:2] == "v/"}
+
+
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """Quantile-based adaptive clipping (Andrew et al. 2021, geometric update):
+    C <- C * exp(-lr * (noised fraction of clients under C - target_quantile)).
+    If more clients than the target are under C, C shrinks; if fewer, it grows."""
+
+    target_quantile: float = 0.5
+    lr: float = 0.2
+    count_noise_std: float = 0.0  # sigma_b: std of the noise on the under-clip count
+
+
+class DPFedAvg:
+    """Central DP around a server optimizer; see the module docstring.
+
+    ``expected_clients`` is the denominator of the mean (fixed, not the number that arrived,
+    so one device's presence changes the result by at most C / expected_clients)."""
+
+    def __init__(
+        self,
+        inner: _ServerOptimizer,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_clients: int,
+        adaptive: AdaptiveClip | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        if not clip_norm > 0 or noise_multiplier < 0 or expected_clients < 1:
+            raise ValueError("need clip_norm > 0, noise_multiplier >= 0, expected_clients >= 1")
+        if (
+            adaptive is not None
+            and noise_multiplier > 0
+            and not 2 * adaptive.count_noise_std > noise_multiplier
+        ):
+            raise ValueError(
+                "adaptive clipping needs count_noise_std > noise_multiplier / 2 "
+                "(Andrew et al. 2021); the remaining budget noises the updates"
+            )
+        self.inner = inner
+        self.name = f"dp-{inner.name}"
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_clients = int(expected_clients)
+        self.adaptive = adaptive
+        self._rng = rng or np.random.default_rng()
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier applied to the update sum. With adaptive clipping part of the
+        privacy budget goes to the clip count: z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)."""
+        z = self.noise_multiplier
+        if self.adaptive is None or z == 0:
+            return z
+        return (z**-2 - (2 * self.adaptive.count_noise_std) ** -2) ** -0.5
+
+    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult:
+        names = _check(weights, updates)
+        for n, u in enumerate(updates):
+            norm = math.sqrt(sum(float(np.sum(np.square(u.delta[k], dtype=np.float64)))
+                                 for k in names))
+            if norm > self.clip_norm * (1 + 1e-5):
+                raise ValueError(f"update {n} has norm {norm:.6g} > clip norm {self.clip_norm}")
+        std = self.update_noise_multiplier * self.clip_norm
+        total = {k: sum(u.delta[k].astype(np.float64) for u in updates) for k in names}
+        noised = {k: v + self._rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
+        mean = {k: v / self.expected_clients for k, v in noised.items()}
+        result = self.inner.apply(weights, mean, len(updates))
+        result.measurements.update({"clip_norm": self.clip_norm, "noise_std": std,
+                                    "update_noise_multiplier": self.update_noise_multiplier})
+        if self.adaptive is not None:
+            self.clip_norm = self._next_clip(updates)
+            result.measurements["next_clip_norm"] = self.clip_norm
+        return result
+
+    def _next_clip(self, updates: Sequence[ClientUpdate]) -> float:
+        a = self.adaptive
+        assert a is not None
+        under = sum(1 for u in updates if u.under_clip)
+        noisy = under + self._rng.normal(0.0, a.count_noise_std)
+        fraction = noisy / self.expected_clients
+        return self.clip_norm * math.exp(-a.lr * (fraction - a.target_quantile))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**self.inner.state(), "dp/clip_norm": np.array(self.clip_norm)}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.inner.load_state(state)
+        if "dp/clip_norm" in state:
+            self.clip_norm = float(state["dp/clip_norm"])
+
+
+SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam)
+}
+
+
+def build(config: Mapping[str, Any], rng: np.random.Generator | None = None) -> Strategy:
+    """A strategy from a round config: ``strategy`` (fedavg | fedavgm | fedadam), its
+    ``server_lr`` / ``momentum`` / ``beta1`` / ``beta2`` / ``tau``, and, when
+    ``noise_multiplier`` is set, the DP wrapper with ``clip_norm``, ``expected_clients`` and
+    optional ``adaptive_clip`` {target_quantile, lr, count_noise_std}."""
+    name = config.get("strategy", "fedavg")
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted(SERVER_OPTIMIZERS)}")
+    cls = SERVER_OPTIMIZERS[name]
+    keys = {"fedavg": ("server_lr",), "fedavgm": ("server_lr", "momentum"),
+            "fedadam": ("server_lr", "beta1", "beta2", "tau")}[name]
+    inner = cls(**{k: float(config[k]) for k in keys if k in config})
+    if config.get("noise_multiplier") is None:
+        return inner
+    adaptive = config.get("adaptive_clip")
+    return DPFedAvg(
+        inner,
+        clip_norm=float(config["clip_norm"]),
+        noise_multiplier=float(config["noise_multiplier"]),
+        expected_clients=int(config["expected_clients"]),
+        adaptive=AdaptiveClip(**adaptive) if adaptive else None,
+        rng=rng,
+    )

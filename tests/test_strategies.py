@@ -1,0 +1,134 @@
+"""Strategies and the DP wrapper: the maths each one promises, and the adaptive clip's sign."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sync_server.privacy import BudgetExceeded, LedgerEntry, PrivacyLedger
+from sync_server.strategies import (
+    AdaptiveClip,
+    ClientUpdate,
+    DPFedAvg,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    build,
+)
+
+SHAPES = {"a": (3, 2), "b": (4,)}
+
+
+def _weights():
+    return {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
+
+
+def _update(rng, n, scale=1.0, norm=None):
+    delta = {k: rng.normal(size=s).astype(np.float32) * scale for k, s in SHAPES.items()}
+    if norm is not None:
+        total = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+        delta = {k: (v * (norm / total)).astype(np.float32) for k, v in delta.items()}
+    return ClientUpdate(delta, n)
+
+
+def test_fedavg_is_the_example_weighted_mean(rng):
+    updates = [_update(rng, 1), _update(rng, 3)]
+    result = FedAvg().aggregate(_weights(), updates)
+    for k in SHAPES:
+        expected = 1 + (updates[0].delta[k] * 1 + updates[1].delta[k] * 3) / 4
+        np.testing.assert_allclose(result.weights[k], expected, rtol=1e-6)
+    assert result.measurements["clients"] == 2
+
+
+def test_fedavgm_accumulates_velocity_and_survives_a_restart(rng):
+    updates = [_update(rng, 2)]
+    opt = FedAvgM(server_lr=1.0, momentum=0.5)
+    w1 = opt.aggregate(_weights(), updates).weights
+    resumed = FedAvgM(server_lr=1.0, momentum=0.5)
+    resumed.load_state(opt.state())
+    w2 = resumed.aggregate(w1, updates).weights
+    for k in SHAPES:  # second step = 0.5 * first + delta
+        np.testing.assert_allclose(w2[k], w1[k] + 1.5 * updates[0].delta[k], rtol=1e-5)
+
+
+def test_fedadam_first_step_is_lr_times_sign_like(rng):
+    updates = [_update(rng, 1)]
+    opt = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-9)
+    w = opt.aggregate(_weights(), updates).weights
+    for k in SHAPES:  # m = 0.1 d, v = 0.01 d^2 -> step = 0.1 * 0.1 d / (0.1 |d|) = 0.1 sign(d)
+        np.testing.assert_allclose(w[k] - 1, 0.1 * np.sign(updates[0].delta[k]), atol=1e-4)
+
+
+def test_dp_noise_has_the_promised_std_and_sum(rng):
+    clients, clip, z = 4, 0.5, 2.0
+    updates = [_update(rng, 10, norm=clip) for _ in range(clients)]
+    big = {"a": np.zeros((300, 300), np.float32)}
+    zero_updates = [ClientUpdate({"a": np.zeros((300, 300), np.float32)}, 1)] * clients
+    dp = DPFedAvg(FedAvg(), clip_norm=clip, noise_multiplier=z, expected_clients=clients,
+                  rng=np.random.default_rng(1))
+    noise = dp.aggregate(big, zero_updates).weights["a"]
+    # mean of (sum + N(0, (z C)^2)) / clients: std z C / clients
+    assert np.std(noise) == pytest.approx(z * clip / clients, rel=0.02)
+    quiet = DPFedAvg(FedAvg(), clip_norm=clip, noise_multiplier=0.0, expected_clients=clients)
+    w = quiet.aggregate(_weights(), updates).weights
+    for k in SHAPES:  # equal weights, fixed denominator
+        np.testing.assert_allclose(w[k], 1 + sum(u.delta[k] for u in updates) / clients,
+                                   rtol=1e-5)
+
+
+def test_dp_refuses_an_update_above_the_clip_bound(rng):
+    dp = DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, expected_clients=2)
+    with pytest.raises(ValueError, match="clip norm"):
+        dp.aggregate(_weights(), [_update(rng, 1, norm=1.5)])
+
+
+@pytest.mark.parametrize(("under", "direction"), [(10, "down"), (0, "up")])
+def test_adaptive_clip_moves_towards_the_target_quantile(rng, under, direction):
+    """All clients under C -> C is too large -> it must shrink; none under -> grow."""
+    clients = 10
+    updates = [ClientUpdate(_update(rng, 1, norm=0.1).delta, 1, under_clip=i < under)
+               for i in range(clients)]
+    dp = DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=0.0, expected_clients=clients,
+                  adaptive=AdaptiveClip(target_quantile=0.5, lr=0.2))
+    result = dp.aggregate(_weights(), updates)
+    new = result.measurements["next_clip_norm"]
+    assert (new < 1.0) if direction == "down" else (new > 1.0)
+    assert new == pytest.approx(math.exp(-0.2 * (under / clients - 0.5)))
+
+
+def test_adaptive_clip_takes_its_share_of_the_noise():
+    dp = DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, expected_clients=10,
+                  adaptive=AdaptiveClip(count_noise_std=5.0))
+    assert dp.update_noise_multiplier == pytest.approx((1 - 1 / 100) ** -0.5)
+    with pytest.raises(ValueError, match="count_noise_std"):
+        DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, expected_clients=10,
+                 adaptive=AdaptiveClip(count_noise_std=0.4))
+
+
+def test_build_from_a_round_config():
+    assert isinstance(build({"strategy": "fedavgm", "momentum": 0.8}), FedAvgM)
+    dp = build({"strategy": "fedadam", "noise_multiplier": 1.1, "clip_norm": 0.3,
+                "expected_clients": 20})
+    assert isinstance(dp, DPFedAvg) and isinstance(dp.inner, FedAdam)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        build({"strategy": "fedsgd"})
+
+
+def test_ledger_matches_opacus_and_the_budget_stops_rounds():
+    from opacus.accountants import RDPAccountant
+
+    ledger = PrivacyLedger(delta=1e-5, budget=2.0)
+    eps = [ledger.record(LedgerEntry(f"r{i}", 1.0, 0.05)) for i in range(5)]
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))  # grows every round
+    reference = RDPAccountant()
+    for _ in range(5):
+        reference.step(noise_multiplier=1.0, sample_rate=0.05)
+    assert eps[-1] == pytest.approx(reference.get_epsilon(1e-5))
+    restored = PrivacyLedger(1e-5, 2.0, ledger.entries)  # rebuilt after a restart
+    assert restored.epsilon() == pytest.approx(eps[-1])
+    with pytest.raises(BudgetExceeded, match="over the budget"):
+        for i in range(5, 10_000):
+            entry = LedgerEntry(f"r{i}", 1.0, 0.05)
+            restored.check(entry)
+            restored.record(entry)
+    assert 5 < len(restored.entries) < 10_000 and restored.epsilon() <= 2.0
