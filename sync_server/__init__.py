@@ -1,5 +1,5 @@
 """PocketRec sync server: Flask app factory, SQLAlchemy models, device auth, signed model
-distribution (rounds, aggregation and DP arrive on top of this).
+distribution, federated rounds with DP aggregation and a privacy ledger (``rounds``).
 
 Development::
 

@@ -19,11 +19,15 @@ from sync_server.errors import register_error_handlers
 from sync_server.keys import ServerKeys
 from sync_server.metrics import Metrics
 from sync_server.rate_limit import RateLimiter
+from sync_server.rounds import Publisher, RoundService
 
 
-def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+def create_app(
+    config: Mapping[str, Any] | None = None, publisher: Publisher | None = None
+) -> Flask:
     """A configured sync server (see ``sync_server.config`` for the keys). Creates DATA_DIR,
-    the keys and the schema on first start."""
+    the keys and the schema on first start. ``publisher`` turns a round's new weights into a
+    bundle directory (``sync_server.rounds``); default: the ``PUBLISHER`` setting."""
     settings = load_config(config)
     data_dir = Path(settings["DATA_DIR"])
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -42,9 +46,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["pocketrec_keys"] = ServerKeys.load_or_create(data_dir / "keys")
     app.extensions["pocketrec_blobs"] = BlobStore(data_dir / "blobs")
     app.extensions["pocketrec_rate_limiter"] = RateLimiter(settings["RATE_LIMIT"])
-    metrics = Metrics()
+    metrics = Metrics(db)
     metrics.install(app)
     app.extensions["pocketrec_metrics"] = metrics
+    app.extensions["pocketrec_rounds"] = RoundService(
+        db=db, blobs=app.extensions["pocketrec_blobs"], keys=app.extensions["pocketrec_keys"],
+        scratch_dir=data_dir / "tmp", publisher=publisher or settings["PUBLISHER"],
+        lease_s=settings["AGGREGATION_LEASE_S"], metrics=metrics,
+    )
 
     register_error_handlers(app)
     for bp in blueprints():

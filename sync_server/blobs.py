@@ -43,5 +43,10 @@ class BlobStore:
             raise OSError(f"blob {digest} is corrupt on disk")
         return data
 
+    def delete(self, digest: str) -> None:
+        """Remove a blob (absent is fine). Only for blobs one owner references: update
+        payloads, whose bytes name their round and so are never shared."""
+        self.path(digest).unlink(missing_ok=True)
+
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()

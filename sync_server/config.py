@@ -10,6 +10,10 @@ Keys:
     MAX_BUNDLE_BYTES  largest bundle zip an admin may upload (bytes)
     RATE_LIMIT        requests per minute per device (token bucket, burst = the same number)
     CHECKIN_RETRY_AFTER  seconds a device is told to wait when no task is offered
+    PUBLISHER         "module:function" turning a round's new float weights into a bundle
+                      directory (see ``sync_server.rounds``); imported on first use
+    AGGREGATION_LEASE_S  seconds a worker's claim on an aggregating round lasts; a round whose
+                      worker died is taken over after that
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BUNDLE_BYTES": 256 * 2**20,
     "RATE_LIMIT": 120,
     "CHECKIN_RETRY_AFTER": 60,
+    "PUBLISHER": "trainer.publish:export_weights",
+    "AGGREGATION_LEASE_S": 600,
 }
-_INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER"}
+_INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
+             "AGGREGATION_LEASE_S"}
 
 
 class ConfigError(ValueError):

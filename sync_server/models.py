@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -68,8 +69,13 @@ class ModelVersion(Base):
 
 
 class Round(Base):
-    """A federated round (state machine open -> collecting -> aggregating -> published |
-    failed); filled in by the rounds work."""
+    """A federated round: state machine open -> collecting -> aggregating -> published |
+    failed (``sync_server.rounds``). ``config`` is the normalised round config (defaults
+    filled in, plus the ``expected_shapes`` of the update). The counters move in the same
+    transaction as the Selection / Update row they count, through conditional UPDATEs, so
+    concurrent workers never over-select or double-count. ``claim`` + ``lease_until`` belong
+    to the worker aggregating the round: only the claim holder may publish it, and a claim
+    whose lease ran out (the worker died) is taken over."""
 
     __tablename__ = "rounds"
 
@@ -79,10 +85,31 @@ class Round(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     model_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    sampling_rate: Mapped[float | None] = mapped_column(Float)
+    selected_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    received_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claim: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str | None] = mapped_column(Text)
+    measurements: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    published_version: Mapped[int | None] = mapped_column(Integer)
+    strategy_state_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class Selection(Base):
+    """A device sampled into a round at check-in (one row per device per round)."""
+
+    __tablename__ = "selections"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    selected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Update(Base):
-    """An accepted (still sealed) update; the payload is a blob, one per device per round."""
+    """An accepted, validated update: its plaintext PRT1 frame is a blob (see
+    ``sync_server.rounds.accept_update`` for why plaintext), one per device per round."""
 
     __tablename__ = "updates"
     __table_args__ = (UniqueConstraint("round_id", "device_id"),)
@@ -92,6 +119,8 @@ class Update(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
     blob_sha256: Mapped[str] = mapped_column(String(64))
     num_examples: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # sealed bytes
+    norm: Mapped[float | None] = mapped_column(Float)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -26,7 +26,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
     text = {
         400: "bad_request / malformed input", 401: "bad_signature, stale_request, "
         "replayed_request, unknown_device, unauthorized", 403: "refused", 404: "not found",
-        409: "conflict", 413: "body_too_large", 429: "rate_limited (see Retry-After)",
+        409: "conflict", 413: "body_too_large", 422: "update_rejected",
+        429: "rate_limited (see Retry-After)",
     }
     return {str(s): _json(_ERROR, text[s]) for s in statuses}
 
@@ -45,6 +46,38 @@ _MODEL_VERSION = {
         "size": {"type": "integer"},
         "created_at": {"type": "string", "format": "date-time"},
     },
+}
+_ROUND_ID_PARAM = {"name": "round_id", "in": "path", "required": True,
+                   "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
+_ROUND = {
+    "type": "object",
+    "properties": {
+        "round_id": {"type": "string"},
+        "state": {"enum": ["open", "collecting", "aggregating", "published", "failed"]},
+        "model_version": {"type": "integer", "description": "the base model trained"},
+        "published_version": {"type": ["integer", "null"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "deadline": {"type": "number", "description": "Unix seconds"},
+        "target_clients": {"type": "integer"},
+        "min_clients": {"type": "integer"},
+        "selected": {"type": "integer"},
+        "received": {"type": "integer"},
+        "sampling_rate": {"type": ["number", "null"]},
+        "epsilon": {"type": ["number", "null"],
+                    "description": "cumulative epsilon after this round (once published)"},
+        "delta": {"type": "number"},
+        "measurements": {"type": ["object", "null"]},
+        "reason": {"type": ["string", "null"], "description": "why the round failed"},
+        "config": {"type": "object"},
+    },
+}
+_ROUND_CONFIG = {
+    "type": "object",
+    "description": "every key optional: strategy (fedavg|fedavgm|fedadam), server_lr, "
+    "momentum, beta1, beta2, tau, target_clients, min_clients, deadline_s, clip_norm, "
+    "noise_multiplier (null: no DP), delta, epsilon_budget, population (sampling-rate "
+    "denominator; default: registered devices), model_version (default: current), "
+    "local_epochs, learning_rate, batch_size, proximal_mu, max_examples, trainable",
 }
 _SERVER_KEYS = {
     "type": "object",
@@ -136,6 +169,48 @@ def openapi_document() -> dict[str, Any]:
                     }}, "a task, or none and when to ask again"),
                     **_errors(400, 401, 413, 429),
                 },
+            }},
+            "/v1/rounds/{round_id}/update": {"post": {
+                "summary": "Upload a sealed update (sealed-x25519-v1) for a round this device "
+                "was selected into. not_selected (403), round_closed / duplicate_update "
+                "(409), bad_update (400), update_rejected (422)",
+                "security": _SIGNED,
+                "parameters": [_ROUND_ID_PARAM],
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string"}}}},
+                "responses": {
+                    "202": _json({"type": "object", "properties": {
+                        "accepted": {"const": True}, "round_id": {"type": "string"}}},
+                        "accepted: durably recorded before this answer"),
+                    **_errors(400, 401, 403, 409, 413, 422, 429),
+                },
+            }},
+            "/v1/admin/rounds": {
+                "get": {
+                    "summary": "Every round, and the epsilon spent so far",
+                    "security": _ADMIN,
+                    "responses": {
+                        "200": _json({"type": "object", "properties": {
+                            "rounds": {"type": "array", "items": _ROUND},
+                            "epsilon_spent": {"type": "number"}}}, "rounds"),
+                        **_errors(401, 403),
+                    },
+                },
+                "post": {
+                    "summary": "Open a round. bad_round_config (400), round_in_progress / "
+                    "no_model / privacy_budget_exhausted (409)",
+                    "security": _ADMIN,
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": _ROUND_CONFIG}}},
+                    "responses": {"201": _json(_ROUND, "opened"),
+                                  **_errors(400, 401, 403, 409)},
+                },
+            },
+            "/v1/admin/rounds/{round_id}": {"get": {
+                "summary": "One round (checks its deadline first)",
+                "security": _ADMIN,
+                "parameters": [_ROUND_ID_PARAM],
+                "responses": {"200": _json(_ROUND, "round"), **_errors(401, 403, 404)},
             }},
             "/v1/admin/server-keys": {"get": {
                 "summary": "The server's public keys, for provisioning devices",

@@ -1,25 +1,34 @@
 """The model registry: verify a bundle, sign its manifest, store it, record the version.
 
-Admin uploads and (later) round publishing both go through ``publish_bundle``: whatever
-signature came with the bundle is discarded and the server's own key signs the exact
-manifest bytes, so devices only ever need the server's public key."""
+Admin uploads (``publish_bundle``) and round publishing (``sync_server.rounds``) both go
+through ``sign_and_store``: whatever signature came with the bundle is discarded and the
+server's own key signs the exact manifest bytes, so devices only ever need the server's
+public key. ``republish_weights`` is the weights-only publisher."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from device_sdk.bundle import (
     MANIFEST,
     SIGNATURE,
+    WEIGHTS,
+    Bundle,
     BundleError,
     extract_bundle_zip,
     load_bundle,
+    save_weights,
+    write_bundle,
     zip_bundle_dir,
 )
 from sync_server.blobs import BlobStore
@@ -41,6 +50,40 @@ def version_json(row: ModelVersion) -> dict[str, Any]:
     }
 
 
+def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeys) -> ModelVersion:
+    """Verify the bundle directory ``staged`` (integrity, no unlisted files), sign its exact
+    manifest bytes with the server key (any signature present is discarded), store the flat
+    zip as a blob. Returns the row, NOT yet added to a session: the caller inserts it in the
+    transaction that makes it current (and checks the version is the newest)."""
+    try:
+        (staged / SIGNATURE).unlink(missing_ok=True)
+        bundle = load_bundle(staged, public_key=None)
+    except BundleError as exc:
+        raise ApiError("bad_bundle", f"{exc.code}: {exc}", 400) from None
+    unlisted = sorted({p.name for p in staged.iterdir()} - set(bundle.manifest["files"])
+                      - {MANIFEST})
+    if unlisted:
+        raise ApiError("bad_bundle", f"files the manifest does not list: {unlisted}", 400)
+    signature = keys.sign(bundle.manifest_bytes)
+    (staged / SIGNATURE).write_bytes(signature)
+    served = zip_bundle_dir(staged)
+    digest = blobs.put(served)
+    parent = bundle.manifest.get("parent_version")
+    return ModelVersion(
+        version=bundle.version,
+        parent_version=parent if type(parent) is int else None,
+        manifest=bundle.manifest_bytes,
+        signature=signature,
+        blob_sha256=digest,
+        size=len(served),
+        status="published",
+    )
+
+
+def highest_version(session: Session) -> int | None:
+    return session.scalar(select(func.max(ModelVersion.version)))
+
+
 def publish_bundle(
     zip_bytes: bytes,
     *,
@@ -57,39 +100,50 @@ def publish_bundle(
     try:
         try:
             extract_bundle_zip(zip_bytes, staged, max_bytes)
-            (staged / SIGNATURE).unlink(missing_ok=True)
-            bundle = load_bundle(staged, public_key=None)
         except BundleError as exc:
             raise ApiError("bad_bundle", f"{exc.code}: {exc}", 400) from None
-        unlisted = sorted({p.name for p in staged.iterdir()} - set(bundle.manifest["files"])
-                          - {MANIFEST})
-        if unlisted:
-            raise ApiError("bad_bundle", f"files the manifest does not list: {unlisted}", 400)
+        row = sign_and_store(staged, blobs=blobs, keys=keys)
         with db.session() as session:
-            highest = session.scalar(select(func.max(ModelVersion.version)))
-        if highest is not None and bundle.version <= highest:
-            raise ApiError("version_not_newer", f"bundle is version {bundle.version}; "
+            highest = highest_version(session)
+        if highest is not None and row.version <= highest:
+            raise ApiError("version_not_newer", f"bundle is version {row.version}; "
                            f"versions up to {highest} exist (devices refuse older ones)", 409)
-        signature = keys.sign(bundle.manifest_bytes)
-        (staged / SIGNATURE).write_bytes(signature)
-        served = zip_bundle_dir(staged)
-        digest = blobs.put(served)
-        parent = bundle.manifest.get("parent_version")
-        row = ModelVersion(
-            version=bundle.version,
-            parent_version=parent if type(parent) is int else None,
-            manifest=bundle.manifest_bytes,
-            signature=signature,
-            blob_sha256=digest,
-            size=len(served),
-            status="published",
-        )
         try:
             with db.transaction() as session:
                 session.add(row)
         except IntegrityError:
-            raise ApiError("version_not_newer", f"version {bundle.version} was published "
+            raise ApiError("version_not_newer", f"version {row.version} was published "
                            "concurrently", 409) from None
         return row
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def extract_version(zip_bytes: bytes, dest: str | Path) -> Bundle:
+    """Unpack a stored (server-produced, trusted) bundle zip into ``dest`` and open it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    extract_bundle_zip(zip_bytes, dest, max(len(zip_bytes), 1) * 1000)
+    return load_bundle(dest)
+
+
+def republish_weights(
+    weights: Mapping[str, np.ndarray], base_bundle_dir: Path, version: int,
+    provenance: Mapping[str, Any],
+) -> Path:
+    """A publisher (see ``sync_server.rounds``): weights-only publish. Copies the base bundle
+    and replaces only ``weights.npz``: the served tflite is unchanged. For tests and for
+    rounds that only train device-side parameters; ``trainer.publish:export_weights`` re-runs
+    the real export. Returns a new, unsigned bundle directory beside ``base_bundle_dir``."""
+    base = load_bundle(base_bundle_dir)
+    files = {name: base.read(name) for name in base.manifest["files"]}
+    files[WEIGHTS] = save_weights({**base.weights(), **weights})
+    manifest = {k: v for k, v in base.manifest.items() if k not in ("files", "format_version")}
+    manifest.update(
+        model_version=version,
+        parent_version=base.version,
+        provenance={**manifest.get("provenance", {}), **provenance},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    out = Path(tempfile.mkdtemp(prefix=f"publish-v{version}-", dir=base_bundle_dir.parent))
+    return write_bundle(out / "bundle", files, manifest)

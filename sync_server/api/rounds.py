@@ -1,14 +1,20 @@
-"""Federated rounds. Until round orchestration lands, check-in never offers a task."""
+"""Federated rounds, device side: check-in (sampling) and sealed update upload. The state
+machine lives in ``sync_server.rounds``."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from sync_server.api import json_object
 from sync_server.auth import device_required
 from sync_server.errors import ApiError
+from sync_server.rounds import RoundService
 
 bp = Blueprint("rounds", __name__)
+
+
+def service() -> RoundService:
+    return current_app.extensions["pocketrec_rounds"]
 
 
 @bp.post("/v1/rounds/checkin")
@@ -21,5 +27,14 @@ def checkin() -> Response:
     ):
         raise ApiError("bad_request", "model_version must be an int or null, num_examples "
                        "an int >= 0", 400)
-    retry_after = current_app.config["POCKETREC"]["CHECKIN_RETRY_AFTER"]
-    return jsonify({"task": None, "retry_after": retry_after})
+    task = service().checkin(g.device_id, model_version)
+    if task is None:
+        retry_after = current_app.config["POCKETREC"]["CHECKIN_RETRY_AFTER"]
+        return jsonify({"task": None, "retry_after": retry_after})
+    return jsonify({"task": task})
+
+
+@bp.post("/v1/rounds/<round_id>/update")
+@device_required
+def upload(round_id: str) -> tuple[Response, int]:
+    return jsonify(service().accept_update(g.device_id, round_id, request.get_data())), 202

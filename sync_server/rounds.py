@@ -1,0 +1,571 @@
+"""Federated rounds: the state machine, sampling at check-in, update intake, aggregation.
+
+States (``rounds.state``)::
+
+    open -> collecting -> aggregating -> published
+                                     \\-> failed
+
+- ``open``: the row exists (config checked, budget checked); it becomes ``collecting`` in the
+  next transaction (a crash in between is repaired by ``advance``).
+- ``collecting``: devices checking in with the round's base version are selected while
+  ``selected_count < target_clients`` (uniform: every check-in is taken while slots remain);
+  selected devices upload once, before the deadline.
+- ``aggregating``: claimed by one worker through a conditional UPDATE (state + a random claim
+  token + a lease), so two workers never both aggregate; the worker that publishes must still
+  hold the claim. A claim whose lease (``AGGREGATION_LEASE_S``) ran out is taken over: that is
+  how a round survives a worker killed mid-aggregation.
+- ``published``: the new model version, the ledger entry and the round's outcome are written
+  in ONE transaction, so the noised result is either released and accounted, or neither.
+- ``failed``: fewer than ``min_clients`` updates at the deadline, or the aggregation raised;
+  ``reason`` says which.
+
+There is no background thread: ``advance`` runs at every check-in, upload and admin read,
+and at the upload that completes the round (aggregation then runs synchronously inside that
+request, after the update is committed).
+
+Publishing: the server never imports ``trainer`` (export needs torch). A *publisher* is a
+callable ``(weights, base_bundle_dir, version, provenance) -> Path`` of a new unsigned
+bundle directory; ``create_app(publisher=...)`` passes one, or the ``PUBLISHER`` setting
+names one as "module:function" (imported on first use). ``trainer.publish:export_weights``
+re-runs the real export; ``sync_server.registry:republish_weights`` replaces weights.npz
+only. Whatever the publisher wrote, the server sets the manifest's ``model_version``,
+``parent_version``, ``provenance`` and ``privacy`` itself, then signs and stores it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import math
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from device_sdk.bundle import MANIFEST, encode_manifest
+from device_sdk.protocol import (
+    SEALED_SCHEME,
+    ProtocolError,
+    RoundTask,
+    decode_tensors,
+    encode_tensors,
+    open_update,
+    validate_update,
+)
+from sync_server import strategies
+from sync_server.blobs import BlobStore
+from sync_server.db import Database
+from sync_server.errors import ApiError
+from sync_server.keys import ServerKeys
+from sync_server.models import (
+    Device,
+    ModelVersion,
+    PrivacyLedger,
+    Round,
+    Selection,
+    Update,
+    utcnow,
+)
+from sync_server.privacy import BudgetExceeded, LedgerEntry
+from sync_server.privacy import PrivacyLedger as Ledger
+from sync_server.registry import extract_version, highest_version, sign_and_store
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[dict[str, np.ndarray], Path, int, dict[str, Any]], Path]
+
+ACTIVE = ("open", "collecting", "aggregating")
+STATES = (*ACTIVE, "published", "failed")
+
+# The round config an admin may send, with defaults (None: required or computed).
+TASK_DEFAULTS: dict[str, Any] = {
+    "clip_norm": 1.0, "local_epochs": 1, "learning_rate": 0.1, "batch_size": 32,
+    "proximal_mu": 0.0, "max_examples": 1000, "trainable": None,
+}
+ROUND_DEFAULTS: dict[str, Any] = {
+    "strategy": "fedavg", "target_clients": 10, "min_clients": None, "deadline_s": 3600.0,
+    "noise_multiplier": None, "delta": 1e-5, "epsilon_budget": None, "population": None,
+    "model_version": None, **TASK_DEFAULTS,
+}
+STRATEGY_KEYS = ("server_lr", "momentum", "beta1", "beta2", "tau")
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands DateTime(timezone=True) back naive; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError("bad_round_config", message, 400)
+
+
+def _number(config: dict[str, Any], key: str, low: float, *, allow_none: bool = False,
+            integer: bool = False, inclusive: bool = False) -> None:
+    value = config[key]
+    if value is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if type(value) not in kinds or not math.isfinite(value) or value < low or (
+        value == low and not inclusive
+    ):
+        kind = "an integer" if integer else "a number"
+        raise _bad(f"{key} must be {kind} {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+
+def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The admin's round config with defaults filled in; 400 ``bad_round_config`` on
+    anything unusable (unknown keys included, so a typo never silently means a default)."""
+    unknown = sorted(set(obj) - set(ROUND_DEFAULTS) - set(STRATEGY_KEYS))
+    if unknown:
+        known = sorted({*ROUND_DEFAULTS, *STRATEGY_KEYS})
+        raise _bad(f"unknown round setting(s) {unknown}; known: {known}")
+    config = {**ROUND_DEFAULTS, **obj}
+    _number(config, "target_clients", 1, integer=True, inclusive=True)
+    if config["min_clients"] is None:
+        config["min_clients"] = config["target_clients"]
+    _number(config, "min_clients", 1, integer=True, inclusive=True)
+    if config["min_clients"] > config["target_clients"]:
+        raise _bad("min_clients must be <= target_clients")
+    _number(config, "deadline_s", 0)
+    _number(config, "noise_multiplier", 0, allow_none=True)
+    _number(config, "epsilon_budget", 0, allow_none=True)
+    _number(config, "population", 1, allow_none=True, integer=True, inclusive=True)
+    _number(config, "model_version", 0, allow_none=True, integer=True, inclusive=True)
+    if type(config["delta"]) not in (int, float) or not 0 < config["delta"] < 1:
+        raise _bad(f"delta must be in (0, 1), got {config['delta']!r}")
+    if config["epsilon_budget"] is not None and config["noise_multiplier"] is None:
+        raise _bad("a round without noise_multiplier has no finite epsilon: it cannot run "
+                   "under an epsilon_budget")
+    try:  # the device-facing half, checked exactly as a device will check it
+        RoundTask.from_json({**{k: config[k] for k in TASK_DEFAULTS}, "round_id": "check",
+                             "model_version": 0, "deadline": 0.0,
+                             "upload_scheme": SEALED_SCHEME})
+    except ProtocolError as exc:
+        raise _bad(exc.message) from None
+    try:
+        strategies.build({**config, "expected_clients": config["target_clients"]})
+    except (ValueError, TypeError) as exc:
+        raise _bad(f"strategy: {exc}") from None
+    return config
+
+
+def task_json(row: Round) -> dict[str, Any]:
+    """The RoundTask a selected device is given."""
+    config = row.config
+    task = {k: config[k] for k in TASK_DEFAULTS}
+    task.update(round_id=row.id, model_version=row.model_version, upload_scheme=SEALED_SCHEME,
+                deadline=as_utc(row.deadline).timestamp())
+    return task
+
+
+def _state_bytes(state: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
+    return buf.getvalue()
+
+
+def _state_load(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def resolve_publisher(spec: str) -> Publisher:
+    """``"module:function"`` -> the callable (imported now, on first use)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"PUBLISHER must be 'module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+class _LostClaim(RuntimeError):
+    """Another worker took the round over (our lease ran out): our result is discarded."""
+
+
+class RoundService:
+    """Rounds on one app's database, blob store and keys (``app.extensions``)."""
+
+    def __init__(self, *, db: Database, blobs: BlobStore, keys: ServerKeys, scratch_dir: Path,
+                 publisher: Publisher | str, lease_s: int, metrics: Any = None) -> None:
+        self.db, self.blobs, self.keys = db, blobs, keys
+        self.scratch_dir = Path(scratch_dir)
+        self._publisher = publisher
+        self.lease_s = lease_s
+        self.metrics = metrics
+
+    @property
+    def publisher(self) -> Publisher:
+        if isinstance(self._publisher, str):
+            self._publisher = resolve_publisher(self._publisher)
+        return self._publisher
+
+    def _scratch(self) -> Path:
+        self.scratch_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(dir=self.scratch_dir))
+
+    # --- admin ---------------------------------------------------------------------------
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Open a round (POST /v1/admin/rounds); returns its view."""
+        config = normalise_config(obj)
+        self.advance()
+        with self.db.session() as session:
+            active = session.scalars(select(Round).where(Round.state.in_(ACTIVE))).first()
+            if active is not None:
+                raise ApiError("round_in_progress", f"round {active.id} is {active.state}; "
+                               "one round runs at a time", 409)
+            version = config["model_version"]
+            if version is None:
+                version = session.scalar(select(func.max(ModelVersion.version))
+                                         .where(ModelVersion.status == "published"))
+            base = None if version is None else session.get(ModelVersion, version)
+            if base is None or base.status != "published":
+                raise ApiError("no_model", "a round trains a published model; "
+                               f"there is no published version {version}", 409)
+            registered = session.scalar(select(func.count()).select_from(Device)) or 0
+            n_rounds = session.scalar(select(func.count()).select_from(Round)) or 0
+            entries = self._ledger_entries(session)
+        config["model_version"] = version
+        config["expected_shapes"] = self._expected_shapes(base, config["trainable"])
+        population = config["population"] or registered
+        if population < 1:
+            raise _bad("no device is registered: set population (the sampling rate's "
+                       "denominator) explicitly")
+        config["population"] = population
+        sampling_rate = min(1.0, config["target_clients"] / population)
+        round_id = f"round-{n_rounds + 1}"
+        if config["noise_multiplier"] is not None:
+            ledger = Ledger(config["delta"], config["epsilon_budget"], entries)
+            try:
+                config["epsilon_projected"] = ledger.check(
+                    LedgerEntry(round_id, float(config["noise_multiplier"]), sampling_rate))
+            except BudgetExceeded as exc:
+                raise ApiError(BudgetExceeded.code, str(exc), 409) from None
+        now = utcnow()
+        row = Round(id=round_id, state="open", config=config, created_at=now,
+                    deadline=now + timedelta(seconds=float(config["deadline_s"])),
+                    model_version=version, sampling_rate=sampling_rate,
+                    selected_count=0, received_count=0)
+        try:
+            with self.db.transaction() as session:
+                session.add(row)
+        except IntegrityError:
+            raise ApiError("round_in_progress", "another round was opened concurrently",
+                           409) from None
+        self.advance(round_id)
+        log.info("round %s opened on version %s: %s", round_id, version, config)
+        return self.view(round_id)
+
+    def _expected_shapes(self, base: ModelVersion, trainable: list[str] | None
+                         ) -> dict[str, list[int]]:
+        scratch = self._scratch()
+        try:
+            weights = extract_version(self.blobs.get(base.blob_sha256), scratch).weights()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        names = sorted(weights) if trainable is None else list(trainable)
+        missing = sorted(set(names) - set(weights))
+        if missing:
+            raise _bad(f"trainable names {missing} are not weights of version "
+                       f"{base.version} (it has {sorted(weights)})")
+        return {name: list(weights[name].shape) for name in names}
+
+    @staticmethod
+    def _ledger_entries(session: Any) -> list[LedgerEntry]:
+        rows = session.scalars(select(PrivacyLedger).order_by(PrivacyLedger.id)).all()
+        return [LedgerEntry(r.round_id, r.noise_multiplier, r.sampling_rate, r.steps)
+                for r in rows]
+
+    def view(self, round_id: str) -> dict[str, Any]:
+        with self.db.session() as session:
+            row = session.get(Round, round_id)
+            if row is None:
+                raise ApiError("not_found", f"no round {round_id}", 404)
+            ledger = session.scalars(select(PrivacyLedger)
+                                     .where(PrivacyLedger.round_id == round_id)).first()
+        config = {k: v for k, v in row.config.items() if k != "expected_shapes"}
+        return {
+            "round_id": row.id,
+            "state": row.state,
+            "model_version": row.model_version,
+            "published_version": row.published_version,
+            "created_at": as_utc(row.created_at).isoformat(),
+            "deadline": as_utc(row.deadline).timestamp(),
+            "target_clients": config["target_clients"],
+            "min_clients": config["min_clients"],
+            "selected": row.selected_count,
+            "received": row.received_count,
+            "sampling_rate": row.sampling_rate,
+            "epsilon": None if ledger is None else ledger.epsilon,
+            "delta": config["delta"],
+            "measurements": row.measurements,
+            "reason": row.reason,
+            "config": config,
+        }
+
+    def list_rounds(self) -> dict[str, Any]:
+        self.advance()
+        with self.db.session() as session:
+            ids = session.scalars(select(Round.id).order_by(Round.created_at)).all()
+            spent = session.scalars(select(PrivacyLedger.epsilon)
+                                    .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+        return {"rounds": [self.view(i) for i in ids], "epsilon_spent": spent or 0.0}
+
+    # --- devices -------------------------------------------------------------------------
+
+    def checkin(self, device_id: str, model_version: int | None) -> dict[str, Any] | None:
+        """The task for this device, or None. A device already selected (and not yet
+        uploaded) gets its task again: check-in is idempotent."""
+        self.advance()
+        with self.db.session() as session:
+            row = session.scalars(select(Round).where(Round.state == "collecting")).first()
+            if row is None or model_version != row.model_version:
+                return None
+            if utcnow() >= as_utc(row.deadline):
+                return None
+            selected = session.get(Selection, (row.id, device_id)) is not None
+            uploaded = session.scalar(select(Update.id).where(
+                Update.round_id == row.id, Update.device_id == device_id)) is not None
+        if uploaded:
+            return None
+        if selected:
+            return task_json(row)
+        try:
+            with self.db.transaction() as session:
+                # One statement: atomic on SQLite and PostgreSQL, so concurrent check-ins
+                # never take more than target_clients slots.
+                taken = session.execute(
+                    update(Round)
+                    .where(Round.id == row.id, Round.state == "collecting",
+                           Round.selected_count < int(row.config["target_clients"]))
+                    .values(selected_count=Round.selected_count + 1)
+                ).rowcount
+                if taken != 1:
+                    return None
+                session.add(Selection(round_id=row.id, device_id=device_id))
+        except IntegrityError:
+            pass  # this device was selected by a concurrent check-in of its own
+        return task_json(row)
+
+    def accept_update(self, device_id: str, round_id: str, sealed: bytes) -> dict[str, Any]:
+        """Open, validate and durably record an update; answers only after the commit."""
+        with self.db.session() as session:
+            row = session.get(Round, round_id)
+        if row is not None and row.state == "collecting" and utcnow() >= as_utc(row.deadline):
+            self.advance(round_id)
+            raise ApiError("round_closed", f"round {round_id}: the deadline has passed", 409)
+        if row is None or row.state != "collecting":
+            state = "unknown" if row is None else row.state
+            raise ApiError("round_closed", f"round {round_id} is not collecting ({state})", 409)
+        with self.db.session() as session:
+            if session.get(Selection, (round_id, device_id)) is None:
+                raise ApiError("not_selected", f"this device is not in round {round_id}", 403)
+            if session.scalar(select(Update.id).where(Update.round_id == round_id,
+                                                      Update.device_id == device_id)):
+                raise ApiError("duplicate_update", "this device already uploaded", 409)
+        tensors, meta = open_update(sealed, round_id=round_id, device_id=device_id,
+                                    transport_private_key=self.keys.transport)
+        if meta["base_version"] != row.model_version:
+            raise ProtocolError("update_rejected", f"update was trained on version "
+                                f"{meta['base_version']}, the round trains {row.model_version}")
+        shapes = {k: tuple(v) for k, v in row.config["expected_shapes"].items()}
+        norm = validate_update(tensors, shapes, float(row.config["clip_norm"]))
+        # Stored: the validated plaintext PRT1 frame, not the sealed bytes. Aggregation then
+        # never needs the transport private key again (rotating it cannot strand accepted
+        # updates), and what is stored is exactly what was validated. Individual updates
+        # are plaintext at rest only until the round ends: their blobs are deleted then.
+        digest = self.blobs.put(encode_tensors(tensors, meta))  # fsynced before the commit
+        try:
+            with self.db.transaction() as session:
+                counted = session.execute(
+                    update(Round).where(Round.id == round_id, Round.state == "collecting")
+                    .values(received_count=Round.received_count + 1)
+                ).rowcount
+                if counted != 1:
+                    raise ApiError("round_closed", f"round {round_id} closed meanwhile", 409)
+                session.add(Update(round_id=round_id, device_id=device_id, blob_sha256=digest,
+                                   num_examples=int(meta["num_examples"]), size=len(sealed),
+                                   norm=norm))
+        except IntegrityError:
+            raise ApiError("duplicate_update", "this device already uploaded", 409) from None
+        if self.metrics is not None:
+            self.metrics.updates_accepted.inc()
+        log.info("round %s: update from %s accepted (%d bytes, norm %.4g)", round_id,
+                 device_id, len(sealed), norm)
+        self.advance(round_id)  # the update that completes the round aggregates it now
+        return {"accepted": True, "round_id": round_id}
+
+    # --- the state machine ---------------------------------------------------------------
+
+    def advance(self, round_id: str | None = None) -> None:
+        """Move active rounds on: open -> collecting; collecting -> finish when full or past
+        the deadline; aggregating with an expired lease -> taken over. Idempotent."""
+        now = utcnow()
+        with self.db.session() as session:
+            query = select(Round).where(Round.state.in_(ACTIVE))
+            if round_id is not None:
+                query = query.where(Round.id == round_id)
+            rows = session.scalars(query).all()
+        for row in rows:
+            if row.state == "open":
+                with self.db.transaction() as session:
+                    session.execute(update(Round).where(Round.id == row.id,
+                                                        Round.state == "open")
+                                    .values(state="collecting"))
+                row.state = "collecting"
+            full = row.received_count >= int(row.config["target_clients"])
+            if row.state == "collecting" and (full or now >= as_utc(row.deadline)):
+                self._finish(row.id, takeover=False)
+            elif row.state == "aggregating" and (
+                row.lease_until is None or now >= as_utc(row.lease_until)
+            ):
+                self._finish(row.id, takeover=True)
+
+    def _finish(self, round_id: str, *, takeover: bool) -> None:
+        claim = secrets.token_hex(16)
+        now = utcnow()
+        condition = (Round.state == "aggregating") & (
+            (Round.lease_until.is_(None)) | (Round.lease_until <= now)
+        ) if takeover else (Round.state == "collecting")
+        with self.db.transaction() as session:
+            claimed = session.execute(
+                update(Round).where(Round.id == round_id, condition)
+                .values(state="aggregating", claim=claim,
+                        lease_until=now + timedelta(seconds=self.lease_s))
+            ).rowcount
+        if claimed != 1:
+            return  # another worker has it
+        with self.db.session() as session:
+            row = session.get(Round, round_id)
+        if takeover:
+            log.warning("round %s: taking over an aggregation whose lease ran out", round_id)
+        try:
+            if row.received_count < int(row.config["min_clients"]):
+                self._fail(row, claim, f"{row.received_count} update(s) by the deadline, "
+                           f"min_clients is {row.config['min_clients']}")
+                return
+            self._aggregate(row, claim)
+        except _LostClaim:
+            log.warning("round %s: lost the claim; another worker finishes it", round_id)
+        except Exception as exc:
+            log.exception("round %s: aggregation failed", round_id)
+            self._fail(row, claim, f"aggregation failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, row: Round, claim: str, reason: str) -> None:
+        with self.db.transaction() as session:
+            done = session.execute(
+                update(Round).where(Round.id == row.id, Round.state == "aggregating",
+                                    Round.claim == claim)
+                .values(state="failed", reason=reason, finished_at=utcnow(), lease_until=None)
+            ).rowcount
+        if done == 1:
+            log.warning("round %s failed: %s", row.id, reason)
+            self._drop_update_blobs(row.id)
+
+    def _drop_update_blobs(self, round_id: str) -> None:
+        with self.db.session() as session:
+            digests = session.scalars(select(Update.blob_sha256)
+                                      .where(Update.round_id == round_id)).all()
+        for digest in digests:
+            self.blobs.delete(digest)
+
+    def _aggregate(self, row: Round, claim: str) -> None:
+        started = time.perf_counter()
+        config = row.config
+        target = int(config["target_clients"])
+        with self.db.session() as session:
+            base_row = session.get(ModelVersion, row.model_version)
+            updates = session.scalars(select(Update).where(Update.round_id == row.id)
+                                      .order_by(Update.id)).all()
+            previous = session.scalars(
+                select(Round).where(Round.state == "published", Round.id != row.id,
+                                    Round.strategy_state_sha256.is_not(None))
+                .order_by(Round.finished_at.desc())).all()
+            entries = self._ledger_entries(session)
+        client_updates = [
+            strategies.ClientUpdate(decode_tensors(self.blobs.get(u.blob_sha256))[0],
+                                    u.num_examples)
+            for u in updates
+        ]
+        strategy = strategies.build({**config, "expected_clients": target})
+        dp = config["noise_multiplier"] is not None
+        for prev in previous:  # server optimizer state (momentum, Adam moments) carries over
+            if prev.config["strategy"] == config["strategy"] and (
+                (prev.config["noise_multiplier"] is not None) == dp
+            ):
+                strategy.load_state(_state_load(self.blobs.get(prev.strategy_state_sha256)))
+                break
+        if isinstance(strategy, strategies.DPFedAvg):
+            strategy.clip_norm = float(config["clip_norm"])  # what the devices clipped to
+        scratch = self._scratch()
+        try:
+            base = extract_version(self.blobs.get(base_row.blob_sha256), scratch / "base")
+            weights = base.weights()
+            result = strategy.aggregate(weights, client_updates)
+            aggregate_s = time.perf_counter() - started
+            epsilon = None
+            if dp:
+                entry = LedgerEntry(row.id, float(config["noise_multiplier"]),
+                                    float(row.sampling_rate))
+                epsilon = Ledger(config["delta"], None, entries).record(entry)
+            with self.db.session() as session:
+                version = (highest_version(session) or 0) + 1
+            base_provenance = base.manifest.get("provenance") or {}
+            provenance = {
+                "rounds": int(base_provenance.get("rounds") or 0) + 1,
+                "round_id": row.id,
+                "clients": len(updates),
+                "strategy": strategy.name,
+                "clip_norm": float(config["clip_norm"]),
+                "noise_multiplier": config["noise_multiplier"],
+            }
+            new_dir = Path(self.publisher(result.weights, base.directory, version,
+                                          dict(provenance)))
+            manifest = json.loads((new_dir / MANIFEST).read_bytes())
+            manifest.update(
+                model_version=version,
+                parent_version=row.model_version,
+                provenance={**base_provenance, **manifest.get("provenance", {}), **provenance},
+                privacy={"epsilon": epsilon, "delta": config["delta"] if dp else None,
+                         "unit": "device" if dp else None,
+                         "accountant": "rdp (opacus), user-level, all rounds" if dp else None},
+            )
+            (new_dir / MANIFEST).write_bytes(encode_manifest(manifest))
+            version_row = sign_and_store(new_dir, blobs=self.blobs, keys=self.keys)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        state_digest = self.blobs.put(_state_bytes(strategy.state()))
+        seconds = time.perf_counter() - started
+        measurements = {**result.measurements, "updates": float(len(updates)),
+                        "examples": float(sum(u.num_examples for u in updates)),
+                        "aggregate_seconds": aggregate_s, "total_seconds": seconds}
+        with self.db.transaction() as session:
+            done = session.execute(
+                update(Round).where(Round.id == row.id, Round.state == "aggregating",
+                                    Round.claim == claim)
+                .values(state="published", published_version=version,
+                        measurements=measurements, strategy_state_sha256=state_digest,
+                        finished_at=utcnow(), lease_until=None)
+            ).rowcount
+            if done != 1:
+                raise _LostClaim(row.id)
+            session.add(version_row)
+            if dp:
+                session.add(PrivacyLedger(
+                    round_id=row.id, noise_multiplier=float(config["noise_multiplier"]),
+                    sampling_rate=float(row.sampling_rate), steps=1, epsilon=epsilon,
+                    delta=float(config["delta"])))
+        if self.metrics is not None:
+            self.metrics.aggregation_seconds.observe(seconds)
+        log.info("round %s published version %d (%d updates, epsilon %s, %.2f s)", row.id,
+                 version, len(updates), epsilon, seconds)
+        self._drop_update_blobs(row.id)

@@ -1,0 +1,286 @@
+"""Federated rounds on the real sync server (subprocess, real HTTP, SQLite, keys on disk),
+driven by real DeviceClients: sampling at check-in, sealed uploads, DP aggregation, signed
+publishing, the privacy ledger and budget, refusals, deadlines and a kill -9 mid-round.
+The server publishes weights-only (``sync_server.registry:republish_weights``) to stay fast;
+``test_real_publisher_exports_a_bundle_that_passes_its_golden_check`` covers the real one.
+No mocks; no timed assertions (the deadline test waits for a deadline, asserts no time)."""
+
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+from conftest import zip_bundle
+from server_process import ServerProcess
+
+from device_sdk.bundle import load_bundle, run_golden_check
+from device_sdk.device_client import DeviceClient
+from device_sdk.device_identity import DeviceIdentity
+from device_sdk.model_update import ModelUpdate
+from device_sdk.protocol import seal_update
+from device_sdk.sync_client import SyncClient
+
+ADMIN = "admin-secret"
+SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
+            "RATE_LIMIT": 1000}
+DP_ROUND = {"target_clients": 3, "noise_multiplier": 1.0, "clip_norm": 0.5,
+            "local_epochs": 1, "learning_rate": 0.3, "batch_size": 8, "max_examples": 100,
+            "delta": 1e-5}
+
+
+@pytest.fixture
+def server(tmp_path, tiny_export):
+    with ServerProcess(tmp_path / "server", **SETTINGS) as srv:
+        assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201  # version 1
+        yield srv
+
+
+def publish(server, zip_bytes):
+    return server.admin("POST", "/v1/admin/models", body=zip_bytes,
+                        headers={"Content-Type": "application/zip"})
+
+
+def signing_key_of(server) -> bytes:
+    keys = json.loads(server.request("GET", "/v1/server-keys").data)
+    return base64.b64decode(keys["signing_key"])
+
+
+def open_round(server, **config):
+    response = server.admin("POST", "/v1/admin/rounds", json=config)
+    return response.status, json.loads(response.data)
+
+
+def round_view(server, round_id):
+    response = server.admin("GET", f"/v1/admin/rounds/{round_id}")
+    assert response.status == 200
+    return json.loads(response.data)
+
+
+def error_of(response):
+    body = json.loads(response.data)
+    return response.status, body["error"]["code"]
+
+
+def make_device(server, directory, tiny_checkpoint, user):
+    """A DeviceClient with a shopping history (test user ``user`` of the tiny data set)."""
+    device = DeviceClient(directory, server_key=signing_key_of(server), server_url=server.url)
+    _, prepared = tiny_checkpoint
+    keys = [prepared.vocab.keys[i] for i in prepared.split.test.history[user] if i]
+    device.log_many([(key, kind, 1000.0 + 3 * n + j) for n, key in enumerate(keys)
+                     for j, kind in enumerate(("view", "click", "add_to_cart"))])
+    return device
+
+
+@pytest.fixture
+def devices(server, tmp_path, tiny_checkpoint):
+    made = [make_device(server, tmp_path / f"device{n}", tiny_checkpoint, n) for n in range(3)]
+    for device in made:
+        report = device.sync(train=False)  # registers (population 3) and installs version 1
+        assert report.model_version == 1
+    yield made
+    for device in made:
+        device.close()
+
+
+def sync_client(server, directory, name) -> SyncClient:
+    identity = DeviceIdentity.load_or_create(directory / f"{name}.key")
+    client = SyncClient(server.url, identity, server_signing_key=signing_key_of(server),
+                        outbox_dir=directory / f"{name}.outbox", retries=0, timeout=30.0)
+    client.register()
+    return client
+
+
+def metric(server, line_start):
+    text = server.request("GET", "/metrics").data.decode()
+    [line] = [line for line in text.splitlines() if line.startswith(line_start + " ")]
+    return float(line.split()[-1])
+
+
+def test_dp_rounds_publish_signed_versions_epsilon_grows_and_a_budget_stops_them(
+    server, devices, tiny_export
+):
+    status, opened = open_round(server, **DP_ROUND)
+    assert status == 201 and opened["state"] == "collecting"
+    assert (opened["model_version"], opened["sampling_rate"]) == (1, 1.0)
+    assert opened["config"]["epsilon_projected"] > 0
+    round_id = opened["round_id"]
+
+    reports = [device.sync() for device in devices]
+    assert [(r.round_id, r.uploaded) for r in reports] == [(round_id, True)] * 3
+    view = round_view(server, round_id)
+    assert (view["state"], view["selected"], view["received"]) == ("published", 3, 3)
+    assert view["published_version"] == 2 and view["reason"] is None
+    epsilon1 = view["epsilon"]
+    assert epsilon1 > 0 and epsilon1 == pytest.approx(opened["config"]["epsilon_projected"])
+    assert view["measurements"]["noise_std"] == pytest.approx(0.5)  # z x C
+    assert view["measurements"]["updates"] == 3
+
+    signing_key = signing_key_of(server)
+    for device in devices:
+        report = device.sync()
+        assert (report.installed, report.model_version, report.install_error) == (2, 2, None)
+        assert report.round_id is None  # the round is over: no task
+        assert len(device.recommend(5)) == 5
+    bundle = devices[0].models.bundle(2)  # load_bundle with the pinned key: signature checked
+    assert load_bundle(bundle.directory, public_key=signing_key).version == 2
+    assert bundle.manifest["parent_version"] == 1
+    assert bundle.manifest["privacy"]["epsilon"] == pytest.approx(epsilon1)
+    assert bundle.manifest["privacy"]["delta"] == 1e-5
+    provenance = bundle.manifest["provenance"]
+    assert (provenance["rounds"], provenance["round_id"], provenance["clip_norm"],
+            provenance["noise_multiplier"]) == (1, round_id, 0.5, 1.0)
+    old = load_bundle(tiny_export.bundle_dir).weights()
+    new = bundle.weights()
+    assert sorted(new) == sorted(old)
+    assert any(not np.array_equal(new[k], old[k]) for k in old)  # the round changed them
+
+    status, second = open_round(server, **DP_ROUND)
+    assert status == 201 and second["model_version"] == 2
+    assert all(device.sync().uploaded for device in devices)
+    view2 = round_view(server, second["round_id"])
+    assert (view2["state"], view2["published_version"]) == ("published", 3)
+    assert view2["epsilon"] > epsilon1
+    assert devices[1].sync().installed == 3
+    assert devices[1].models.bundle(3).manifest["provenance"]["rounds"] == 2
+
+    status, refused = open_round(server, **DP_ROUND, epsilon_budget=view2["epsilon"])
+    assert status == 409 and refused["error"]["code"] == "privacy_budget_exhausted"
+    assert "budget" in refused["error"]["message"]
+    listed = json.loads(server.admin("GET", "/v1/admin/rounds").data)
+    assert [r["state"] for r in listed["rounds"]] == ["published", "published"]
+    assert listed["epsilon_spent"] == pytest.approx(view2["epsilon"])
+    assert metric(server, "pocketrec_epsilon_spent") == pytest.approx(view2["epsilon"])
+    assert metric(server, 'pocketrec_rounds{state="published"}') == 2
+    assert metric(server, "pocketrec_updates_received_total") == 6
+    assert metric(server, "pocketrec_update_bytes_total") > 0
+    assert metric(server, "pocketrec_aggregation_seconds_count") == 2
+    # raw updates do not outlive their round
+    assert not any(p.is_file() and p.read_bytes().startswith(b"PRT1")
+                   for p in (server.data_dir / "blobs").rglob("*"))
+
+
+def test_only_selected_devices_upload_once_and_bad_updates_do_not_count(
+    server, devices, tmp_path
+):
+    a, b, c = devices
+    status, opened = open_round(server, target_clients=2, clip_norm=0.5, learning_rate=0.3)
+    assert status == 201 and opened["epsilon"] is None  # no noise: no DP, no ledger entry
+    round_id = opened["round_id"]
+    assert a.sync().uploaded
+    b.sync(train=False)  # checks in (selected: the second and last slot), does not train
+    assert round_view(server, round_id)["selected"] == 2
+    assert c.sync().round_id is None  # no slot left
+
+    path = f"/v1/rounds/{round_id}/update"
+    assert error_of(c.sync_client.request("POST", path, body=b"PRS1...")) == (
+        403, "not_selected")
+    assert error_of(a.sync_client.request("POST", path, body=b"PRS1...")) == (
+        409, "duplicate_update")
+    assert error_of(b.sync_client.request("POST", path, body=b"not sealed")) == (
+        400, "bad_update")
+    bogus = ModelUpdate(base_version=1, delta={"bogus": np.zeros(3, np.float32)},
+                        num_examples=1, clip_norm=0.5, norm=0.0, norm_before_clip=0.0)
+    sealed = seal_update(bogus, round_id=round_id, device_id=b.sync_client.identity.device_id,
+                         transport_public_key=b.sync_client.server_keys().transport_key)
+    assert error_of(b.sync_client.request("POST", path, body=sealed)) == (
+        422, "update_rejected")
+    assert error_of(b.sync_client.request("POST", "/v1/rounds/round-99/update",
+                                          body=sealed)) == (409, "round_closed")
+    view = round_view(server, round_id)
+    assert (view["state"], view["selected"], view["received"]) == ("collecting", 2, 1)
+
+    assert b.sync().uploaded  # re-offered at check-in: it was selected and had not uploaded
+    view = round_view(server, round_id)
+    assert (view["state"], view["received"], view["epsilon"]) == ("published", 2, None)
+    assert error_of(a.sync_client.request("POST", path, body=b"PRS1...")) == (
+        409, "round_closed")
+    assert c.sync().installed == 2
+    assert c.models.bundle(2).manifest["privacy"]["epsilon"] is None
+
+
+def test_round_config_is_checked(server, devices):
+    assert open_round(server, target_clients=0)[1]["error"]["code"] == "bad_round_config"
+    assert open_round(server, target_clients=2, min_clients=3)[0] == 400
+    assert open_round(server, epsilon_budget=1.0)[0] == 400  # no noise, no epsilon
+    assert open_round(server, trainable=["no.such.weight"])[0] == 400
+    assert open_round(server, strategy="fedsgd")[0] == 400
+    assert open_round(server, typo_key=1)[1]["error"]["code"] == "bad_round_config"
+    assert open_round(server, model_version=7)[1]["error"]["code"] == "no_model"
+    status, opened = open_round(server, target_clients=3)
+    assert status == 201
+    status, busy = open_round(server, target_clients=3)
+    assert (status, busy["error"]["code"]) == (409, "round_in_progress")
+
+
+def test_a_round_missing_min_clients_at_its_deadline_fails_and_refuses_late_uploads(
+    server, tmp_path
+):
+    client = sync_client(server, tmp_path, "late")
+    status, opened = open_round(server, target_clients=3, min_clients=2, deadline_s=2)
+    assert status == 201
+    task = client.checkin(1, 10)
+    assert task is not None and task.round_id == opened["round_id"]
+    time.sleep(max(0.0, task.deadline - time.time()) + 0.2)
+    late = client.request("POST", f"/v1/rounds/{task.round_id}/update", body=b"PRS1...")
+    assert error_of(late) == (409, "round_closed")
+    view = round_view(server, task.round_id)
+    assert view["state"] == "failed" and "min_clients is 2" in view["reason"]
+    assert view["published_version"] is None
+    assert client.checkin(1, 10) is None
+    assert metric(server, 'pocketrec_rounds{state="failed"}') == 1
+    assert open_round(server, target_clients=1)[0] == 201  # a failed round blocks nothing
+
+
+def test_kill_9_mid_round_loses_no_accepted_update(tmp_path, tiny_export, tiny_checkpoint):
+    data_dir = tmp_path / "server"
+    first = ServerProcess(data_dir, **SETTINGS)
+    try:
+        assert publish(first, zip_bundle(tiny_export.bundle_dir)).status == 201
+        devices = [make_device(first, tmp_path / f"d{n}", tiny_checkpoint, n) for n in range(3)]
+        for device in devices:
+            device.sync(train=False)
+        status, opened = open_round(first, **DP_ROUND)
+        assert status == 201
+        round_id = opened["round_id"]
+        assert devices[0].sync().uploaded and devices[1].sync().uploaded
+        devices[2].sync(train=False)  # checks in (selected), does not train or upload
+        view = round_view(first, round_id)
+        assert (view["state"], view["selected"], view["received"]) == ("collecting", 3, 2)
+        first.process.kill()  # SIGKILL: no shutdown code runs
+        first.process.wait()
+    finally:
+        first.close()
+    for device in devices:
+        device.close()
+
+    with ServerProcess(data_dir, **SETTINGS) as second:
+        view = round_view(second, round_id)
+        assert (view["state"], view["selected"], view["received"]) == ("collecting", 3, 2)
+        devices = [DeviceClient(tmp_path / f"d{n}", server_key=signing_key_of(second),
+                                server_url=second.url) for n in range(3)]
+        try:
+            report = devices[2].sync()
+            assert (report.round_id, report.uploaded) == (round_id, True)
+            view = round_view(second, round_id)
+            assert (view["state"], view["received"], view["published_version"]) == (
+                "published", 3, 2)
+            assert view["epsilon"] > 0
+            assert devices[0].sync().installed == 2
+            assert devices[0].models.bundle(2).manifest["provenance"]["clients"] == 3
+        finally:
+            for device in devices:
+                device.close()
+
+
+def test_real_publisher_exports_a_bundle_that_passes_its_golden_check(tiny_export):
+    from trainer.publish import export_weights
+
+    base = load_bundle(tiny_export.bundle_dir)
+    weights = {k: v + np.float32(1e-3) for k, v in base.weights().items()}
+    out = export_weights(weights, tiny_export.bundle_dir, 2, {"rounds": 1})
+    bundle = load_bundle(out)
+    assert (bundle.version, bundle.manifest["parent_version"]) == (2, 1)
+    assert all(np.array_equal(bundle.weights()[k], weights[k]) for k in weights)
+    assert bundle.items().digest() == base.items().digest()
+    assert run_golden_check(bundle.model(), bundle.manifest["golden"]) >= 0.8
