@@ -12,8 +12,10 @@ Keys:
     CHECKIN_RETRY_AFTER  seconds a device is told to wait when no task is offered
     PUBLISHER         "module:function" turning a round's new float weights into a bundle
                       directory (see ``sync_server.rounds``); imported on first use
-    AGGREGATION_LEASE_S  seconds a worker's claim on an aggregating round lasts; a round whose
-                      worker died is taken over after that
+    AGGREGATION_LEASE_S  seconds a worker's claim on an aggregating round lasts (default
+                      120); a round whose worker died (or whose server was killed) is taken
+                      over by the first request after that. The holder renews it before each
+                      long step, so it must outlast the longest one (the publisher's export)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "RATE_LIMIT": 120,
     "CHECKIN_RETRY_AFTER": 60,
     "PUBLISHER": "trainer.publish:export_weights",
-    "AGGREGATION_LEASE_S": 600,
+    "AGGREGATION_LEASE_S": 120,
 }
 _INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
              "AGGREGATION_LEASE_S"}

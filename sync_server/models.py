@@ -54,7 +54,9 @@ class Nonce(Base):
 
 
 class ModelVersion(Base):
-    """One published model: the exact signed manifest bytes and the bundle zip's blob."""
+    """One published model: the exact signed manifest bytes and the bundle zip's blob.
+    ``status`` published|paused (a paused version is never served); ``rollout_percent``
+    (0-100) is the share of devices offered it (``sync_server.registry.in_rollout``)."""
 
     __tablename__ = "model_versions"
 
@@ -65,6 +67,7 @@ class ModelVersion(Base):
     blob_sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="published")  # published|paused
+    rollout_percent: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -42,6 +42,7 @@ _MODEL_VERSION = {
         "model_version": {"type": "integer"},
         "parent_version": {"type": ["integer", "null"]},
         "status": {"enum": ["published", "paused"]},
+        "rollout_percent": {"type": "integer", "minimum": 0, "maximum": 100},
         "blob_sha256": {"type": "string"},
         "size": {"type": "integer"},
         "created_at": {"type": "string", "format": "date-time"},
@@ -198,7 +199,7 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "Open a round. bad_round_config (400), round_in_progress / "
-                    "no_model / privacy_budget_exhausted (409)",
+                    "no_model / privacy_budget_exhausted / privacy_required (409)",
                     "security": _ADMIN,
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": _ROUND_CONFIG}}},
@@ -229,8 +230,12 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "Publish a bundle zip: verified, signed by the server, made "
-                    "current. bad_bundle (400), version_not_newer (409)",
+                    "current for rollout_percent % of devices. bad_bundle / bad_rollout (400), "
+                    "version_not_newer (409)",
                     "security": _ADMIN,
+                    "parameters": [{"name": "rollout_percent", "in": "query",
+                                    "schema": {"type": "integer", "minimum": 0,
+                                               "maximum": 100, "default": 100}}],
                     "requestBody": {"required": True, "content": {
                         "application/zip": {"schema": {"type": "string"}},
                         "application/octet-stream": {"schema": {"type": "string"}}}},
@@ -238,6 +243,45 @@ def openapi_document() -> dict[str, Any]:
                                   **_errors(400, 401, 403, 409, 413)},
                 },
             },
+            "/v1/admin/models/{version}/rollout": {"post": {
+                "summary": "Set the share of devices offered this version (stable hash of "
+                "version and device id: raising it only adds devices). bad_rollout (400)",
+                "security": _ADMIN,
+                "parameters": [_VERSION_PARAM],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["percent"], "properties": {
+                        "percent": {"type": "integer", "minimum": 0, "maximum": 100}}}}}},
+                "responses": {"200": _json(_MODEL_VERSION, "updated"),
+                              **_errors(400, 401, 403, 404)},
+            }},
+            "/v1/admin/models/{version}/pause": {"post": {
+                "summary": "Never serve this version (devices that installed it keep it: "
+                "they refuse older versions)",
+                "security": _ADMIN,
+                "parameters": [_VERSION_PARAM],
+                "responses": {"200": _json(_MODEL_VERSION, "paused"),
+                              **_errors(401, 403, 404)},
+            }},
+            "/v1/admin/models/{version}/resume": {"post": {
+                "summary": "Serve a paused version again",
+                "security": _ADMIN,
+                "parameters": [_VERSION_PARAM],
+                "responses": {"200": _json(_MODEL_VERSION, "published"),
+                              **_errors(401, 403, 404)},
+            }},
+            "/v1/admin/models/{version}/rollback": {"post": {
+                "summary": "Pause this version and republish its parent's exact files as a "
+                "NEW, higher version (provenance.rollback_of): devices enforce anti-rollback. "
+                "no_parent / version_not_newer (409)",
+                "security": _ADMIN,
+                "parameters": [_VERSION_PARAM],
+                "responses": {
+                    "201": _json({"type": "object", "properties": {
+                        "paused": _MODEL_VERSION, "published": _MODEL_VERSION}},
+                        "rolled back"),
+                    **_errors(401, 403, 404, 409),
+                },
+            }},
             "/v1/openapi.json": {"get": {
                 "summary": "This document",
                 "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},

@@ -3,10 +3,19 @@
 Admin uploads (``publish_bundle``) and round publishing (``sync_server.rounds``) both go
 through ``sign_and_store``: whatever signature came with the bundle is discarded and the
 server's own key signs the exact manifest bytes, so devices only ever need the server's
-public key. ``republish_weights`` is the weights-only publisher."""
+public key. ``republish_weights`` is the weights-only publisher.
+
+Staged rollout: every version has ``rollout_percent``; ``serving_version`` picks, per device,
+the newest non-paused version whose rollout includes it (``in_rollout``: a stable hash of
+version and device id), else the newest fully rolled-out one. Devices refuse any version not
+newer than one they hold (anti-rollback), so a rollback is never "serve the old version
+again": ``rollback_version`` pauses the bad version and republishes its parent's exact files
+under a NEW, higher version number."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -15,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,6 +34,7 @@ from device_sdk.bundle import (
     WEIGHTS,
     Bundle,
     BundleError,
+    encode_manifest,
     extract_bundle_zip,
     load_bundle,
     save_weights,
@@ -44,6 +54,7 @@ def version_json(row: ModelVersion) -> dict[str, Any]:
         "model_version": row.version,
         "parent_version": row.parent_version,
         "status": row.status,
+        "rollout_percent": row.rollout_percent,
         "blob_sha256": row.blob_sha256,
         "size": row.size,
         "created_at": row.created_at.isoformat(),
@@ -77,11 +88,119 @@ def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeys) -> Model
         blob_sha256=digest,
         size=len(served),
         status="published",
+        rollout_percent=100,
     )
 
 
 def highest_version(session: Session) -> int | None:
     return session.scalar(select(func.max(ModelVersion.version)))
+
+
+def rollout_percent(value: Any) -> int:
+    """An admin's rollout percentage: an integer 0-100, else 400 ``bad_rollout``."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if type(value) is not int or not 0 <= value <= 100:
+        raise ApiError("bad_rollout", f"percent must be an integer 0-100, got {value!r}", 400)
+    return value
+
+
+def in_rollout(version: int, device_id: str, percent: int) -> bool:
+    """Whether ``device_id`` is in version ``version``'s rollout of ``percent`` %: the first 32
+    bits of sha256("<version>:<device_id>") mod 100 below the percentage. Stable per device
+    (raising the percentage only adds devices) and independent across versions."""
+    if percent >= 100:
+        return True
+    bucket = int(hashlib.sha256(f"{version}:{device_id}".encode()).hexdigest()[:8], 16) % 100
+    return bucket < percent
+
+
+def serving_version(session: Session, device_id: str) -> ModelVersion | None:
+    """The version ``device_id`` is offered: the newest non-paused version whose rollout
+    includes it; a fully rolled-out (100 %) version includes every device, so this falls back
+    to the newest of those."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.status == "published")
+                           .order_by(ModelVersion.version.desc()))
+    for row in rows:
+        if in_rollout(row.version, device_id, row.rollout_percent):
+            return row
+    return None
+
+
+def newest_full_version(session: Session) -> int | None:
+    """The newest non-paused, fully rolled-out version: what rounds train by default."""
+    return session.scalar(select(func.max(ModelVersion.version)).where(
+        ModelVersion.status == "published", ModelVersion.rollout_percent >= 100))
+
+
+def _existing(session: Session, version: int) -> ModelVersion:
+    row = session.get(ModelVersion, version)
+    if row is None:
+        raise ApiError("not_found", f"no model version {version}", 404)
+    return row
+
+
+def set_rollout(db: Database, version: int, *, percent: int | None = None,
+                status: str | None = None) -> ModelVersion:
+    """Change a version's rollout percentage and/or status (published|paused)."""
+    values: dict[str, Any] = {}
+    if percent is not None:
+        values["rollout_percent"] = rollout_percent(percent)
+    if status is not None:
+        values["status"] = status
+    with db.transaction() as session:
+        _existing(session, version)
+        session.execute(update(ModelVersion).where(ModelVersion.version == version)
+                        .values(**values))
+    with db.session() as session:
+        return _existing(session, version)
+
+
+def rollback_version(
+    version: int, *, db: Database, blobs: BlobStore, keys: ServerKeys, scratch_dir: str | Path,
+) -> tuple[ModelVersion, ModelVersion]:
+    """Pause ``version`` and republish its parent's exact files (weights, tflite, items) as a
+    new version above every other one, 100 % rolled out, with ``parent_version`` = the bad
+    version and ``provenance.rollback_of``. Devices that installed the bad version accept it
+    (it is newer); serving the parent's old version number again would be refused by them
+    (anti-rollback). Returns (paused row, new row)."""
+    with db.session() as session:
+        bad = _existing(session, version)
+        parent = None if bad.parent_version is None else session.get(ModelVersion,
+                                                                     bad.parent_version)
+    if parent is None:
+        raise ApiError("no_parent", f"version {version} has no stored parent version to roll "
+                       "back to", 409)
+    Path(scratch_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    staged = Path(tempfile.mkdtemp(dir=scratch_dir))
+    try:
+        data = blobs.get(parent.blob_sha256)
+        extract_bundle_zip(data, staged, max(len(data), 1) * 1000)
+        manifest = json.loads((staged / MANIFEST).read_bytes())
+        with db.session() as session:
+            new_version = (highest_version(session) or 0) + 1
+        manifest.update(
+            model_version=new_version,
+            parent_version=version,
+            provenance={**(manifest.get("provenance") or {}), "rollback_of": version,
+                        "weights_of": parent.version},
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        (staged / MANIFEST).write_bytes(encode_manifest(manifest))
+        row = sign_and_store(staged, blobs=blobs, keys=keys)
+        row.rollout_percent = 100
+        try:
+            with db.transaction() as session:
+                session.execute(update(ModelVersion).where(ModelVersion.version == version)
+                                .values(status="paused"))
+                session.add(row)
+        except IntegrityError:
+            raise ApiError("version_not_newer", f"version {new_version} was published "
+                           "concurrently; retry the rollback", 409) from None
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    with db.session() as session:
+        return _existing(session, version), _existing(session, new_version)
 
 
 def publish_bundle(
@@ -92,9 +211,12 @@ def publish_bundle(
     keys: ServerKeys,
     scratch_dir: str | Path,
     max_bytes: int,
+    percent: int = 100,
 ) -> ModelVersion:
     """Verify a bundle zip (integrity, no unlisted files, a version above every published
-    one), sign it and make it the current version. Raises ApiError with a stable code."""
+    one), sign it and publish it to ``percent`` % of devices (staged rollout). Raises
+    ApiError with a stable code."""
+    percent = rollout_percent(percent)
     Path(scratch_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     staged = Path(tempfile.mkdtemp(dir=scratch_dir))
     try:
@@ -103,6 +225,7 @@ def publish_bundle(
         except BundleError as exc:
             raise ApiError("bad_bundle", f"{exc.code}: {exc}", 400) from None
         row = sign_and_store(staged, blobs=blobs, keys=keys)
+        row.rollout_percent = percent
         with db.session() as session:
             highest = highest_version(session)
         if highest is not None and row.version <= highest:

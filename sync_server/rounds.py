@@ -12,10 +12,18 @@ States (``rounds.state``)::
   selected devices upload once, before the deadline.
 - ``aggregating``: claimed by one worker through a conditional UPDATE (state + a random claim
   token + a lease), so two workers never both aggregate; the worker that publishes must still
-  hold the claim. A claim whose lease (``AGGREGATION_LEASE_S``) ran out is taken over: that is
-  how a round survives a worker killed mid-aggregation.
+  hold the claim. A claim whose lease (``AGGREGATION_LEASE_S``, default 120 s) ran out is
+  taken over: that is how a round survives a worker killed mid-aggregation, or a server
+  killed and restarted (the new process cannot tell a dead worker's claim from a live one on
+  another host, so it waits for the lease: at most 120 s, at the first request after it).
+  The holder renews its lease before each long step (aggregation, the publisher), so the
+  lease only has to outlast the longest single step.
 - ``published``: the new model version, the ledger entry and the round's outcome are written
   in ONE transaction, so the noised result is either released and accounted, or neither.
+- Privacy: once any round was differentially private (a ledger entry, or a round configured
+  with ``noise_multiplier`` / ``epsilon_budget``), or when this round sets an
+  ``epsilon_budget``, a round without ``noise_multiplier`` is refused (409
+  ``privacy_required``): its result would escape the accountant.
 - ``failed``: fewer than ``min_clients`` updates at the deadline, or the aggregation raised;
   ``reason`` says which.
 
@@ -78,7 +86,12 @@ from sync_server.models import (
 )
 from sync_server.privacy import BudgetExceeded, LedgerEntry
 from sync_server.privacy import PrivacyLedger as Ledger
-from sync_server.registry import extract_version, highest_version, sign_and_store
+from sync_server.registry import (
+    extract_version,
+    highest_version,
+    newest_full_version,
+    sign_and_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +156,6 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
     _number(config, "model_version", 0, allow_none=True, integer=True, inclusive=True)
     if type(config["delta"]) not in (int, float) or not 0 < config["delta"] < 1:
         raise _bad(f"delta must be in (0, 1), got {config['delta']!r}")
-    if config["epsilon_budget"] is not None and config["noise_multiplier"] is None:
-        raise _bad("a round without noise_multiplier has no finite epsilon: it cannot run "
-                   "under an epsilon_budget")
     try:  # the device-facing half, checked exactly as a device will check it
         RoundTask.from_json({**{k: config[k] for k in TASK_DEFAULTS}, "round_id": "check",
                              "model_version": 0, "deadline": 0.0,
@@ -223,17 +233,26 @@ class RoundService:
             if active is not None:
                 raise ApiError("round_in_progress", f"round {active.id} is {active.state}; "
                                "one round runs at a time", 409)
+            private = self._private_history(session)
             version = config["model_version"]
-            if version is None:
-                version = session.scalar(select(func.max(ModelVersion.version))
-                                         .where(ModelVersion.status == "published"))
+            if version is None:  # never a version still in staged rollout
+                version = newest_full_version(session)
             base = None if version is None else session.get(ModelVersion, version)
             if base is None or base.status != "published":
-                raise ApiError("no_model", "a round trains a published model; "
-                               f"there is no published version {version}", 409)
+                which = ("no published, fully rolled-out version" if version is None
+                         else f"there is no published version {version}")
+                raise ApiError("no_model", f"a round trains a published model; {which}", 409)
             registered = session.scalar(select(func.count()).select_from(Device)) or 0
             n_rounds = session.scalar(select(func.count()).select_from(Round)) or 0
             entries = self._ledger_entries(session)
+        if config["noise_multiplier"] is None and (
+            private or config["epsilon_budget"] is not None
+        ):
+            why = ("an epsilon_budget is set" if config["epsilon_budget"] is not None
+                   else f"earlier rounds were differentially private ({private})")
+            raise ApiError("privacy_required", f"{why}: a round without noise_multiplier "
+                           "would release an update outside the privacy accounting; set "
+                           "noise_multiplier", 409)
         config["model_version"] = version
         config["expected_shapes"] = self._expected_shapes(base, config["trainable"])
         population = config["population"] or registered
@@ -278,6 +297,21 @@ class RoundService:
             raise _bad(f"trainable names {missing} are not weights of version "
                        f"{base.version} (it has {sorted(weights)})")
         return {name: list(weights[name].shape) for name in names}
+
+    @staticmethod
+    def _private_history(session: Any) -> str:
+        """Why this server is committed to DP ('' if it is not): a privacy ledger entry, or
+        an earlier round (whatever its outcome) configured with noise or a budget. Once
+        any round was private, a noiseless round would release data the accountant never
+        sees, so every later round must be private too."""
+        if session.scalar(select(func.count()).select_from(PrivacyLedger)):
+            return "the privacy ledger has entries"
+        for round_id, config in session.execute(select(Round.id, Round.config)):
+            if config.get("noise_multiplier") is not None or config.get(
+                "epsilon_budget"
+            ) is not None:
+                return f"round {round_id} was configured with DP"
+        return ""
 
     @staticmethod
     def _ledger_entries(session: Any) -> list[LedgerEntry]:
@@ -460,6 +494,18 @@ class RoundService:
             log.exception("round %s: aggregation failed", round_id)
             self._fail(row, claim, f"aggregation failed: {type(exc).__name__}: {exc}")
 
+    def _renew(self, round_id: str, claim: str) -> None:
+        """Extend our lease before a long step (aggregation, the publisher's export), so the
+        lease only has to cover the longest single step; _LostClaim if it was taken over."""
+        with self.db.transaction() as session:
+            renewed = session.execute(
+                update(Round).where(Round.id == round_id, Round.state == "aggregating",
+                                    Round.claim == claim)
+                .values(lease_until=utcnow() + timedelta(seconds=self.lease_s))
+            ).rowcount
+        if renewed != 1:
+            raise _LostClaim(round_id)
+
     def _fail(self, row: Round, claim: str, reason: str) -> None:
         with self.db.transaction() as session:
             done = session.execute(
@@ -510,6 +556,7 @@ class RoundService:
         try:
             base = extract_version(self.blobs.get(base_row.blob_sha256), scratch / "base")
             weights = base.weights()
+            self._renew(row.id, claim)
             result = strategy.aggregate(weights, client_updates)
             aggregate_s = time.perf_counter() - started
             epsilon = None
@@ -528,6 +575,7 @@ class RoundService:
                 "clip_norm": float(config["clip_norm"]),
                 "noise_multiplier": config["noise_multiplier"],
             }
+            self._renew(row.id, claim)
             new_dir = Path(self.publisher(result.weights, base.directory, version,
                                           dict(provenance)))
             manifest = json.loads((new_dir / MANIFEST).read_bytes())

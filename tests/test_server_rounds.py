@@ -202,7 +202,7 @@ def test_only_selected_devices_upload_once_and_bad_updates_do_not_count(
 def test_round_config_is_checked(server, devices):
     assert open_round(server, target_clients=0)[1]["error"]["code"] == "bad_round_config"
     assert open_round(server, target_clients=2, min_clients=3)[0] == 400
-    assert open_round(server, epsilon_budget=1.0)[0] == 400  # no noise, no epsilon
+    assert open_round(server, epsilon_budget=1.0)[1]["error"]["code"] == "privacy_required"
     assert open_round(server, trainable=["no.such.weight"])[0] == 400
     assert open_round(server, strategy="fedsgd")[0] == 400
     assert open_round(server, typo_key=1)[1]["error"]["code"] == "bad_round_config"
@@ -211,6 +211,17 @@ def test_round_config_is_checked(server, devices):
     assert status == 201
     status, busy = open_round(server, target_clients=3)
     assert (status, busy["error"]["code"]) == (409, "round_in_progress")
+
+
+def test_after_a_dp_round_a_round_without_noise_is_refused(server, devices):
+    status, opened = open_round(server, **DP_ROUND)
+    assert status == 201
+    assert all(device.sync().uploaded for device in devices)
+    assert round_view(server, opened["round_id"])["state"] == "published"
+    status, refused = open_round(server, target_clients=3)  # no noise_multiplier
+    assert (status, refused["error"]["code"]) == (409, "privacy_required")
+    assert "noise_multiplier" in refused["error"]["message"]
+    assert open_round(server, **DP_ROUND)[0] == 201
 
 
 def test_a_round_missing_min_clients_at_its_deadline_fails_and_refuses_late_uploads(
@@ -284,3 +295,44 @@ def test_real_publisher_exports_a_bundle_that_passes_its_golden_check(tiny_expor
     assert all(np.array_equal(bundle.weights()[k], weights[k]) for k in weights)
     assert bundle.items().digest() == base.items().digest()
     assert run_golden_check(bundle.model(), bundle.manifest["golden"]) >= 0.8
+
+
+def test_a_round_left_aggregating_by_a_dead_server_is_resumed_after_restart(
+    tmp_path, tiny_export, tiny_checkpoint
+):
+    """A server killed mid-aggregation leaves the round `aggregating` with its claim; the
+    restarted server takes it over once the lease has ended (here: already ended)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, update
+
+    from sync_server.config import DEFAULTS
+    from sync_server.models import Round
+
+    assert DEFAULTS["AGGREGATION_LEASE_S"] == 120
+    data_dir = tmp_path / "server"
+    with ServerProcess(data_dir, **SETTINGS) as first:
+        assert publish(first, zip_bundle(tiny_export.bundle_dir)).status == 201
+        devices = [make_device(first, tmp_path / f"d{n}", tiny_checkpoint, n) for n in range(3)]
+        try:
+            for device in devices:
+                device.sync(train=False)
+            status, opened = open_round(first, **DP_ROUND, min_clients=2)
+            assert status == 201
+            assert devices[0].sync().uploaded and devices[1].sync().uploaded
+        finally:
+            for device in devices:
+                device.close()
+    engine = create_engine(f"sqlite:///{data_dir / 'pocketrec.db'}")
+    try:
+        with engine.begin() as connection:  # what a worker dying mid-aggregation leaves
+            connection.execute(update(Round).where(Round.id == opened["round_id"]).values(
+                state="aggregating", claim="f" * 32,
+                lease_until=datetime(2020, 1, 1, tzinfo=UTC)))
+    finally:
+        engine.dispose()
+    with ServerProcess(data_dir, **SETTINGS) as second:
+        view = round_view(second, opened["round_id"])
+        assert (view["state"], view["received"], view["published_version"]) == (
+            "published", 2, 2)
+        assert view["epsilon"] > 0

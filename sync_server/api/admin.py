@@ -1,5 +1,6 @@
 """Operator endpoints (``Authorization: Bearer <ADMIN_TOKEN>``): publish and list models,
-open and inspect rounds, read the server's public keys for provisioning."""
+staged rollout (percentage, pause, resume, rollback), open and inspect rounds, read the
+server's public keys for provisioning."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from sqlalchemy import select
 from sync_server.api import json_object
 from sync_server.auth import admin_required
 from sync_server.db import get_db
+from sync_server.errors import ApiError
 from sync_server.models import ModelVersion
-from sync_server.registry import publish_bundle, version_json
+from sync_server.registry import (
+    publish_bundle,
+    rollback_version,
+    rollout_percent,
+    set_rollout,
+    version_json,
+)
 
 bp = Blueprint("admin", __name__)
 
@@ -26,7 +34,8 @@ def server_keys() -> Response:
 @bp.post("/v1/admin/models")
 @admin_required
 def publish() -> tuple[Response, int]:
-    """Body: a bundle zip (application/zip or octet-stream), unsigned or signed by anyone."""
+    """Body: a bundle zip (application/zip or octet-stream), unsigned or signed by anyone.
+    ``?rollout_percent=N`` (0-100, default 100) publishes it to that share of devices."""
     settings = current_app.config["POCKETREC"]
     # Bundles are far larger than anything a device sends: this endpoint has its own limit.
     request.max_content_length = settings["MAX_BUNDLE_BYTES"]
@@ -35,8 +44,47 @@ def publish() -> tuple[Response, int]:
         request.get_data(), db=get_db(), blobs=ext["pocketrec_blobs"],
         keys=ext["pocketrec_keys"], scratch_dir=Path(settings["DATA_DIR"]) / "tmp",
         max_bytes=settings["MAX_BUNDLE_BYTES"],
+        percent=rollout_percent(request.args.get("rollout_percent", 100)),
     )
     return jsonify(version_json(row)), 201
+
+
+@bp.post("/v1/admin/models/<int:version>/rollout")
+@admin_required
+def rollout(version: int) -> Response:
+    """Body: {"percent": 0-100}. Devices are chosen by a stable hash of version and device id,
+    so raising the percentage only adds devices."""
+    obj = json_object()
+    if "percent" not in obj:
+        raise ApiError("bad_rollout", 'body must be {"percent": 0-100}', 400)
+    return jsonify(version_json(set_rollout(get_db(), version,
+                                            percent=rollout_percent(obj["percent"]))))
+
+
+@bp.post("/v1/admin/models/<int:version>/pause")
+@admin_required
+def pause(version: int) -> Response:
+    """Never serve this version again (until resumed). Devices that installed it keep it:
+    they refuse older versions."""
+    return jsonify(version_json(set_rollout(get_db(), version, status="paused")))
+
+
+@bp.post("/v1/admin/models/<int:version>/resume")
+@admin_required
+def resume(version: int) -> Response:
+    return jsonify(version_json(set_rollout(get_db(), version, status="published")))
+
+
+@bp.post("/v1/admin/models/<int:version>/rollback")
+@admin_required
+def rollback(version: int) -> tuple[Response, int]:
+    """Pause ``version`` and republish its parent's exact files as a new, higher version
+    (devices enforce anti-rollback, so an old version number would be refused)."""
+    ext = current_app.extensions
+    paused, new = rollback_version(
+        version, db=get_db(), blobs=ext["pocketrec_blobs"], keys=ext["pocketrec_keys"],
+        scratch_dir=Path(current_app.config["POCKETREC"]["DATA_DIR"]) / "tmp")
+    return jsonify({"paused": version_json(paused), "published": version_json(new)}), 201
 
 
 @bp.get("/v1/admin/models")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 
-from flask import Blueprint, Response, current_app, request, send_file
-from sqlalchemy import select
+from flask import Blueprint, Response, current_app, g, request, send_file
 
 from device_sdk.protocol import HEADER_MANIFEST_SIGNATURE, HEADER_MODEL_VERSION, b64
 from sync_server.auth import device_required
 from sync_server.db import get_db
 from sync_server.errors import ApiError
 from sync_server.models import ModelVersion
+from sync_server.registry import serving_version
 
 bp = Blueprint("models", __name__)
 
@@ -20,22 +20,16 @@ def manifest_etag(manifest: bytes) -> str:
     return '"' + hashlib.sha256(manifest).hexdigest()[:32] + '"'
 
 
-def current_version() -> ModelVersion | None:
-    """The version devices are offered: the newest published one (staged rollout will pick
-    per device here)."""
+def current_version(device_id: str) -> ModelVersion | None:
+    """The version this device is offered (staged rollout: ``registry.serving_version``)."""
     with get_db().session() as session:
-        return session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.status == "published")
-            .order_by(ModelVersion.version.desc())
-            .limit(1)
-        ).first()
+        return serving_version(session, device_id)
 
 
 @bp.get("/v1/models/current")
 @device_required
 def current() -> Response:
-    chosen = current_version()
+    chosen = current_version(g.device_id)
     if chosen is None:
         raise ApiError("no_model", "no model is published yet", 404)
     etag = manifest_etag(chosen.manifest)
