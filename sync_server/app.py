@@ -4,11 +4,12 @@ blob store, rate limiter, metrics, error handlers and blueprints. No module-leve
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, g, request
 
 from sync_server.api import blueprints
 from sync_server.auth import NonceStore
@@ -17,6 +18,7 @@ from sync_server.config import load_config
 from sync_server.db import Database, upgrade
 from sync_server.errors import register_error_handlers
 from sync_server.keys import ServerKeys
+from sync_server.logs import install as install_logging
 from sync_server.metrics import Metrics
 from sync_server.rate_limit import RateLimiter
 from sync_server.rounds import Publisher, RoundService
@@ -29,6 +31,7 @@ def create_app(
     the keys and the schema on first start. ``publisher`` turns a round's new weights into a
     bundle directory (``sync_server.rounds``); default: the ``PUBLISHER`` setting."""
     settings = load_config(config)
+    install_logging(settings["LOG_FORMAT"])
     data_dir = Path(settings["DATA_DIR"])
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -36,6 +39,7 @@ def create_app(
     app.config["POCKETREC"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     app.json.sort_keys = False
+    _install_access_log(app)
 
     db = Database(settings["DATABASE_URL"])
     upgrade(db.engine, lock_path=data_dir / "migrate.lock")
@@ -58,5 +62,32 @@ def create_app(
     register_error_handlers(app)
     for bp in blueprints():
         app.register_blueprint(bp)
-    logging.getLogger(__name__).info("sync server ready: data in %s", data_dir)
+    logging.getLogger(__name__).info("sync server ready: data in %s", data_dir,
+                                      extra={"data_dir": str(data_dir)})
     return app
+
+
+access_log = logging.getLogger("sync_server.access")
+
+
+def _install_access_log(app: Flask) -> None:
+    """One INFO line per response: method, path, status, duration_ms and, once the request
+    was authenticated, device_id. Registered first, so the clock starts before any other
+    hook runs."""
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.pocketrec_started = time.perf_counter()
+
+    @app.after_request
+    def _access(response: Response) -> Response:
+        started = g.get("pocketrec_started")
+        duration_ms = round((time.perf_counter() - started) * 1000, 3) if started else None
+        fields = {"method": request.method, "path": request.path,
+                  "status": response.status_code, "duration_ms": duration_ms}
+        device_id = g.get("device_id")
+        if device_id:
+            fields["device_id"] = device_id
+        access_log.info("%s %s %d %.1f ms", request.method, request.path,
+                        response.status_code, duration_ms or 0.0, extra=fields)
+        return response

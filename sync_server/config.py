@@ -16,6 +16,7 @@ Keys:
                       120); a round whose worker died (or whose server was killed) is taken
                       over by the first request after that. The holder renews it before each
                       long step, so it must outlast the longest one (the publisher's export)
+    LOG_FORMAT        "json" (default: one JSON object per line on stderr) or "text"
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "CHECKIN_RETRY_AFTER": 60,
     "PUBLISHER": "trainer.publish:export_weights",
     "AGGREGATION_LEASE_S": 120,
+    "LOG_FORMAT": "json",
 }
 _INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
              "AGGREGATION_LEASE_S"}
@@ -89,6 +91,9 @@ def load_config(
             raise ConfigError(f"{key} must be positive, got {config[key]}")
     for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL"):
         config[key] = config[key] or None  # an empty variable means unset
+    config["LOG_FORMAT"] = str(config["LOG_FORMAT"] or "json").lower()
+    if config["LOG_FORMAT"] not in ("json", "text"):
+        raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {config['LOG_FORMAT']!r}")
     config["DATA_DIR"] = str(Path(config["DATA_DIR"]).expanduser().resolve())
     if config["DATABASE_URL"] is None:
         config["DATABASE_URL"] = f"sqlite:///{Path(config['DATA_DIR']) / 'pocketrec.db'}"

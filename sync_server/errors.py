@@ -71,5 +71,6 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
+        log.exception("unhandled error", extra={"method": request.method, "path": request.path,
+                                                "status": 500})
         return error_response("internal_error", "the server failed; see its log", 500)

@@ -281,7 +281,9 @@ class RoundService:
             raise ApiError("round_in_progress", "another round was opened concurrently",
                            409) from None
         self.advance(round_id)
-        log.info("round %s opened on version %s: %s", round_id, version, config)
+        log.info("round %s opened on version %s: %s", round_id, version, config,
+                 extra={"round_id": round_id, "version": version, "config": config,
+                        "epsilon": config.get("epsilon_projected")})
         return self.view(round_id)
 
     def _expected_shapes(self, base: ModelVersion, trainable: list[str] | None
@@ -434,7 +436,9 @@ class RoundService:
         if self.metrics is not None:
             self.metrics.updates_accepted.inc()
         log.info("round %s: update from %s accepted (%d bytes, norm %.4g)", round_id,
-                 device_id, len(sealed), norm)
+                 device_id, len(sealed), norm,
+                 extra={"round_id": round_id, "device_id": device_id, "bytes": len(sealed),
+                        "norm": norm})
         self.advance(round_id)  # the update that completes the round aggregates it now
         return {"accepted": True, "round_id": round_id}
 
@@ -481,7 +485,8 @@ class RoundService:
         with self.db.session() as session:
             row = session.get(Round, round_id)
         if takeover:
-            log.warning("round %s: taking over an aggregation whose lease ran out", round_id)
+            log.warning("round %s: taking over an aggregation whose lease ran out", round_id,
+                        extra={"round_id": round_id})
         try:
             if row.received_count < int(row.config["min_clients"]):
                 self._fail(row, claim, f"{row.received_count} update(s) by the deadline, "
@@ -489,9 +494,11 @@ class RoundService:
                 return
             self._aggregate(row, claim)
         except _LostClaim:
-            log.warning("round %s: lost the claim; another worker finishes it", round_id)
+            log.warning("round %s: lost the claim; another worker finishes it", round_id,
+                        extra={"round_id": round_id})
         except Exception as exc:
-            log.exception("round %s: aggregation failed", round_id)
+            log.exception("round %s: aggregation failed", round_id,
+                          extra={"round_id": round_id})
             self._fail(row, claim, f"aggregation failed: {type(exc).__name__}: {exc}")
 
     def _renew(self, round_id: str, claim: str) -> None:
@@ -514,7 +521,8 @@ class RoundService:
                 .values(state="failed", reason=reason, finished_at=utcnow(), lease_until=None)
             ).rowcount
         if done == 1:
-            log.warning("round %s failed: %s", row.id, reason)
+            log.warning("round %s failed: %s", row.id, reason,
+                        extra={"round_id": row.id, "status": "failed", "reason": reason})
             self._drop_update_blobs(row.id)
 
     def _drop_update_blobs(self, round_id: str) -> None:
@@ -615,5 +623,8 @@ class RoundService:
         if self.metrics is not None:
             self.metrics.aggregation_seconds.observe(seconds)
         log.info("round %s published version %d (%d updates, epsilon %s, %.2f s)", row.id,
-                 version, len(updates), epsilon, seconds)
+                 version, len(updates), epsilon, seconds,
+                 extra={"round_id": row.id, "status": "published", "version": version,
+                        "updates": len(updates), "epsilon": epsilon,
+                        "duration_ms": round(seconds * 1000, 3)})
         self._drop_update_blobs(row.id)

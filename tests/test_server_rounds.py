@@ -17,6 +17,7 @@ from server_process import ServerProcess
 from device_sdk.bundle import load_bundle, run_golden_check
 from device_sdk.device_client import DeviceClient
 from device_sdk.device_identity import DeviceIdentity
+from device_sdk.local_trainer import LocalTrainer
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import seal_update
 from device_sdk.sync_client import SyncClient
@@ -197,6 +198,35 @@ def test_only_selected_devices_upload_once_and_bad_updates_do_not_count(
         409, "round_closed")
     assert c.sync().installed == 2
     assert c.models.bundle(2).manifest["privacy"]["epsilon"] is None
+
+
+def test_a_round_without_dp_publishes_a_model_that_fits_its_participants_better(
+    server, devices
+):
+    """The point of a round: the published version has a lower loss than its parent on the
+    participants' own next-item examples. No DP (a fresh server: no privacy in play), plain
+    FedAvg with server_lr 1, a clip large enough not to bind and a step size that moves."""
+    config = {"target_clients": 3, "strategy": "fedavg", "server_lr": 1.0, "clip_norm": 10.0,
+              "local_epochs": 3, "learning_rate": 0.5, "batch_size": 8, "max_examples": 100}
+    status, opened = open_round(server, **config)
+    assert status == 201 and opened["epsilon"] is None
+    assert all(device.sync().uploaded for device in devices)
+    view = round_view(server, opened["round_id"])
+    assert (view["state"], view["received"], view["published_version"]) == ("published", 3, 2)
+    for device in devices:
+        assert device.sync().installed == 2
+
+    old_losses, new_losses = [], []
+    for device in devices:
+        old, new = device.models.bundle(1), device.models.bundle(2)  # signatures checked
+        assert new.manifest["parent_version"] == 1
+        trainer = LocalTrainer(old, device.policy)
+        histories, targets = trainer.examples(device.events.events(), config["max_examples"])
+        assert len(targets) >= 2  # a real history: several next-item examples
+        old_losses.append(trainer.evaluate_loss(old.weights(), histories, targets))
+        new_losses.append(trainer.evaluate_loss(new.weights(), histories, targets))
+    assert all(np.isfinite(old_losses + new_losses))
+    assert np.mean(new_losses) < np.mean(old_losses), (old_losses, new_losses)
 
 
 def test_round_config_is_checked(server, devices):

@@ -21,7 +21,7 @@ def healthz() -> tuple[Response, int]:
     try:
         get_db().ping()
     except SQLAlchemyError as exc:
-        log.warning("health check: database unreachable: %s", exc)
+        log.warning("health check: database unreachable: %s", exc, extra={"status": 503})
         return jsonify(error_body("database_unavailable", "the database does not answer")), 503
     return jsonify({"status": "ok"}), 200
 
