@@ -8,8 +8,8 @@
     items.json      item vocabulary and popularity fallback
 
 Readers verify before they trust: manifest schema, signature (when a key is pinned), every
-file's size and sha256, the vocabulary digest; ``run_golden_check`` then proves the local
-runtime computes what the publisher's did."""
+file's size and sha256, no file the manifest does not list, the vocabulary digest;
+``run_golden_check`` then proves the local runtime computes what the publisher's did."""
 
 from __future__ import annotations
 
@@ -170,6 +170,11 @@ def load_bundle(directory: str | Path, public_key: bytes | None = None) -> Bundl
         raise BundleError(f"{MANIFEST} is not JSON: {exc}") from None
     _check_manifest(manifest)
     bundle = Bundle(directory, manifest, raw, signature)
+    unlisted = sorted(
+        {p.name for p in directory.iterdir()} - set(manifest["files"]) - {MANIFEST, SIGNATURE}
+    )
+    if unlisted:
+        raise BundleError(f"bundle has files the manifest does not list: {unlisted}")
     for name in manifest["files"]:
         if not (directory / name).is_file():
             raise BundleIntegrityError(f"bundle file {name} is missing")

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_sdk.bundle import (
-    MANIFEST,
-    SIGNATURE,
     Bundle,
     BundleError,
     GoldenCheckError,
@@ -116,13 +114,6 @@ class ModelStore:
             try:
                 self._unpack(source, staged)
                 bundle = load_bundle(staged, public_key=self.public_key)
-                unlisted = sorted(
-                    {p.name for p in staged.iterdir()}
-                    - set(bundle.manifest["files"])
-                    - {MANIFEST, SIGNATURE}
-                )
-                if unlisted:
-                    raise BundleError(f"bundle has files the manifest does not list: {unlisted}")
                 state = self._state()
                 highest = int(state["highest"] or 0)
                 if bundle.version <= highest and not force:

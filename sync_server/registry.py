@@ -71,10 +71,6 @@ def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeys) -> Model
         bundle = load_bundle(staged, public_key=None)
     except BundleError as exc:
         raise ApiError("bad_bundle", f"{exc.code}: {exc}", 400) from None
-    unlisted = sorted({p.name for p in staged.iterdir()} - set(bundle.manifest["files"])
-                      - {MANIFEST})
-    if unlisted:
-        raise ApiError("bad_bundle", f"files the manifest does not list: {unlisted}", 400)
     signature = keys.sign(bundle.manifest_bytes)
     (staged / SIGNATURE).write_bytes(signature)
     served = zip_bundle_dir(staged)

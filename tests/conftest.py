@@ -3,6 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device_sdk.bundle import zip_bundle_dir as zip_bundle  # noqa: F401  (tests import it)
+
 REPO = Path(__file__).resolve().parents[1]
 ONLINE_RETAIL = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
 
@@ -74,17 +76,6 @@ def resign_bundle(src: Path, dst: Path, key, **manifest_changes) -> Path:
     (dst / MANIFEST).write_bytes(raw)
     (dst / SIGNATURE).write_bytes(key.sign(raw))
     return dst
-
-
-def zip_bundle(directory: Path) -> bytes:
-    import io
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(directory.iterdir()):
-            zf.writestr(f.name, f.read_bytes())
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")

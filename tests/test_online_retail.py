@@ -80,4 +80,5 @@ def test_device_app_with_only_the_device_extra(retail_run, tmp_path):
     logged = int(out.split("logged ")[1].split()[0])
     examples = int(out.split("local training: ")[1].split()[0])
     assert logged > 1000 and 0 < examples < logged
-    assert "clipped to 1.000" in out or "clipped to 0." in out
+    clipped = float(out.split("clipped to ")[1].split()[0])
+    assert 0 < clipped <= 1.0  # the example clips to norm 1.0
