@@ -95,7 +95,7 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def _b64decode(text: str) -> bytes:
+def b64decode(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
@@ -196,7 +196,7 @@ def verify_request(
     if not _NONCE.fullmatch(nonce):
         raise ProtocolError("bad_signature", f"missing or malformed {HEADER_NONCE} header")
     try:
-        signature = _b64decode(lowered.get(HEADER_SIGNATURE.lower(), ""))
+        signature = b64decode(lowered.get(HEADER_SIGNATURE.lower(), ""))
     except (binascii.Error, ValueError):
         raise ProtocolError("bad_signature", f"{HEADER_SIGNATURE} is not base64") from None
     clock = time.time() if now is None else now
@@ -518,6 +518,7 @@ class RoundTask:
     trainable: tuple[str, ...] | None
     deadline: float
     upload_scheme: str
+    secagg: dict[str, Any] | None = None  # the SecAgg+ parameters (device_sdk.secagg)
 
     @classmethod
     def from_json(cls, obj: Any) -> RoundTask:
@@ -539,6 +540,9 @@ class RoundTask:
         scheme = obj.get("upload_scheme")
         if not isinstance(scheme, str) or not scheme:
             raise ProtocolError("bad_task", "upload_scheme must be a non-empty string")
+        secure = obj.get("secagg")
+        if secure is not None and not isinstance(secure, dict):
+            raise ProtocolError("bad_task", "secagg must be an object or null")
         return cls(
             round_id=round_id,
             model_version=_integer(obj, "model_version", minimum=0),
@@ -551,6 +555,7 @@ class RoundTask:
             trainable=None if trainable is None else tuple(trainable),
             deadline=_number(obj, "deadline", minimum=0.0, exclusive=False),
             upload_scheme=scheme,
+            secagg=secure,
         )
 
     def to_json(self) -> dict[str, Any]:

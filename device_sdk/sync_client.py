@@ -8,9 +8,11 @@ signature and the server would refuse it as a replay. urllib3's ``Retry`` object
 the attempt counts and parses ``Retry-After``; the backoff is exponential with full jitter so
 a fleet of devices that failed together does not retry in lockstep.
 
-Uploads go through an ``UploadScheme`` named by the round task. The sealed scheme queues
-the already *sealed* payload in ``outbox_dir`` when the server stays unreachable, and
-``flush_outbox`` delivers it later; an update never leaves the device unencrypted."""
+Uploads go through an ``UploadScheme`` named by the round task. ``SecAggUpload`` (SecAgg+,
+the default) runs the device's side of secure aggregation: the server only ever sees the
+update masked. The sealed scheme queues the already *sealed* payload in ``outbox_dir`` when
+the server stays unreachable, and ``flush_outbox`` delivers it later; an update never leaves
+the device unencrypted."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import urllib3
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -37,6 +40,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import ProtocolError as ConnectionBrokenError
 from urllib3.util.retry import Retry
 
+from device_sdk import secagg
 from device_sdk.bundle import BundleIntegrityError, verify_signature
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.files import atomic_write
@@ -49,6 +53,7 @@ from device_sdk.protocol import (
     RoundTask,
     UploadScheme,
     b64,
+    encode_tensors,
     seal_update,
     verify_transport_key,
 )
@@ -512,3 +517,83 @@ class SealedUpload:
 
 
 register_upload_scheme(SealedUpload())
+
+
+class SecAggUpload:
+    """``secagg+-v1``: the device's side of SecAgg+ (device_sdk.secagg), one request per
+    stage, polling ``GET /v1/rounds/<id>/secagg`` between stages. The round's secrets live
+    in memory only: a device that stops here (crash, timeout) is a dropout, which the round
+    survives; nothing is queued, a masked input is useless after its round."""
+
+    name = secagg.SCHEME
+
+    def submit(self, client: SyncClient, task: RoundTask, update: ModelUpdate) -> dict[str, Any]:
+        if task.secagg is None:
+            raise SyncError("bad_task", f"round {task.round_id} names {self.name} without "
+                            "its parameters")
+        try:
+            params = secagg.TaskParams.from_json(task.secagg)
+            stage_timeout = float(task.secagg.get("stage_timeout_s", 60.0))
+        except (ProtocolError, TypeError, ValueError) as exc:
+            raise SyncError("bad_task", f"SecAgg+ parameters: {exc}") from None
+        try:
+            return self._run(client, task, update, params, stage_timeout)
+        except secagg.SecAggError as exc:  # the device refused what the server sent
+            raise SyncError(exc.code, exc.message) from None
+
+    def _run(self, client: SyncClient, task: RoundTask, update: ModelUpdate,
+             params: secagg.TaskParams, stage_timeout: float) -> dict[str, Any]:
+        device = secagg.SecAggDevice(task.round_id, client.identity.device_id,
+                                     client.identity, params)
+        vector = flatten_update(update)
+        base = f"/v1/rounds/{task.round_id}/secagg"
+        self._post(client, base + "/advertise", json=device.advertise())
+        # Collecting lasts until the round's deadline; each later stage one stage timeout.
+        until = max(task.deadline, time.time()) + stage_timeout + 5.0
+        roster = self._wait(client, base, "share_keys", until)
+        self._post(client, base + "/shares", json=device.share_keys(roster))
+        until = time.time() + 2 * stage_timeout + 5.0
+        inbox = self._wait(client, base, "masked_input", until)
+        masked = device.masked_input(inbox, vector)
+        frame = encode_tensors({"masked": masked}, {"round_id": task.round_id})
+        self._post(client, base + "/masked", body=frame)
+        until = time.time() + 2 * stage_timeout + 5.0
+        self._post(client, base + "/unmask",
+                   json=device.unmask(self._wait(client, base, "unmask", until)))
+        return {"accepted": True, "round_id": task.round_id, "scheme": self.name}
+
+    @staticmethod
+    def _post(client: SyncClient, path: str, **kwargs: Any) -> None:
+        response = client.request("POST", path, **kwargs)
+        if response.status != 202:
+            raise SyncClient.error_from(response)
+
+    @staticmethod
+    def _wait(client: SyncClient, base: str, action: str, until: float) -> Any:
+        """Poll until the server asks for ``action``; SyncError("secagg_dropped") when the
+        round went on without this device, or at ``until``."""
+        while True:
+            response = client.request("GET", base)
+            if response.status != 200:
+                raise SyncClient.error_from(response)
+            view = jsonlib.loads(response.data)
+            if view.get("action") == action:
+                return view.get("payload")
+            if view.get("dropped") or view.get("stage") in ("aggregating", "published"):
+                raise SyncError("secagg_dropped", f"round {view.get('round_id')} went on "
+                                f"without this device (at {view.get('stage')})")
+            delay = float(view.get("retry_after") or 1.0)
+            if time.time() + delay > until:
+                raise SyncError("secagg_dropped", f"gave up waiting for {action}: the round "
+                                "did not reach it in time", retryable=False)
+            time.sleep(min(delay, MAX_BACKOFF_S))
+
+
+def flatten_update(update: ModelUpdate) -> np.ndarray:
+    """The update as one float vector, tensors in sorted name order (the order the server
+    splits the unmasked sum back into tensors)."""
+    return np.concatenate([np.asarray(update.delta[name], dtype=np.float64).ravel()
+                           for name in sorted(update.delta)])
+
+
+register_upload_scheme(SecAggUpload())

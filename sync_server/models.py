@@ -27,6 +27,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands DateTime(timezone=True) back naive; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -98,6 +103,10 @@ class Round(Base):
     measurements: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     published_version: Mapped[int | None] = mapped_column(Integer)
     strategy_state_sha256: Mapped[str | None] = mapped_column(String(64))
+    # SecAgg+ rounds: graph parameters fixed when advertising closes (degree, threshold,
+    # graph seed, expected answers in the current stage), and the current stage's deadline.
+    secagg: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    stage_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Selection(Base):
@@ -139,4 +148,37 @@ class PrivacyLedger(Base):
     steps: Mapped[int] = mapped_column(Integer)
     epsilon: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
+    # "central": the server noised the sum; "distributed": devices added discrete Gaussian
+    # noise inside secure aggregation (noise_multiplier is then the effective one).
+    mode: Mapped[str] = mapped_column(String(16), default="central", server_default="central")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SecAggMember(Base):
+    """A device in a SecAgg+ round from its key advertisement on; the timestamps say which
+    stages it answered (U1 advertised, U2 shared_at, U3 masked_at, U4 unmasked_at). The
+    masked input blob and the revealed shares are deleted when the round ends."""
+
+    __tablename__ = "secagg_members"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    advert: Mapped[dict[str, Any]] = mapped_column(JSON)
+    advertised_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    shared_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    masked_sha256: Mapped[str | None] = mapped_column(String(64))
+    masked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reveal: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    unmasked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SecAggShare(Base):
+    """One encrypted share relayed from ``sender`` to ``recipient`` (the server cannot read
+    it); keyed recipient-first because that is how devices fetch them."""
+
+    __tablename__ = "secagg_shares"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)

@@ -24,6 +24,7 @@ class LedgerEntry:
     noise_multiplier: float
     sampling_rate: float
     steps: int = 1
+    mode: str = "central"  # or "distributed" (devices' discrete Gaussian noise, effective z)
 
     def __post_init__(self) -> None:
         if self.noise_multiplier <= 0:

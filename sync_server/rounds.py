@@ -52,7 +52,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from device_sdk import secagg
 from device_sdk.bundle import MANIFEST, encode_manifest
 from device_sdk.protocol import (
     SEALED_SCHEME,
@@ -70,7 +71,7 @@ from device_sdk.protocol import (
     open_update,
     validate_update,
 )
-from sync_server import strategies
+from sync_server import secure_aggregation, strategies
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
@@ -80,8 +81,10 @@ from sync_server.models import (
     ModelVersion,
     PrivacyLedger,
     Round,
+    SecAggMember,
     Selection,
     Update,
+    as_utc,
     utcnow,
 )
 from sync_server.privacy import BudgetExceeded, LedgerEntry
@@ -97,7 +100,7 @@ log = logging.getLogger(__name__)
 
 Publisher = Callable[[dict[str, np.ndarray], Path, int, dict[str, Any]], Path]
 
-ACTIVE = ("open", "collecting", "aggregating")
+ACTIVE = ("open", "collecting", "share_keys", "masked_input", "unmasking", "aggregating")
 STATES = (*ACTIVE, "published", "failed")
 
 # The round config an admin may send, with defaults (None: required or computed).
@@ -108,14 +111,12 @@ TASK_DEFAULTS: dict[str, Any] = {
 ROUND_DEFAULTS: dict[str, Any] = {
     "strategy": "fedavg", "target_clients": 10, "min_clients": None, "deadline_s": 3600.0,
     "noise_multiplier": None, "delta": 1e-5, "epsilon_budget": None, "population": None,
-    "model_version": None, **TASK_DEFAULTS,
+    "model_version": None, "upload_scheme": secagg.SCHEME, "dp_mode": "central",
+    "secagg_degree": None, "secagg_threshold": None, "secagg_stage_timeout_s": 60.0,
+    "secagg_poll_s": 1.0, **TASK_DEFAULTS,
 }
+SCHEMES = (secagg.SCHEME, SEALED_SCHEME)
 STRATEGY_KEYS = ("server_lr", "momentum", "beta1", "beta2", "tau")
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands DateTime(timezone=True) back naive; every stored time is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _bad(message: str) -> ApiError:
@@ -144,8 +145,10 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
         raise _bad(f"unknown round setting(s) {unknown}; known: {known}")
     config = {**ROUND_DEFAULTS, **obj}
     _number(config, "target_clients", 1, integer=True, inclusive=True)
-    if config["min_clients"] is None:
-        config["min_clients"] = config["target_clients"]
+    if config["min_clients"] is None:  # SecAgg+ rounds survive the dropout they are built for
+        config["min_clients"] = config["target_clients"] if (
+            config["upload_scheme"] != secagg.SCHEME or config["target_clients"] < 3
+        ) else max(3, math.ceil((1 - secagg.DEFAULT_DROPOUT) * config["target_clients"]))
     _number(config, "min_clients", 1, integer=True, inclusive=True)
     if config["min_clients"] > config["target_clients"]:
         raise _bad("min_clients must be <= target_clients")
@@ -156,6 +159,7 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
     _number(config, "model_version", 0, allow_none=True, integer=True, inclusive=True)
     if type(config["delta"]) not in (int, float) or not 0 < config["delta"] < 1:
         raise _bad(f"delta must be in (0, 1), got {config['delta']!r}")
+    _check_upload(config)
     try:  # the device-facing half, checked exactly as a device will check it
         RoundTask.from_json({**{k: config[k] for k in TASK_DEFAULTS}, "round_id": "check",
                              "model_version": 0, "deadline": 0.0,
@@ -169,12 +173,49 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _check_upload(config: dict[str, Any]) -> None:
+    """The upload scheme and DP mode settings; SecAgg+ ones checked as devices will."""
+    if config["upload_scheme"] not in SCHEMES:
+        raise _bad(f"upload_scheme must be one of {SCHEMES}, got {config['upload_scheme']!r}")
+    if config["dp_mode"] not in ("central", "distributed"):
+        raise _bad(f"dp_mode must be 'central' or 'distributed', got {config['dp_mode']!r}")
+    _number(config, "secagg_stage_timeout_s", 0)
+    _number(config, "secagg_poll_s", 0)
+    _number(config, "secagg_degree", 2, allow_none=True, integer=True, inclusive=True)
+    _number(config, "secagg_threshold", 2, allow_none=True, integer=True, inclusive=True)
+    if config["upload_scheme"] != secagg.SCHEME:
+        if config["dp_mode"] == "distributed":
+            raise _bad("dp_mode 'distributed' needs upload_scheme secagg+-v1: the devices' "
+                       "noise shares only protect a sum")
+        return
+    if config["min_clients"] < 3:
+        raise _bad(f"min_clients {config['min_clients']}: secure aggregation needs at least "
+                   "3 devices (a sum of two reveals each to the other); use upload_scheme "
+                   f"{SEALED_SCHEME!r} for smaller rounds")
+    if config["dp_mode"] == "distributed" and config["noise_multiplier"] is None:
+        raise _bad("dp_mode 'distributed' needs noise_multiplier")
+    if config["secagg_degree"] is not None:
+        n = int(config["target_clients"])
+        degree = min(int(config["secagg_degree"]), n - 1)
+        threshold = config["secagg_threshold"] or secagg.default_threshold(degree)
+        try:
+            secagg.check_graph(n, degree, int(threshold))
+        except secagg.SecAggError as exc:
+            raise _bad(exc.message) from None
+    elif config["secagg_threshold"] is not None:
+        raise _bad("secagg_threshold needs secagg_degree (the default degree comes with "
+                   "its own threshold)")
+
+
 def task_json(row: Round) -> dict[str, Any]:
     """The RoundTask a selected device is given."""
     config = row.config
     task = {k: config[k] for k in TASK_DEFAULTS}
-    task.update(round_id=row.id, model_version=row.model_version, upload_scheme=SEALED_SCHEME,
+    task.update(round_id=row.id, model_version=row.model_version,
+                upload_scheme=config["upload_scheme"],
                 deadline=as_utc(row.deadline).timestamp())
+    if config["upload_scheme"] == secagg.SCHEME:
+        task["secagg"] = secure_aggregation.task_params(config)
     return task
 
 
@@ -211,6 +252,7 @@ class RoundService:
         self._publisher = publisher
         self.lease_s = lease_s
         self.metrics = metrics
+        self.secagg = secure_aggregation.SecAggStages(db, blobs)
 
     @property
     def publisher(self) -> Publisher:
@@ -255,6 +297,11 @@ class RoundService:
                            "noise_multiplier", 409)
         config["model_version"] = version
         config["expected_shapes"] = self._expected_shapes(base, config["trainable"])
+        if config["upload_scheme"] == secagg.SCHEME:
+            try:
+                secure_aggregation.task_params(config)
+            except secagg.SecAggError as exc:
+                raise _bad(exc.message) from None
         population = config["population"] or registered
         if population < 1:
             raise _bad("no device is registered: set population (the sampling rate's "
@@ -264,9 +311,13 @@ class RoundService:
         round_id = f"round-{n_rounds + 1}"
         if config["noise_multiplier"] is not None:
             ledger = Ledger(config["delta"], config["epsilon_budget"], entries)
+            z = float(config["noise_multiplier"])
+            if config["dp_mode"] == "distributed":  # the least noise that can reach the sum
+                z = secure_aggregation.effective_noise_multiplier(config,
+                                                                  int(config["min_clients"]))
             try:
-                config["epsilon_projected"] = ledger.check(
-                    LedgerEntry(round_id, float(config["noise_multiplier"]), sampling_rate))
+                config["epsilon_projected"] = ledger.check(LedgerEntry(round_id, z,
+                                                                       sampling_rate))
             except BudgetExceeded as exc:
                 raise ApiError(BudgetExceeded.code, str(exc), 409) from None
         now = utcnow()
@@ -318,7 +369,7 @@ class RoundService:
     @staticmethod
     def _ledger_entries(session: Any) -> list[LedgerEntry]:
         rows = session.scalars(select(PrivacyLedger).order_by(PrivacyLedger.id)).all()
-        return [LedgerEntry(r.round_id, r.noise_multiplier, r.sampling_rate, r.steps)
+        return [LedgerEntry(r.round_id, r.noise_multiplier, r.sampling_rate, r.steps, r.mode)
                 for r in rows]
 
     def view(self, round_id: str) -> dict[str, Any]:
@@ -346,6 +397,9 @@ class RoundService:
             "measurements": row.measurements,
             "reason": row.reason,
             "config": config,
+            "secagg": None if config["upload_scheme"] != secagg.SCHEME else {
+                **{k: v for k, v in (row.secagg or {}).items() if k != "graph_seed"},
+                **self.secagg.counts(row.id)},
         }
 
     def list_rounds(self) -> dict[str, Any]:
@@ -370,7 +424,8 @@ class RoundService:
                 return None
             selected = session.get(Selection, (row.id, device_id)) is not None
             uploaded = session.scalar(select(Update.id).where(
-                Update.round_id == row.id, Update.device_id == device_id)) is not None
+                Update.round_id == row.id, Update.device_id == device_id)) is not None or (
+                session.get(SecAggMember, (row.id, device_id)) is not None)
         if uploaded:
             return None
         if selected:
@@ -402,6 +457,9 @@ class RoundService:
         if row is None or row.state != "collecting":
             state = "unknown" if row is None else row.state
             raise ApiError("round_closed", f"round {round_id} is not collecting ({state})", 409)
+        if row.config["upload_scheme"] != SEALED_SCHEME:
+            raise ApiError("wrong_scheme", f"round {round_id} takes uploads through "
+                           f"{row.config['upload_scheme']}", 409)
         with self.db.session() as session:
             if session.get(Selection, (round_id, device_id)) is None:
                 raise ApiError("not_selected", f"this device is not in round {round_id}", 403)
@@ -442,6 +500,38 @@ class RoundService:
         self.advance(round_id)  # the update that completes the round aggregates it now
         return {"accepted": True, "round_id": round_id}
 
+    def _secagg_round(self, round_id: str, device_id: str) -> Round:
+        self.advance(round_id)
+        with self.db.session() as session:
+            row = session.get(Round, round_id)
+            selected = session.get(Selection, (round_id, device_id)) is not None
+        if row is None:
+            raise ApiError("not_found", f"no round {round_id}", 404)
+        if row.config["upload_scheme"] != secagg.SCHEME:
+            raise ApiError("wrong_scheme", f"round {round_id} takes uploads through "
+                           f"{row.config['upload_scheme']}", 409)
+        if not selected:
+            raise ApiError("not_selected", f"this device is not in round {round_id}", 403)
+        return row
+
+    def secagg_poll(self, device_id: str, round_id: str) -> dict[str, Any]:
+        """GET /v1/rounds/<id>/secagg: what this device should do next."""
+        return self.secagg.poll(self._secagg_round(round_id, device_id), device_id)
+
+    def secagg_answer(self, device_id: str, round_id: str, stage: str, body: Any
+                      ) -> dict[str, Any]:
+        """POST /v1/rounds/<id>/secagg/<stage>: one device's answer, durably recorded."""
+        row = self._secagg_round(round_id, device_id)
+        handler = {"advertise": self.secagg.advertise, "shares": self.secagg.post_shares,
+                   "masked": self.secagg.post_masked, "unmask": self.secagg.post_unmask}[stage]
+        handler(row, device_id, body)
+        if self.metrics is not None and stage == "masked":
+            self.metrics.updates_accepted.inc()
+        log.info("round %s: %s from %s accepted", round_id, stage, device_id,
+                 extra={"round_id": round_id, "device_id": device_id, "stage": stage})
+        self.advance(round_id)  # the answer that completes a stage moves the round on now
+        return {"accepted": True, "round_id": round_id, "stage": stage}
+
     # --- the state machine ---------------------------------------------------------------
 
     def advance(self, round_id: str | None = None) -> None:
@@ -460,6 +550,11 @@ class RoundService:
                                                         Round.state == "open")
                                     .values(state="collecting"))
                 row.state = "collecting"
+            if row.config["upload_scheme"] == secagg.SCHEME and (
+                row.state in secure_aggregation.STAGES
+            ):
+                self._advance_secagg(row, now)
+                continue
             full = row.received_count >= int(row.config["target_clients"])
             if row.state == "collecting" and (full or now >= as_utc(row.deadline)):
                 self._finish(row.id, takeover=False)
@@ -468,12 +563,33 @@ class RoundService:
             ):
                 self._finish(row.id, takeover=True)
 
-    def _finish(self, round_id: str, *, takeover: bool) -> None:
+    def _advance_secagg(self, row: Round, now: Any) -> None:
+        """Close the current SecAgg+ stage when it is done; unmasking closes into the usual
+        aggregation claim. A round that can no longer finish fails here."""
+        if not self.secagg.ready(row, now):
+            return
+        if row.state == "unmasking":
+            self._finish(row.id, takeover=False, from_state="unmasking")
+            return
+        reason = self.secagg.close_stage(row, now)
+        if reason is not None:
+            with self.db.transaction() as session:
+                failed = session.execute(
+                    update(Round).where(Round.id == row.id, Round.state == row.state,
+                                        Round.received_count == row.received_count)
+                    .values(state="failed", reason=reason, finished_at=utcnow())).rowcount
+            if failed == 1:
+                log.warning("round %s failed at %s: %s", row.id, row.state, reason,
+                            extra={"round_id": row.id, "status": "failed", "reason": reason})
+                self.secagg.forget(row.id)
+
+    def _finish(self, round_id: str, *, takeover: bool, from_state: str = "collecting"
+                ) -> None:
         claim = secrets.token_hex(16)
         now = utcnow()
         condition = (Round.state == "aggregating") & (
             (Round.lease_until.is_(None)) | (Round.lease_until <= now)
-        ) if takeover else (Round.state == "collecting")
+        ) if takeover else (Round.state == from_state)
         with self.db.transaction() as session:
             claimed = session.execute(
                 update(Round).where(Round.id == round_id, condition)
@@ -488,7 +604,9 @@ class RoundService:
             log.warning("round %s: taking over an aggregation whose lease ran out", round_id,
                         extra={"round_id": round_id})
         try:
-            if row.received_count < int(row.config["min_clients"]):
+            if row.config["upload_scheme"] == SEALED_SCHEME and (
+                row.received_count < int(row.config["min_clients"])
+            ):
                 self._fail(row, claim, f"{row.received_count} update(s) by the deadline, "
                            f"min_clients is {row.config['min_clients']}")
                 return
@@ -500,6 +618,35 @@ class RoundService:
             log.exception("round %s: aggregation failed", round_id,
                           extra={"round_id": round_id})
             self._fail(row, claim, f"aggregation failed: {type(exc).__name__}: {exc}")
+
+    def _aggregate_secure(self, row: Round, strategy: Any, weights: dict[str, np.ndarray]
+                          ) -> tuple[strategies.RoundResult, int, LedgerEntry | None]:
+        """Unmask the SecAgg+ sum, dequantize it and hand it to the strategy. In distributed
+        DP mode the devices' noise is already in the sum; the ledger entry then carries the
+        effective noise multiplier of the survivors' noise."""
+        config = row.config
+        ring_sum, clients, secure_measurements = self.secagg.unmasked_sum(row)
+        scale = float(secure_aggregation.task_params(config)["scale"])
+        flat = secagg.dequantize(ring_sum, scale)
+        total, offset = {}, 0
+        for name in sorted(config["expected_shapes"]):
+            shape = tuple(config["expected_shapes"][name])
+            size = math.prod(shape)
+            total[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        entry = None
+        if isinstance(strategy, strategies.DPFedAvg):
+            distributed = config["dp_mode"] == "distributed"
+            result = strategy.aggregate_sum(weights, total, clients,
+                                            server_noise=not distributed)
+            if distributed:
+                entry = LedgerEntry(row.id, secure_aggregation.effective_noise_multiplier(
+                    config, clients), float(row.sampling_rate), mode="distributed")
+        else:
+            result = strategy.aggregate_sum(weights, total, clients)
+        result.measurements.update(secure_measurements)
+        result.measurements["quantization_error_bound"] = clients / scale
+        return result, clients, entry
 
     def _renew(self, round_id: str, claim: str) -> None:
         """Extend our lease before a long step (aggregation, the publisher's export), so the
@@ -526,6 +673,7 @@ class RoundService:
             self._drop_update_blobs(row.id)
 
     def _drop_update_blobs(self, round_id: str) -> None:
+        self.secagg.forget(round_id)
         with self.db.session() as session:
             digests = session.scalars(select(Update.blob_sha256)
                                       .where(Update.round_id == round_id)).all()
@@ -545,11 +693,6 @@ class RoundService:
                                     Round.strategy_state_sha256.is_not(None))
                 .order_by(Round.finished_at.desc())).all()
             entries = self._ledger_entries(session)
-        client_updates = [
-            strategies.ClientUpdate(decode_tensors(self.blobs.get(u.blob_sha256))[0],
-                                    u.num_examples)
-            for u in updates
-        ]
         strategy = strategies.build({**config, "expected_clients": target})
         dp = config["noise_multiplier"] is not None
         for prev in previous:  # server optimizer state (momentum, Adam moments) carries over
@@ -565,12 +708,20 @@ class RoundService:
             base = extract_version(self.blobs.get(base_row.blob_sha256), scratch / "base")
             weights = base.weights()
             self._renew(row.id, claim)
-            result = strategy.aggregate(weights, client_updates)
+            entry = None
+            if config["upload_scheme"] == secagg.SCHEME:
+                result, clients, entry = self._aggregate_secure(row, strategy, weights)
+                examples = None  # per-device counts stay on the devices
+            else:
+                result = strategy.aggregate(weights, [
+                    strategies.ClientUpdate(decode_tensors(self.blobs.get(u.blob_sha256))[0],
+                                            u.num_examples) for u in updates])
+                clients, examples = len(updates), sum(u.num_examples for u in updates)
             aggregate_s = time.perf_counter() - started
             epsilon = None
             if dp:
-                entry = LedgerEntry(row.id, float(config["noise_multiplier"]),
-                                    float(row.sampling_rate))
+                entry = entry or LedgerEntry(row.id, float(config["noise_multiplier"]),
+                                             float(row.sampling_rate))
                 epsilon = Ledger(config["delta"], None, entries).record(entry)
             with self.db.session() as session:
                 version = (highest_version(session) or 0) + 1
@@ -578,7 +729,8 @@ class RoundService:
             provenance = {
                 "rounds": int(base_provenance.get("rounds") or 0) + 1,
                 "round_id": row.id,
-                "clients": len(updates),
+                "clients": clients,
+                "upload_scheme": config["upload_scheme"],
                 "strategy": strategy.name,
                 "clip_norm": float(config["clip_norm"]),
                 "noise_multiplier": config["noise_multiplier"],
@@ -593,6 +745,7 @@ class RoundService:
                 provenance={**base_provenance, **manifest.get("provenance", {}), **provenance},
                 privacy={"epsilon": epsilon, "delta": config["delta"] if dp else None,
                          "unit": "device" if dp else None,
+                         "mode": entry.mode if dp else None,
                          "accountant": "rdp (opacus), user-level, all rounds" if dp else None},
             )
             (new_dir / MANIFEST).write_bytes(encode_manifest(manifest))
@@ -601,9 +754,10 @@ class RoundService:
             shutil.rmtree(scratch, ignore_errors=True)
         state_digest = self.blobs.put(_state_bytes(strategy.state()))
         seconds = time.perf_counter() - started
-        measurements = {**result.measurements, "updates": float(len(updates)),
-                        "examples": float(sum(u.num_examples for u in updates)),
+        measurements = {**result.measurements, "updates": float(clients),
                         "aggregate_seconds": aggregate_s, "total_seconds": seconds}
+        if examples is not None:
+            measurements["examples"] = float(examples)
         with self.db.transaction() as session:
             done = session.execute(
                 update(Round).where(Round.id == row.id, Round.state == "aggregating",
@@ -617,14 +771,14 @@ class RoundService:
             session.add(version_row)
             if dp:
                 session.add(PrivacyLedger(
-                    round_id=row.id, noise_multiplier=float(config["noise_multiplier"]),
-                    sampling_rate=float(row.sampling_rate), steps=1, epsilon=epsilon,
-                    delta=float(config["delta"])))
+                    round_id=row.id, noise_multiplier=entry.noise_multiplier,
+                    sampling_rate=entry.sampling_rate, steps=1, epsilon=epsilon,
+                    delta=float(config["delta"]), mode=entry.mode))
         if self.metrics is not None:
             self.metrics.aggregation_seconds.observe(seconds)
         log.info("round %s published version %d (%d updates, epsilon %s, %.2f s)", row.id,
-                 version, len(updates), epsilon, seconds,
+                 version, clients, epsilon, seconds,
                  extra={"round_id": row.id, "status": "published", "version": version,
-                        "updates": len(updates), "epsilon": epsilon,
+                        "updates": clients, "epsilon": epsilon,
                         "duration_ms": round(seconds * 1000, 3)})
         self._drop_update_blobs(row.id)

@@ -98,6 +98,11 @@ class _ServerOptimizer:
         names = _check(weights, updates)
         return self.apply(weights, weighted_mean(updates, names), len(updates))
 
+    def aggregate_sum(self, weights: Weights, total: Weights, clients: int) -> RoundResult:
+        """From the sum of ``clients`` deltas (what secure aggregation reveals): the plain
+        mean, each device weighted equally (per-device example counts stay private)."""
+        return self.apply(weights, {k: v / clients for k, v in total.items()}, clients)
+
     def apply(self, weights: Weights, mean: Weights, clients: int) -> RoundResult:
         new = dict(weights)
         for name, step in self.step(mean).items():
@@ -242,16 +247,25 @@ class DPFedAvg:
                                  for k in names))
             if norm > self.clip_norm * (1 + 1e-5):
                 raise ValueError(f"update {n} has norm {norm:.6g} > clip norm {self.clip_norm}")
-        std = self.update_noise_multiplier * self.clip_norm
         total = {k: sum(u.delta[k].astype(np.float64) for u in updates) for k in names}
-        noised = {k: v + self._rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
-        mean = {k: v / self.expected_clients for k, v in noised.items()}
-        result = self.inner.apply(weights, mean, len(updates))
-        result.measurements.update({"clip_norm": self.clip_norm, "noise_std": std,
-                                    "update_noise_multiplier": self.update_noise_multiplier})
+        result = self.aggregate_sum(weights, total, len(updates))
         if self.adaptive is not None:
             self.clip_norm = self._next_clip(updates)
             result.measurements["next_clip_norm"] = self.clip_norm
+        return result
+
+    def aggregate_sum(self, weights: Weights, total: Weights, clients: int, *,
+                      server_noise: bool = True) -> RoundResult:
+        """Noise the sum of ``clients`` clipped deltas and apply sum / expected_clients.
+        ``server_noise=False`` when the devices already added the noise (distributed DP
+        inside secure aggregation)."""
+        std = self.update_noise_multiplier * self.clip_norm if server_noise else 0.0
+        noised = {k: v + self._rng.normal(0.0, std, size=v.shape) if std else v
+                  for k, v in total.items()}
+        mean = {k: v / self.expected_clients for k, v in noised.items()}
+        result = self.inner.apply(weights, mean, clients)
+        result.measurements.update({"clip_norm": self.clip_norm, "noise_std": std,
+                                    "update_noise_multiplier": self.update_noise_multiplier})
         return result
 
     def _next_clip(self, updates: Sequence[ClientUpdate]) -> float:

@@ -10,7 +10,7 @@ from sync_server.db import alembic_config, upgrade
 from sync_server.models import Base
 
 TABLES = {"alembic_version", "devices", "nonces", "model_versions", "rounds", "updates",
-          "selections", "privacy_ledger"}
+          "selections", "privacy_ledger", "secagg_members", "secagg_shares"}
 
 
 def _state(url):

@@ -13,6 +13,7 @@ from conftest import zip_bundle
 from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
+from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SyncClient
 from sync_server import logs
 from sync_server.app import create_app
@@ -39,7 +40,8 @@ def test_the_server_logs_one_json_object_per_line_with_access_fields(tmp_path, t
                             server_signing_key=base64.b64decode(keys["signing_key"]),
                             outbox_dir=tmp_path / "outbox", retries=0, timeout=30.0)
         client.register()
-        opened = server.admin("POST", "/v1/admin/rounds", json={"target_clients": 1})
+        opened = server.admin("POST", "/v1/admin/rounds", json={
+            "target_clients": 1, "upload_scheme": SEALED_SCHEME})
         assert opened.status == 201
         round_id = json.loads(opened.data)["round_id"]
         task = client.checkin(1, 10)

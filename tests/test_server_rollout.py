@@ -13,6 +13,7 @@ from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient
+from device_sdk.protocol import SEALED_SCHEME
 from sync_server.registry import in_rollout, republish_weights
 
 ADMIN = "admin-secret"
@@ -82,7 +83,8 @@ def test_staged_rollout_pause_and_rollback(server, tmp_path, tiny_export, v2_zip
         assert [d.sync(train=False).install_error for d in devices] == [None] * N_DEVICES
 
         # rounds train the newest fully rolled-out version, not one still in rollout
-        response = server.admin("POST", "/v1/admin/rounds", json={"target_clients": 2})
+        response = server.admin("POST", "/v1/admin/rounds", json={"target_clients": 2,
+                                                                    "upload_scheme": SEALED_SCHEME})
         opened = json.loads(response.data)
         assert (response.status, opened["model_version"]) == (201, 1)
 

@@ -19,7 +19,7 @@ from device_sdk.device_client import DeviceClient
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.local_trainer import LocalTrainer
 from device_sdk.model_update import ModelUpdate
-from device_sdk.protocol import seal_update
+from device_sdk.protocol import SEALED_SCHEME, seal_update
 from device_sdk.sync_client import SyncClient
 
 ADMIN = "admin-secret"
@@ -48,6 +48,10 @@ def signing_key_of(server) -> bytes:
 
 
 def open_round(server, **config):
+    """Open a round; sealed uploads unless the test says otherwise (these tests drive
+    devices one after another, which SecAgg+'s synchronous stages cannot; see
+    test_secagg_rounds.py for rounds with the default scheme)."""
+    config.setdefault("upload_scheme", SEALED_SCHEME)
     response = server.admin("POST", "/v1/admin/rounds", json=config)
     return response.status, json.loads(response.data)
 

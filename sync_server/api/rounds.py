@@ -1,5 +1,6 @@
-"""Federated rounds, device side: check-in (sampling) and sealed update upload. The state
-machine lives in ``sync_server.rounds``."""
+"""Federated rounds, device side: check-in (sampling), sealed update upload, and the SecAgg+
+stages (poll, advertise, shares, masked, unmask). The state machine lives in
+``sync_server.rounds``, the SecAgg+ stages in ``sync_server.secure_aggregation``."""
 
 from __future__ import annotations
 
@@ -38,3 +39,22 @@ def checkin() -> Response:
 @device_required
 def upload(round_id: str) -> tuple[Response, int]:
     return jsonify(service().accept_update(g.device_id, round_id, request.get_data())), 202
+
+
+@bp.get("/v1/rounds/<round_id>/secagg")
+@device_required
+def secagg_poll(round_id: str) -> Response:
+    return jsonify(service().secagg_poll(g.device_id, round_id))
+
+
+@bp.post("/v1/rounds/<round_id>/secagg/<any(advertise, shares, unmask):stage>")
+@device_required
+def secagg_answer(round_id: str, stage: str) -> tuple[Response, int]:
+    return jsonify(service().secagg_answer(g.device_id, round_id, stage, json_object())), 202
+
+
+@bp.post("/v1/rounds/<round_id>/secagg/masked")
+@device_required
+def secagg_masked(round_id: str) -> tuple[Response, int]:
+    body = request.get_data()
+    return jsonify(service().secagg_answer(g.device_id, round_id, "masked", body)), 202

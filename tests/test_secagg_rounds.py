@@ -1,0 +1,305 @@
+"""SecAgg+ rounds between real devices and the real sync server over loopback HTTP (server
+subprocess, SQLite, real cryptography): the default upload path end to end, the dropout
+matrix at every stage, refused protocol messages, central and distributed DP, and a round
+below its threshold. Devices run in threads because SecAgg+ stages are synchronous.
+The math in one process: test_secagg.py."""
+
+import hashlib
+import io
+import json
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import zip_bundle
+from server_process import ServerProcess
+from test_server_rounds import (
+    SETTINGS,
+    make_device,
+    publish,
+    round_view,
+    sync_client,
+)
+
+from device_sdk import secagg
+from device_sdk.bundle import load_bundle
+from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
+from device_sdk.model_update import ModelUpdate
+from device_sdk.protocol import RoundTask, b64, encode_tensors
+from device_sdk.sync_client import SecAggUpload, SyncError
+
+FAST = {"secagg_poll_s": 0.1, "secagg_stage_timeout_s": 4.0, "strategy": "fedavg",
+        "server_lr": 1.0, "clip_norm": 1.0}
+
+
+class Dropped(Exception):
+    """A device that stops taking part (the test's fault injection)."""
+
+
+class DropAt(SecAggUpload):
+    """The real SecAgg+ upload, except that it stops before sending ``stage``."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def _post(self, client, path, **kwargs):
+        if path.endswith("/" + self.stage):
+            raise Dropped(self.stage)
+        super()._post(client, path, **kwargs)
+
+
+def open_round(server, **config):
+    response = server.admin("POST", "/v1/admin/rounds", json={**FAST, **config})
+    assert response.status == 201, response.data
+    return json.loads(response.data)
+
+
+def bundle_member(client, version, name):
+    with zipfile.ZipFile(io.BytesIO(client.download_bundle(version))) as zf:
+        return zf.read(name)
+
+
+def weights_of(client, version):
+    with np.load(io.BytesIO(bundle_member(client, version, "weights.npz"))) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def random_update(shapes, rng, clip=1.0, version=1):
+    delta = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    norm = float(np.sqrt(sum(np.square(v, dtype=np.float64).sum() for v in delta.values())))
+    delta = {k: (v * (0.9 * clip / norm)).astype(np.float32) for k, v in delta.items()}
+    return ModelUpdate(version, delta, 10, clip, 0.9 * clip, norm)
+
+
+def run_devices(clients, version, updates, schemes):
+    """Check in every client and run its upload scheme in a thread; returns outcomes."""
+    outcomes, tasks = {}, {}
+
+    def one(name):
+        client = clients[name]
+        task = client.checkin(version, 10)
+        tasks[name] = task
+        try:
+            outcomes[name] = schemes[name].submit(client, task, updates[name])
+        except (Dropped, SyncError) as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    return outcomes, tasks
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, tiny_export):
+    """A server (version 1 published) and 10 registered device clients."""
+    root = tmp_path_factory.mktemp("secagg")
+    with ServerProcess(root / "server", **SETTINGS) as server:
+        assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
+        clients = {n: sync_client(server, root, f"d{n}") for n in range(10)}
+        yield server, clients
+
+
+def finished_view(server, round_id, wait_s=30.0):
+    """The round's view once it ended. A stage some device never answered closes at its
+    deadline, on the first request after it: here, the admin's GET."""
+    deadline = time.monotonic() + wait_s
+    view = round_view(server, round_id)
+    while view["state"] not in ("published", "failed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        view = round_view(server, round_id)
+    return view
+
+
+def newest_version(server):
+    models = json.loads(server.admin("GET", "/v1/admin/models").data)["models"]
+    return max(m["model_version"] for m in models if m["status"] == "published")
+
+
+@pytest.mark.parametrize("stage,rate", [("advertise", 0.0)] + [
+    (s, p) for s in ("advertise", "shares", "masked", "unmask") for p in (0.1, 0.3)])
+def test_dropout_matrix_over_http_publishes_the_survivors_mean(fleet, stage, rate):
+    server, clients = fleet
+    base_version = newest_version(server)
+    base = weights_of(clients[0], base_version)
+    shapes = {k: v.shape for k, v in base.items()}
+    rng = np.random.default_rng(abs(hash((stage, rate))) % 2**32)
+    updates = {n: random_update(shapes, rng, version=base_version) for n in clients}
+    dropping = set(rng.choice(sorted(clients), size=round(rate * len(clients)),
+                              replace=False).tolist())
+    schemes = {n: DropAt(stage) if n in dropping else SecAggUpload() for n in clients}
+    opened = open_round(server, target_clients=10, min_clients=5,
+                        deadline_s=8.0 if stage == "advertise" and rate else 60.0)
+    outcomes, _ = run_devices(clients, base_version, updates, schemes)
+
+    view = finished_view(server, opened["round_id"])
+    assert view["state"] == "published", view["reason"]
+    for n in clients:
+        assert isinstance(outcomes[n], Dropped) == (n in dropping), outcomes[n]
+    # Devices dropping at unmask already sent their masked input: they are in the sum.
+    in_sum = [n for n in clients if n not in dropping or stage == "unmask"]
+    counts = view["secagg"]
+    assert counts["masked"] == len(in_sum) == view["measurements"]["updates"]
+    assert counts["unmasked"] == 10 - len(dropping)
+    mean = {k: sum(updates[n].delta[k].astype(np.float64) for n in in_sum) / len(in_sum)
+            for k in shapes}
+    new = weights_of(clients[0], view["published_version"])
+    bound = view["measurements"]["quantization_error_bound"] / len(in_sum)
+    for k in shapes:  # FedAvg with server_lr 1: new = base + mean delta
+        error = np.abs(new[k].astype(np.float64) - base[k] - mean[k])
+        assert error.max() <= bound + 1e-6 * (1 + np.abs(base[k]).max())
+    # Nothing per-device outlives the round.
+    blobs = server.data_dir / "blobs"
+    frames = [p for p in blobs.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"PRT1"]
+    assert frames == []
+
+
+def test_real_devices_run_secagg_by_default_and_learn_the_float_mean(
+        tmp_path, tiny_export, tiny_checkpoint):
+    with ServerProcess(tmp_path / "server", **SETTINGS) as server:
+        assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
+        devices = [make_device(server, tmp_path / f"dev{n}", tiny_checkpoint, n)
+                   for n in range(4)]
+        for device in devices:
+            assert device.sync(train=False).model_version == 1
+        opened = open_round(server, target_clients=4, learning_rate=0.3, local_epochs=1,
+                            batch_size=8, max_examples=100)
+        assert opened["config"]["upload_scheme"] == secagg.SCHEME  # the default
+        reports = [None] * 4
+
+        def sync(i):
+            reports[i] = devices[i].sync()
+
+        threads = [threading.Thread(target=sync, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(r is not None and r.uploaded for r in reports), reports
+        view = finished_view(server, opened["round_id"])
+        assert view["state"] == "published" and view["secagg"]["masked"] == 4
+
+        # What each device trained, recomputed with the same seed: the server's new weights
+        # are base + their float mean, up to the quantization bound.
+        task = RoundTask.from_json({**{k: opened["config"][k] for k in (
+            "clip_norm", "local_epochs", "learning_rate", "batch_size", "proximal_mu",
+            "max_examples", "trainable")}, "round_id": opened["round_id"],
+            "model_version": 1, "deadline": 0.0, "upload_scheme": secagg.SCHEME})
+        base = load_bundle(tiny_export.bundle_dir)
+        deltas = []
+        for device in devices:
+            seed = int.from_bytes(hashlib.sha256(
+                f"{device.sync_client.identity.device_id}/{task.round_id}".encode()
+            ).digest()[:8])
+            deltas.append(LocalTrainer(base, device.policy).train(
+                device.events.events(), LocalTrainingConfig.from_task(task), base_version=1,
+                seed=seed).delta)
+        new = load_bundle(devices[0].models.bundle(view["published_version"]).directory
+                          ).weights() if devices[0].sync(train=False).installed else None
+        assert new is not None
+        old = base.weights()
+        bound = view["measurements"]["quantization_error_bound"] / 4
+        moved = 0.0
+        for k in old:
+            mean = sum(d[k].astype(np.float64) for d in deltas) / 4
+            assert np.abs(new[k] - old[k] - mean).max() <= bound + 1e-6
+            moved += float(np.abs(mean).sum())
+        assert moved > 0  # the devices did learn something
+        for device in devices:
+            device.close()
+
+
+def test_bad_messages_are_refused_and_the_round_goes_on(tmp_path, tiny_export):
+    with ServerProcess(tmp_path / "server", **SETTINGS) as server:
+        assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
+        clients = {n: sync_client(server, tmp_path, f"d{n}") for n in range(6)}
+        mallory, outsider = clients.pop(4), clients.pop(5)
+        shapes = {k: v.shape for k, v in weights_of(mallory, 1).items()}
+        rng = np.random.default_rng(3)
+        updates = {n: random_update(shapes, rng) for n in clients}
+        opened = open_round(server, target_clients=5, min_clients=4, deadline_s=60.0)
+        rid = opened["round_id"]
+        task = mallory.checkin(1, 10)
+        base = f"/v1/rounds/{rid}/secagg"
+
+        def refused(path, expected_status, expected_code, client=mallory, **kwargs):
+            method = "GET" if path == base else "POST"
+            response = client.request(method, path, **kwargs)
+            body = json.loads(response.data)
+            assert (response.status, body["error"]["code"]) == (
+                expected_status, expected_code), body
+
+        honest = secagg.SecAggDevice(rid, mallory.identity.device_id, mallory.identity,
+                                     secagg.TaskParams.from_json(task.secagg))
+        advert = honest.advertise()
+        refused(base + "/shares", 409, "stage_closed", json={"shares": {}})  # wrong stage
+        refused("/v1/rounds/round-99/secagg/advertise", 404, "not_found", json=advert)
+        forged = {**advert, "sig": b64(bytes(64))}
+        refused(base + "/advertise", 401, "secagg_bad_signature", json=forged)
+        other = secagg.SecAggDevice("round-99", mallory.identity.device_id, mallory.identity,
+                                    secagg.TaskParams.from_json(task.secagg)).advertise()
+        refused(base + "/advertise", 401, "secagg_bad_signature", json=other)  # replayed
+        refused(base + "/advertise", 400, "secagg_bad_message", json={"c_pk": "x"})
+        refused(base, 403, "not_selected", client=outsider)
+        refused(base + "/advertise", 403, "not_selected", client=outsider, json=advert)
+        assert mallory.request("POST", base + "/advertise", json=advert).status == 202
+        refused(base + "/advertise", 409, "duplicate_answer", json=advert)
+
+        result = {}
+
+        def misbehave():  # once keys are shared: malformed shares, then drop out
+            view = json.loads(mallory.request("GET", base).data)
+            while view["action"] != "share_keys":
+                threading.Event().wait(0.1)
+                view = json.loads(mallory.request("GET", base).data)
+            response = mallory.request("POST", base + "/shares", json={"shares": {"x": "y"}})
+            result["shares"] = (response.status, json.loads(response.data)["error"]["code"])
+            frame = encode_tensors({"masked": np.zeros(3, np.uint32)}, {"round_id": rid})
+            response = mallory.request("POST", base + "/masked", body=frame)
+            result["masked"] = (response.status, json.loads(response.data)["error"]["code"])
+
+        thread = threading.Thread(target=misbehave)
+        thread.start()
+        outcomes, _ = run_devices(clients, 1, updates, {n: SecAggUpload() for n in clients})
+        thread.join(60)
+        assert result == {"shares": (400, "secagg_bad_message"),
+                          "masked": (409, "stage_closed")}
+        assert all(o.get("accepted") for o in outcomes.values()), outcomes
+        view = finished_view(server, rid)
+        assert view["state"] == "published"
+        assert (view["secagg"]["advertised"], view["secagg"]["masked"]) == (5, 4)
+
+
+@pytest.mark.parametrize("dp_mode", ["central", "distributed"])
+def test_dp_rounds_with_secagg_tell_the_accountant_which_noise_ran(
+        tmp_path, tiny_export, dp_mode):
+    with ServerProcess(tmp_path / "server", **SETTINGS) as server:
+        assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
+        clients = {n: sync_client(server, tmp_path, f"d{n}") for n in range(4)}
+        shapes = {k: v.shape for k, v in weights_of(clients[0], 1).items()}
+        rng = np.random.default_rng(4)
+        updates = {n: random_update(shapes, rng) for n in clients}
+        opened = open_round(server, target_clients=4, min_clients=3, noise_multiplier=1.0,
+                            dp_mode=dp_mode)
+        outcomes, tasks = run_devices(clients, 1, updates,
+                                      {n: SecAggUpload() for n in clients})
+        assert all(o.get("accepted") for o in outcomes.values()), outcomes
+        view = finished_view(server, opened["round_id"])
+        assert view["state"] == "published" and view["epsilon"] > 0
+        manifest = json.loads(bundle_member(clients[0], view["published_version"],
+                                            "manifest.json"))
+        assert manifest["privacy"]["mode"] == dp_mode
+        assert manifest["privacy"]["epsilon"] == pytest.approx(view["epsilon"])
+        noise = tasks[0].secagg["noise_std"]
+        if dp_mode == "central":
+            assert noise == 0 and view["measurements"]["noise_std"] == pytest.approx(1.0)
+        else:
+            assert noise > 0 and view["measurements"]["noise_std"] == 0
+            # 4 survivors of noise calibrated for 3: a bit more noise than z = 1, minus the
+            # rounding slack in the sensitivity.
+            assert view["epsilon"] <= opened["config"]["epsilon_projected"]
