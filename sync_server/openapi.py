@@ -54,7 +54,8 @@ _ROUND = {
     "type": "object",
     "properties": {
         "round_id": {"type": "string"},
-        "state": {"enum": ["open", "collecting", "aggregating", "published", "failed"]},
+        "state": {"enum": ["open", "collecting", "share_keys", "masked_input", "unmasking",
+                           "aggregating", "published", "failed"]},
         "model_version": {"type": "integer", "description": "the base model trained"},
         "published_version": {"type": ["integer", "null"]},
         "created_at": {"type": "string", "format": "date-time"},
@@ -70,6 +71,9 @@ _ROUND = {
         "measurements": {"type": ["object", "null"]},
         "reason": {"type": ["string", "null"], "description": "why the round failed"},
         "config": {"type": "object"},
+        "secagg": {"type": ["object", "null"], "description": "SecAgg+ rounds: n, degree, "
+                   "threshold, risks {failure, exposure}, stage answers so far (advertised, "
+                   "shared, masked, unmasked)"},
     },
 }
 _ROUND_CONFIG = {
@@ -78,7 +82,10 @@ _ROUND_CONFIG = {
     "momentum, beta1, beta2, tau, target_clients, min_clients, deadline_s, clip_norm, "
     "noise_multiplier (null: no DP), delta, epsilon_budget, population (sampling-rate "
     "denominator; default: registered devices), model_version (default: current), "
-    "local_epochs, learning_rate, batch_size, proximal_mu, max_examples, trainable",
+    "local_epochs, learning_rate, batch_size, proximal_mu, max_examples, trainable, "
+    "upload_scheme (secagg+-v1 default | sealed-x25519-v1), dp_mode (central | distributed), "
+    "secagg_degree, secagg_threshold (null: the safe defaults), secagg_stage_timeout_s, "
+    "secagg_poll_s",
 }
 _SERVER_KEYS = {
     "type": "object",
@@ -186,6 +193,50 @@ def openapi_document() -> dict[str, Any]:
                     **_errors(400, 401, 403, 409, 413, 422, 429),
                 },
             }},
+            "/v1/rounds/{round_id}/secagg": {"get": {
+                "summary": "SecAgg+: what this device should do now. `action` is null "
+                "(wait retry_after seconds), share_keys (payload: participants, degree, "
+                "threshold, graph_seed, adverts of this device and its neighbours), "
+                "masked_input (payload: u2, shares addressed to it) or unmask (payload: u3); "
+                "`dropped` once the round went on without it",
+                "security": _SIGNED,
+                "parameters": [_ROUND_ID_PARAM],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["stage", "action"],
+                                  "properties": {
+                                      "round_id": {"type": "string"},
+                                      "stage": {"type": "string"},
+                                      "action": {"type": ["string", "null"]},
+                                      "dropped": {"type": "boolean"},
+                                      "retry_after": {"type": "number"},
+                                      "payload": {"type": "object"}}}, "the device's view"),
+                    **_errors(401, 403, 404, 409, 429),
+                },
+            }},
+            **{f"/v1/rounds/{{round_id}}/secagg/{stage}": {"post": {
+                "summary": f"SecAgg+ {stage}: {what}. stage_closed / duplicate_answer (409), "
+                "not_selected / not_a_participant (403), secagg_bad_message (400), "
+                "secagg_bad_signature (401)",
+                "security": _SIGNED,
+                "parameters": [_ROUND_ID_PARAM],
+                "requestBody": {"required": True, "content": {media: {"schema": {
+                    "type": "string" if media != "application/json" else "object"}}}},
+                "responses": {
+                    "202": _json({"type": "object", "properties": {
+                        "accepted": {"const": True}, "round_id": {"type": "string"},
+                        "stage": {"type": "string"}}}, "recorded before this answer"),
+                    **_errors(400, 401, 403, 404, 409, 413, 429),
+                },
+            }} for stage, what, media in (
+                ("advertise", "{c_pk, e_pk, b_commit, sig} signed by the device identity",
+                 "application/json"),
+                ("shares", "{shares: {neighbour: base64 AEAD ciphertext}}",
+                 "application/json"),
+                ("masked", "PRT1 frame: uint32 'masked' [vector_length], meta {round_id}",
+                 "application/octet-stream"),
+                ("unmask", "{b: {survivor: share}, c: {dropped: share}}",
+                 "application/json"),
+            )},
             "/v1/admin/rounds": {
                 "get": {
                     "summary": "Every round, and the epsilon spent so far",
@@ -307,7 +358,10 @@ def openapi_document() -> dict[str, Any]:
                 "RoundTask": {"type": "object", "required": [
                     "round_id", "model_version", "clip_norm", "local_epochs", "learning_rate",
                     "batch_size", "proximal_mu", "max_examples", "trainable", "deadline",
-                    "upload_scheme"]},
+                    "upload_scheme"], "properties": {"secagg": {
+                        "type": ["object", "null"], "description": "SecAgg+ parameters: "
+                        "scale, vector_length, min_clients, noise_std, stage_timeout_s, "
+                        "poll_s"}}},
             },
         },
     }

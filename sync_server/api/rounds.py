@@ -47,14 +47,29 @@ def secagg_poll(round_id: str) -> Response:
     return jsonify(service().secagg_poll(g.device_id, round_id))
 
 
-@bp.post("/v1/rounds/<round_id>/secagg/<any(advertise, shares, unmask):stage>")
+def _answer(round_id: str, stage: str, body: object) -> tuple[Response, int]:
+    return jsonify(service().secagg_answer(g.device_id, round_id, stage, body)), 202
+
+
+@bp.post("/v1/rounds/<round_id>/secagg/advertise")
 @device_required
-def secagg_answer(round_id: str, stage: str) -> tuple[Response, int]:
-    return jsonify(service().secagg_answer(g.device_id, round_id, stage, json_object())), 202
+def secagg_advertise(round_id: str) -> tuple[Response, int]:
+    return _answer(round_id, "advertise", json_object())
+
+
+@bp.post("/v1/rounds/<round_id>/secagg/shares")
+@device_required
+def secagg_shares(round_id: str) -> tuple[Response, int]:
+    return _answer(round_id, "shares", json_object())
 
 
 @bp.post("/v1/rounds/<round_id>/secagg/masked")
 @device_required
 def secagg_masked(round_id: str) -> tuple[Response, int]:
-    body = request.get_data()
-    return jsonify(service().secagg_answer(g.device_id, round_id, "masked", body)), 202
+    return _answer(round_id, "masked", request.get_data())
+
+
+@bp.post("/v1/rounds/<round_id>/secagg/unmask")
+@device_required
+def secagg_unmask(round_id: str) -> tuple[Response, int]:
+    return _answer(round_id, "unmask", json_object())
