@@ -29,7 +29,7 @@ from device_sdk.files import atomic_write
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from device_sdk.model_store import InstallResult, ModelStore, StaleVersionError
 from device_sdk.recommender import HistoryPolicy, Recommendation, Recommender
-from device_sdk.sync_client import SyncClient
+from device_sdk.sync_client import SyncClient, SyncError
 
 ANSWERED_KEPT = 100
 
@@ -212,7 +212,15 @@ class DeviceClient:
                 seed=seed,
             )
             report.num_examples, report.update_norm = update.num_examples, update.norm
-            result = client.upload(task, update)
+            try:
+                result = client.upload(task, update)
+            except SyncError as exc:
+                if exc.code not in ("secagg_dropped", "stage_closed"):
+                    raise
+                # The round went on without this device (too slow for a SecAgg+ stage); it
+                # cannot rejoin, so the round counts as answered.
+                report.skipped = f"dropped out of round {task.round_id}: {exc.message}"
+                result = {}
             report.uploaded = bool(result.get("accepted"))
             report.queued = bool(result.get("queued"))
             # Remembered so a re-offered task is not trained (battery) or sent twice.

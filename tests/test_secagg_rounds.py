@@ -303,3 +303,29 @@ def test_dp_rounds_with_secagg_tell_the_accountant_which_noise_ran(
             # 4 survivors of noise calibrated for 3: a bit more noise than z = 1, minus the
             # rounding slack in the sensitivity.
             assert view["epsilon"] <= opened["config"]["epsilon_projected"]
+
+
+def test_a_hundred_devices_over_http_survive_thirty_percent_dropping_before_masking(
+        tmp_path, tiny_export):
+    with ServerProcess(tmp_path / "server", **{**SETTINGS, "RATE_LIMIT": 100_000}) as server:
+        assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
+        clients = {n: sync_client(server, tmp_path, f"d{n}") for n in range(100)}
+        base = weights_of(clients[0], 1)
+        shapes = {k: v.shape for k, v in base.items()}
+        rng = np.random.default_rng(100)
+        updates = {n: random_update(shapes, rng) for n in clients}
+        dropping = set(rng.choice(100, size=30, replace=False).tolist())
+        schemes = {n: DropAt("masked") if n in dropping else SecAggUpload() for n in clients}
+        opened = open_round(server, target_clients=100, min_clients=60,
+                            secagg_poll_s=0.5, secagg_stage_timeout_s=20.0)
+        outcomes, _ = run_devices(clients, 1, updates, schemes)
+        view = finished_view(server, opened["round_id"], wait_s=60.0)
+        assert view["state"] == "published", view["reason"]
+        assert (view["secagg"]["degree"], view["secagg"]["masked"]) == (99, 70)
+        survivors = [n for n in clients if n not in dropping]
+        assert all(outcomes[n].get("accepted") for n in survivors)
+        new = weights_of(clients[0], view["published_version"])
+        bound = view["measurements"]["quantization_error_bound"] / 70
+        for k in shapes:
+            mean = sum(updates[n].delta[k].astype(np.float64) for n in survivors) / 70
+            assert np.abs(new[k] - base[k] - mean).max() <= bound + 1e-6
