@@ -21,7 +21,7 @@ Stages, for the round's participants U1 (devices that advertised keys):
    neighbour is in U3 and the share of its c key if not; never both (it answers once).
    The server rebuilds b for survivors and c keys for dropped devices and removes the masks.
 
-PRG: AES-256-CTR (``cryptography``) keyed by 256-bit seeds. Field for Shamir: GF(2^521 - 1).
+PRG: AES-256-CTR (``cryptography``) keyed by 256-bit seeds. Field for Shamir: GF(2^256 + 297).
 Quantization: q = floor(x * scale + U[0,1)) per coordinate of the clipped float update; with
 |x_i| <= C and n <= max_clients devices the centered sum never wraps (``quantization_scale``)
 and the dequantized sum is within n / scale of the float sum in every coordinate.
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 SCHEME = "secagg+-v1"
 MODULUS_BITS = 32
 SEED_BYTES = 32
-PRIME = 2**521 - 1  # Mersenne prime: shares of 256-bit secrets, 66 bytes each
-SHARE_BYTES = 66
+PRIME = 2**256 + 297  # the smallest prime above 2^256: shares of 256-bit secrets, 33 bytes
+SHARE_BYTES = 33
 DOMAIN = b"pocketrec-secagg+-v1"
 MAX_COMBINATIONS = 2000  # subsets tried when some revealed shares are wrong
 OVERFLOW_SDS = 12.0  # noise tail kept inside the ring: P(one coordinate wraps) < 1e-32
@@ -298,7 +298,7 @@ def self_mask_commitment(round_id: str, device_id: str, seed: bytes) -> bytes:
                                      seed])).digest()
 
 
-# --- Shamir t-of-n over GF(2^521 - 1) --------------------------------------------------------
+# --- Shamir t-of-n over GF(2^256 + 297) ------------------------------------------------------
 
 
 def shamir_split(secret: bytes, threshold: int, xs: Sequence[int]) -> list[bytes]:
@@ -321,15 +321,13 @@ def shamir_combine(points: Sequence[tuple[int, bytes]]) -> bytes:
     xs = [x for x, _ in points]
     if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
         raise ValueError("share x coordinates must be distinct and non-zero")
+    # The x are small integers (participant indices), so the Lagrange products are exact
+    # integer products reduced once, not t^2 modular multiplications of field elements.
+    total = math.prod(-x for x in xs)
     nums, dens = [], []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * -xj % PRIME
-                den = den * (xi - xj) % PRIME
-        nums.append(num)
-        dens.append(den)
+    for xi in xs:
+        nums.append(total // -xi % PRIME)
+        dens.append(math.prod(xi - xj for xj in xs if xj != xi) % PRIME)
     # One modular inverse for all denominators (Montgomery's batch inversion).
     prefix = [1]
     for den in dens:
@@ -374,6 +372,18 @@ def _permutation(n: int, seed: bytes) -> list[int]:
         j = int(draws[i]) % (i + 1)
         order[i], order[j] = order[j], order[i]
     return order
+
+
+def neighbours_of(participants: Iterable[str], degree: int, seed: bytes, device: str
+                  ) -> tuple[str, ...]:
+    """``neighbour_graph(...)[device]`` without building every other neighbourhood."""
+    ids = sorted(participants)
+    n = len(ids)
+    if degree >= n - 1:
+        return tuple(v for v in ids if v != device)
+    ring = [ids[i] for i in _permutation(n, seed)]
+    pos, half = ring.index(device), degree // 2
+    return tuple(sorted(ring[(pos + d) % n] for d in range(-half, half + 1) if d))
 
 
 def neighbour_graph(participants: Iterable[str], degree: int, seed: bytes
@@ -542,7 +552,7 @@ class SecAggDevice:
                          f"round's min_clients {self.params.min_clients}")
         check_graph(len(participants), degree, threshold)
         seed = _field(roster, "graph_seed", SEED_BYTES)
-        self._neighbours = neighbour_graph(participants, degree, seed)[self.device_id]
+        self._neighbours = neighbours_of(participants, degree, seed, self.device_id)
         self.threshold = threshold
         self._index = participant_index(participants)
         adverts = roster.get("adverts")

@@ -92,6 +92,7 @@ def test_the_graph_is_symmetric_regular_and_the_same_everywhere():
     for u, neighbours in graph.items():
         assert len(neighbours) == 10 and u not in neighbours
         assert all(u in graph[v] for v in neighbours)
+    assert all(secagg.neighbours_of(ids, 10, bytes(32), u) == graph[u] for u in ids)
     complete = secagg.neighbour_graph(ids[:8], 7, bytes(32))
     assert all(len(v) == 7 for v in complete.values())
 
@@ -384,8 +385,9 @@ def test_a_share_that_does_not_decrypt_is_dropped_not_fatal():
 
 def test_reveals_are_checked_against_what_the_device_may_say():
     with pytest.raises(secagg.SecAggError, match="not expected"):
-        secagg.parse_reveal({"b": {"x" * 32: b64(bytes(66))}, "c": {}}, set(), set())
-    with pytest.raises(secagg.SecAggError, match="66 bytes"):
+        secagg.parse_reveal({"b": {"x" * 32: b64(bytes(secagg.SHARE_BYTES))}, "c": {}}, set(),
+                            set())
+    with pytest.raises(secagg.SecAggError, match=f"{secagg.SHARE_BYTES} bytes"):
         secagg.parse_reveal({"b": {"a": b64(bytes(10))}, "c": {}}, {"a"}, set())
     with pytest.raises(secagg.SecAggError):
         secagg.parse_reveal({"b": {}}, set(), set())
