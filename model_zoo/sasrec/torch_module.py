@@ -79,7 +79,9 @@ class SasRec(nn.Module):
         real = (history > 0).to(torch.float32)  # [B, L]
         allowed = torch.maximum(self.causal * real.unsqueeze(1), self.eye)  # [B, L, L]
         bias = ((allowed - 1.0) * -MASK_VALUE).unsqueeze(1)  # 0 allowed, MASK_VALUE not
-        x = self.drop(self.item_emb(history) + self.pos_emb(self.positions))
+        # Positions as a [B, L] lookup, not [L]: Opacus needs the batch dimension first.
+        positions = self.positions.expand(history.shape[0], -1)
+        x = self.drop(self.item_emb(history) + self.pos_emb(positions))
         for block in self.blocks:
             x = block(x, bias)
         return self.ln_final(x)
@@ -87,6 +89,11 @@ class SasRec(nn.Module):
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, dim]: the state at the last (most recent) position."""
         return self.sequence_states(history)[:, -1]
+
+    def sequence_logits(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, n_items]: position l's scores for the item after it. Central
+        training uses every position of a sequence at once (one forward, L predictions)."""
+        return self.out(self.sequence_states(history)) + self.pad_logit
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, n_items] logits (padding column = PAD_LOGIT)."""
