@@ -80,7 +80,7 @@ class SasRec(nn.Module):
         allowed = torch.maximum(self.causal * real.unsqueeze(1), self.eye)  # [B, L, L]
         bias = ((allowed - 1.0) * -MASK_VALUE).unsqueeze(1)  # 0 allowed, MASK_VALUE not
         # Positions as a [B, L] lookup, not [L]: Opacus needs the batch dimension first.
-        positions = self.positions.expand(history.shape[0], -1)
+        positions = self.positions.expand(history.shape[0], -1).contiguous()
         x = self.drop(self.item_emb(history) + self.pos_emb(positions))
         for block in self.blocks:
             x = block(x, bias)
