@@ -49,6 +49,11 @@ def _layer_norm_back(
     return dx, (flat * xhat.reshape(flat.shape)).sum(axis=0), flat.sum(axis=0)
 
 
+def _outer_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over batch and positions of a[..., i] * b[..., j] -> [i, j] (one BLAS matmul)."""
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
 def _softmax(s: np.ndarray) -> np.ndarray:
     e = np.exp(s - s.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -117,15 +122,15 @@ class SasRecNumpy:
         lq, heads = cache["lq"], cache["q"].shape[1]
         dh = d // heads
         g: dict[str, np.ndarray] = {}
-        g["ff2.weight"] = np.einsum("bld,blh->dh", dout, cache["r"])
+        g["ff2.weight"] = _outer_sum(dout, cache["r"])
         g["ff2.bias"] = dout.sum(axis=(0, 1))
         dz = (dout @ p["ff2.weight"]) * (cache["z"] > 0)
-        g["ff1.weight"] = np.einsum("blh,bld->hd", dz, cache["c"])
+        g["ff1.weight"] = _outer_sum(dz, cache["c"])
         g["ff1.bias"] = dz.sum(axis=(0, 1))
         dc = dz @ p["ff1.weight"]
         dx1, g["ln2.weight"], g["ln2.bias"] = _layer_norm_back(dc, cache["ln2"], p["ln2.weight"])
         dx1 = dx1 + dout
-        g["o.weight"] = np.einsum("bld,ble->de", dx1, cache["ctx"])
+        g["o.weight"] = _outer_sum(dx1, cache["ctx"])
         g["o.bias"] = dx1.sum(axis=(0, 1))
         dctx = (dx1 @ p["o.weight"]).reshape(batch, lq, heads, dh).transpose(0, 2, 1, 3)
         probs, q, k, v, scale = cache["probs"], cache["q"], cache["k"], cache["v"], cache["scale"]
@@ -141,7 +146,7 @@ class SasRecNumpy:
         dq, dk, dv = merge(dq), merge(dk), merge(dv)
         a, aq = cache["a"], cache["aq"]
         for name, dproj, inp in (("q", dq, aq), ("k", dk, a), ("v", dv, a)):
-            g[f"{name}.weight"] = np.einsum("bld,ble->de", dproj, inp)
+            g[f"{name}.weight"] = _outer_sum(dproj, inp)
             g[f"{name}.bias"] = dproj.sum(axis=(0, 1))
         da = dk @ p["k.weight"] + dv @ p["v.weight"]
         da[:, -lq:] += dq @ p["q.weight"]
