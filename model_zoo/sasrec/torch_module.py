@@ -31,21 +31,28 @@ class Block(nn.Module):
         self.ff2 = nn.Linear(config.hidden, d)
         self.drop = nn.Dropout(config.dropout)
 
-    def attention(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, L, d], bias [B, 1, L, L] additive mask -> [B, L, d]."""
+    def attention(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """x [B, L, d], bias [B, 1, L, L] additive mask -> [B, Lq, d]; Lq = 1 (the last
+        query only) when ``last_only``."""
         b, length, d = x.shape
         dh = d // self.heads
+        xq = x[:, -1:] if last_only else x
+        lq = xq.shape[1]
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, length, self.heads, dh).transpose(1, 2)  # [B, H, L, dh]
+            return t.reshape(b, t.shape[1], self.heads, dh).transpose(1, 2)  # [B, H, ., dh]
 
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(dh)) + bias
+        q, k, v = split(self.q(xq)), split(self.k(x)), split(self.v(x))
+        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(dh)) + bias[:, :, -lq:]
         ctx = torch.softmax(scores, dim=-1) @ v
-        return self.o(ctx.transpose(1, 2).reshape(b, length, d))
+        return self.o(ctx.transpose(1, 2).reshape(b, lq, d))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attention(self.ln1(x), bias))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool = False
+                ) -> torch.Tensor:
+        """[B, L, d] -> [B, L, d], or [B, 1, d] (the last position) when ``last_only``: what
+        serving needs from the final block, at a fraction of the cost."""
+        h = self.ln1(x)
+        x = (x[:, -1:] if last_only else x) + self.drop(self.attention(h, bias, last_only))
         return x + self.drop(self.ff2(torch.relu(self.ff1(self.ln2(x)))))
 
 
@@ -73,22 +80,27 @@ class SasRec(nn.Module):
         nn.init.normal_(self.out.weight, std=0.1)
         nn.init.zeros_(self.out.bias)
 
-    def sequence_states(self, history: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids (0 = padding) -> [B, L, d] states after the final layer norm; position
-        l only sees positions <= l, and real positions never see padding."""
+    def _states(self, history: torch.Tensor, last_only: bool) -> torch.Tensor:
         real = (history > 0).to(torch.float32)  # [B, L]
         allowed = torch.maximum(self.causal * real.unsqueeze(1), self.eye)  # [B, L, L]
         bias = ((allowed - 1.0) * -MASK_VALUE).unsqueeze(1)  # 0 allowed, MASK_VALUE not
         # Positions as a [B, L] lookup, not [L]: Opacus needs the batch dimension first.
         positions = self.positions.expand(history.shape[0], -1).contiguous()
         x = self.drop(self.item_emb(history) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x, bias)
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x = block(x, bias, last_only=last_only and index == last)
         return self.ln_final(x)
 
+    def sequence_states(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids (0 = padding) -> [B, L, d] states after the final layer norm; position
+        l only sees positions <= l, and real positions never see padding."""
+        return self._states(history, last_only=False)
+
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> [B, dim]: the state at the last (most recent) position."""
-        return self.sequence_states(history)[:, -1]
+        """[B, L] ids -> [B, dim]: the state at the last (most recent) position (the final
+        block computes that position only)."""
+        return self._states(history, last_only=True)[:, -1]
 
     def sequence_logits(self, history: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, L, n_items]: position l's scores for the item after it. Central
