@@ -176,3 +176,20 @@ def test_the_federated_subset_follows_the_config(blocks, federated_blocks):
     assert trained_blocks == set(range(blocks - federated_blocks, blocks))
     assert {"out.weight", "out.bias", "ln_final.weight", "ln_final.bias"} <= set(names)
     assert not any(n.startswith(("item_emb", "pos_emb")) for n in names)
+
+
+def test_the_real_publisher_reexports_round_weights_of_a_sasrec_bundle(tiny_sasrec_export):
+    """The server's default publisher (trainer.publish) is architecture-generic: new weights
+    for the federated tensors -> a real litert-torch export that passes its golden check."""
+    from device_sdk.bundle import run_golden_check
+    from trainer.publish import export_weights
+
+    base = load_bundle(tiny_sasrec_export.bundle_dir)
+    federated = base.manifest["architecture"]["federated"]
+    weights = {k: base.weights()[k] + np.float32(1e-3) for k in federated}
+    bundle = load_bundle(export_weights(weights, tiny_sasrec_export.bundle_dir, 2, {}))
+    assert (bundle.version, bundle.architecture) == (2, "sasrec")
+    assert bundle.manifest["architecture"]["federated"] == federated
+    new = bundle.weights()
+    assert all(np.array_equal(new[k], weights[k]) for k in federated)
+    assert run_golden_check(bundle.model(), bundle.manifest["golden"]) >= 0.8
