@@ -49,6 +49,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=200, help="customers per round")
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--reset", action="store_true",
+                        help="start the simulation with the trained tensors re-initialised "
+                        "(fresh torch init), so the rounds must learn them from the devices")
+    parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     runs = [Path(r) for r in (args.run or ["runs/bench-retail"])]
     for run in runs:
@@ -88,7 +93,7 @@ def main() -> None:
     timing: dict[str, list[float]] = {v[0]: [] for v in variants}
     examples: list[int] = []
     values: dict[str, int] = {}
-    for row in sample:
+    for row in sample if not args.skip_timing else []:
         events = device_log(int(row))
         for label, trainer, names in variants:
             config = LocalTrainingConfig(local_epochs=1, learning_rate=args.lr, batch_size=32,
@@ -100,23 +105,25 @@ def main() -> None:
             values[label] = update.num_values
         examples.append(update.num_examples)
 
-    print(f"{len(sample)} customers of {prepared0.spec.name} (logs up to the held-out last "
-          "line), "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread; "
-          f"examples per customer: median {int(np.median(examples))}, "
-          f"p90 {int(np.percentile(examples, 90))}, max {max(examples)}\n")
-    print("| model: trained tensors | update values | update MiB (float32) | median ms "
-          "| p90 ms | max ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, _, _ in variants:
-        t = np.asarray(timing[label])
-        print(f"| {label} | {values[label]:,} | {values[label] * 4 / 2**20:.2f} | "
-              f"{np.median(t):.0f} | {np.percentile(t, 90):.0f} | {t.max():.0f} |")
+    if examples:
+        print(f"{len(sample)} customers of {prepared0.spec.name} (logs up to the held-out "
+              f"last line), {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, 1 thread; examples per customer: median "
+              f"{int(np.median(examples))}, p90 {int(np.percentile(examples, 90))}, "
+              f"max {max(examples)}\n")
+        print("| model: trained tensors | update values | update MiB (float32) | median ms "
+              "| p90 ms | max ms |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, _, _ in variants:
+            t = np.asarray(timing[label])
+            print(f"| {label} | {values[label]:,} | {values[label] * 4 / 2**20:.2f} | "
+                  f"{np.median(t):.0f} | {np.percentile(t, 90):.0f} | {t.max():.0f} |")
 
-    print(f"\nFedAvg simulation: {args.rounds} rounds x {args.devices} customers, 1 local "
-          f"epoch, lr {args.lr}, clip {args.clip}, plain mean; test HR@10 on "
-          f"{len(test):,} held-out last lines\n")
-    print("| model: trained tensors | central | " +
+    start = "re-initialised trained tensors" if args.reset else "the central model"
+    print(f"\nFedAvg simulation from {start}: {args.rounds} rounds x {args.devices} "
+          f"customers, {args.local_epochs} local epoch(s), lr {args.lr}, clip {args.clip}, "
+          f"plain mean; test HR@10 on {len(test):,} held-out last lines\n")
+    print(f"| model: trained tensors | {'start' if args.reset else 'central'} | " +
           " | ".join(f"round {r}" for r in range(1, args.rounds + 1)) + " |")
     print("|---|---:|" + "---:|" * args.rounds)
     for label, timed_trainer, names in variants:
@@ -130,13 +137,20 @@ def main() -> None:
             return ranking_metrics(ids, test.target, len(keys), 10)["hr@10"]
 
         weights = {k: v.copy() for k, v in trainer.base.items()}
+        if args.reset:
+            import torch
+
+            torch.manual_seed(0)
+            fresh = arch.torch_module(trainer.config).state_dict()
+            weights.update({k: fresh[k].numpy().copy() for k in names})
         scores = [hr10(weights)]
         round_rng = np.random.default_rng(1)
         for _ in range(args.rounds):
             trainer.base = weights  # every device starts from the current global model
             picked = round_rng.choice(len(test), size=min(args.devices, len(test)),
                                       replace=False)
-            config = LocalTrainingConfig(local_epochs=1, learning_rate=args.lr, batch_size=32,
+            config = LocalTrainingConfig(local_epochs=args.local_epochs,
+                                         learning_rate=args.lr, batch_size=32,
                                          clip_norm=args.clip, max_examples=1000,
                                          trainable=names)
             total = {k: np.zeros_like(weights[k]) for k in names}
