@@ -4,6 +4,7 @@ torch; `--model sasrec` trains, exports and shares one evaluation table with it 
 protocols. Then the device example app runs in a fresh venv holding only `pocketrec[device]`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,11 @@ from device_sdk.files import load_or_create_ed25519
 def _pocketrec(*args: str) -> str:
     exe = Path(sys.executable).with_name("pocketrec")  # the console script pip installed
     assert exe.is_file(), f"the pocketrec console script is not installed at {exe}"
-    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800)
+    # This checkout's packages first, whichever checkout the script was installed from.
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800,
+                          env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
