@@ -44,7 +44,9 @@ class LocalTrainingConfig:
     clip_norm: float = 1.0
     proximal_mu: float = 0.0
     max_examples: int = 1000
-    trainable: tuple[str, ...] | None = None  # None: every parameter
+    # None: every parameter (the server's meaning too). An architecture's default federated
+    # subset is its config's ``federated_params()``, recorded in the bundle manifest.
+    trainable: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_examples"):
@@ -101,8 +103,8 @@ class LocalTrainer:
     def evaluate_loss(
         self, params: dict[str, np.ndarray], histories: np.ndarray, targets: np.ndarray
     ) -> float:
-        loss, _ = self.arch.numpy_model(self.config, params).loss_and_grads(histories, targets)
-        return loss
+        model = self.arch.numpy_model(self.config, params)
+        return model.loss_and_grads(histories, targets, names=())[0]
 
     def train(
         self,
@@ -124,7 +126,7 @@ class LocalTrainer:
             order = rng.permutation(len(targets))
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                loss, grads = model.loss_and_grads(histories[batch], targets[batch])
+                loss, grads = model.loss_and_grads(histories[batch], targets[batch], names)
                 losses.append(loss)
                 for name in names:
                     grad = grads[name]

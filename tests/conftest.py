@@ -29,6 +29,37 @@ def tiny_checkpoint():
 
 
 @pytest.fixture(scope="session")
+def tiny_sasrec_checkpoint():
+    """A small SASRec-style model (2 blocks) trained for three epochs on the same shop."""
+    import model_zoo
+    from trainer.checkpoint import Checkpoint
+    from trainer.data.dataset import DataSpec, prepare
+    from trainer.train import TrainConfig, train
+
+    spec = DataSpec(synthetic_users=300, synthetic_items=120, seed=7)
+    prepared = prepare(spec, max_len=12)
+    arch = model_zoo.get("sasrec")
+    config = arch.config(n_items=len(prepared.vocab), dim=16, hidden=32, blocks=2, heads=2,
+                         max_len=12, top_k=20, dropout=0.1)
+    module = arch.torch_module(config)
+    result = train(module, prepared.split, TrainConfig(epochs=3, batch_size=32, lr=1e-2),
+                   progress=False)
+    ckpt = Checkpoint("sasrec", config.to_dict(), result.params, prepared.vocab,
+                      {"data": spec.to_dict()})
+    return ckpt, prepared
+
+
+@pytest.fixture(scope="session")
+def tiny_sasrec_export(tiny_sasrec_checkpoint, tmp_path_factory):
+    """The tiny SASRec checkpoint through the real litert-torch + ai-edge-quantizer export."""
+    from trainer.export import export_bundle
+
+    ckpt, prepared = tiny_sasrec_checkpoint
+    out = tmp_path_factory.mktemp("export-sasrec")
+    return export_bundle(ckpt, out, histories=prepared.split.test.history[:3])
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint exported through the real litert-torch + ai-edge-quantizer."""
     from trainer.export import export_bundle

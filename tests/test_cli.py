@@ -13,12 +13,15 @@ def test_demo_end_to_end_beats_popularity(tmp_path, capsys):
                  "300", "--epochs", "6", "--dim", "32", "--hidden", "32", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "litert int8" in out and "popularity" in out
+    assert "litert int8" in out and "popularity" in out and "line holdout" in out
     rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
-    assert set(rows) == {"popularity", "torch (float)", "litert float", "litert int8"}
-    assert rows["torch (float)"]["hr@10"] >= 1.5 * rows["popularity"]["hr@10"]
-    assert rows["litert int8"]["agree@10"] >= 0.95
-    assert rows["litert float"]["agree@10"] >= 0.99
+    names = ["dual_encoder torch (float)", "dual_encoder litert float", "dual_encoder litert int8"]
+    assert set(rows) == {"popularity", "item-knn", *names}
+    torch_row, float_row, int8_row = (rows[n] for n in names)
+    assert torch_row["hr@10"] >= 1.5 * rows["popularity"]["hr@10"]
+    assert int8_row["agree@10"] >= 0.95
+    assert float_row["agree@10"] >= 0.99
+    assert torch_row["basket_hr@10"] == "-"  # the synthetic shop has no baskets
     report = json.loads((run / "export_report.json").read_text())
     assert report["int8_bytes"] < report["float_bytes"]
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
@@ -40,6 +43,12 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     assert "lacks column(s)" in err and "StockCode" in err
     assert main(["train", "--run", str(tmp_path / "r"), "--data", str(tmp_path / "nope.csv")]) == 2
     assert "nope.csv" in capsys.readouterr().err
+
+
+def test_model_flags_an_architecture_lacks_are_refused(tmp_path, capsys):
+    assert main(["train", "--run", str(tmp_path / "r"), "--model", "dual_encoder",
+                 "--blocks", "3", "--synthetic-users", "50", "--synthetic-items", "30"]) == 2
+    assert "--blocks does not apply to --model dual_encoder" in capsys.readouterr().err
 
 
 def test_dp_flags_need_dp(tmp_path):

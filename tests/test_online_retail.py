@@ -1,8 +1,10 @@
 """Integration on the real UCI Online Retail log: the `pocketrec` console script trains,
 exports (signed) and evaluates; the dual encoder beats popularity and int8 LiteRT agrees with
-torch. Then the device example app runs in a fresh venv holding only `pocketrec[device]`."""
+torch; `--model sasrec` trains, exports and shares one evaluation table with it under both
+protocols. Then the device example app runs in a fresh venv holding only `pocketrec[device]`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,11 @@ from device_sdk.files import load_or_create_ed25519
 def _pocketrec(*args: str) -> str:
     exe = Path(sys.executable).with_name("pocketrec")  # the console script pip installed
     assert exe.is_file(), f"the pocketrec console script is not installed at {exe}"
-    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800)
+    # This checkout's packages first, whichever checkout the script was installed from.
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800,
+                          env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -41,12 +47,37 @@ def test_train_export_evaluate_on_online_retail(retail_run):
     assert report["agree@10_int8_vs_torch"] >= 0.97
     assert report["size_ratio_int8_float"] < 0.4
     table = _pocketrec("evaluate", "--run", str(run))
-    assert "litert int8" in table
+    assert "dual_encoder litert int8" in table and "basket holdout" in table
     rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
-    assert rows["torch (float)"]["hr@10"] > 2 * rows["popularity"]["hr@10"]
-    assert rows["litert int8"]["hr@10"] > 2 * rows["popularity"]["hr@10"]
-    assert rows["litert int8"]["agree@10"] >= 0.97
-    assert rows["torch (float)"]["coverage@10"] > 10 * rows["popularity"]["coverage@10"]
+    torch_row, int8_row = rows["dual_encoder torch (float)"], rows["dual_encoder litert int8"]
+    assert torch_row["hr@10"] > 2 * rows["popularity"]["hr@10"]
+    assert int8_row["hr@10"] > 2 * rows["popularity"]["hr@10"]
+    assert int8_row["agree@10"] >= 0.97
+    assert torch_row["coverage@10"] > 10 * rows["popularity"]["coverage@10"]
+    assert torch_row["basket_hr@10"] > rows["popularity"]["basket_hr@10"]
+
+
+def test_sasrec_trains_exports_and_shares_one_table_with_the_dual_encoder(retail_run, tmp_path):
+    """`pocketrec train --model sasrec` + `export` + `evaluate --compare`: one table, both
+    protocols, the baselines and both models (two short epochs: a smoke run, not the
+    benchmark; bench/ and the README hold the measured numbers)."""
+    dual, _, _ = retail_run
+    run = tmp_path / "sasrec"
+    out = _pocketrec("train", "--model", "sasrec", "--data", str(ONLINE_RETAIL), "--run",
+                     str(run), "--epochs", "2", "--no-progress")
+    assert "basket holdout" in out
+    _pocketrec("export", "--run", str(run))
+    report = json.loads((run / "export_report.json").read_text())
+    assert report["agree@10_int8_vs_torch"] >= 0.9
+    table = _pocketrec("evaluate", "--run", str(run), "--compare", str(dual))
+    for name in ("popularity", "item-knn", "sasrec litert int8", "dual_encoder litert int8",
+                 "basket_recall@10"):
+        assert name in table
+    rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
+    sas = rows["sasrec litert int8"]
+    assert sas["hr@10"] > 2 * rows["popularity"]["hr@10"]
+    assert sas["hr@10"] >= 0.95 * rows["sasrec torch (float)"]["hr@10"]
+    assert 0 < sas["basket_recall@10"] <= sas["basket_hr@10"] <= 1
 
 
 def test_device_app_with_only_the_device_extra(retail_run, tmp_path):

@@ -32,6 +32,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
                    help="file format (default: detected from the file)")
     p.add_argument("--kcore", type=int, default=0, help="keep users/items with >= k events")
+    p.add_argument("--holdout", default="auto", choices=("auto", "line", "basket"),
+                   help="held-out test data per user: the last two lines, or the whole last "
+                   "basket (needed for the next-basket protocol); auto: basket when "
+                   "purchases come in baskets (Online Retail)")
     p.add_argument("--synthetic-users", type=int, default=2000)
     p.add_argument("--synthetic-items", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -41,15 +45,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     import model_zoo
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="dual_encoder", choices=model_zoo.names())
+    g.add_argument("--model", "--arch", dest="arch", default="dual_encoder",
+                   choices=model_zoo.names(), help="architecture (model_zoo name)")
     g.add_argument("--dim", type=int, default=64)
-    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--hidden", type=int, default=128, help="MLP / feed-forward width")
     g.add_argument("--max-len", type=int, default=50, help="history length L")
-    g.add_argument("--recency-decay", type=float, default=1.0, help="1.0 = plain mean")
+    g.add_argument("--recency-decay", type=float, help="dual_encoder: 1.0 = plain mean")
+    g.add_argument("--blocks", type=int, help="sasrec: self-attention blocks (default 2)")
+    g.add_argument("--heads", type=int, help="sasrec: attention heads (default 1)")
+    g.add_argument("--dropout", type=float, help="sasrec: dropout in training (default 0.2)")
+    g.add_argument("--federated-blocks", type=int,
+                   help="sasrec: last blocks devices train with the output table (default 1)")
     g.add_argument("--top-k", type=int, default=50, help="K returned by the exported graph")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch-size", type=int, default=512)
+    g.add_argument("--batch-size", type=int,
+                   help="default 512 examples; 128 chunks of L steps for a sequence model")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--patience", type=int, default=3, help="epochs without val HR@10 gain")
     g.add_argument("--loss", default="full", choices=("full", "sampled"))
@@ -68,21 +79,40 @@ def _data_spec(args: argparse.Namespace):
 
     return DataSpec(path=args.data, format=args.format, kcore=args.kcore,
                     synthetic_users=args.synthetic_users,
-                    synthetic_items=args.synthetic_items, seed=args.seed)
+                    synthetic_items=args.synthetic_items, seed=args.seed,
+                    holdout=args.holdout)
+
+
+def _model_options(args: argparse.Namespace, arch) -> dict:
+    """The model flags this architecture's config has; unset optional flags keep its defaults,
+    and a flag it does not have is refused rather than silently ignored."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(arch.config_cls)}
+    options = {}
+    for name in ("dim", "hidden", "max_len", "recency_decay", "blocks", "heads", "dropout",
+                 "federated_blocks", "top_k"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in known:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --model {arch.name}")
+        options[name] = value
+    return options
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
     import model_zoo
     from trainer.checkpoint import Checkpoint
     from trainer.data.dataset import prepare
-    from trainer.train import DPConfig, TrainConfig, train
+    from trainer.train import DPConfig, TrainConfig, predicts_every_position, train
 
     spec = _data_spec(args)
     print(f"loading {spec.name} ...", flush=True)
     prepared = prepare(spec, args.max_len)
     s = prepared.stats
     print(f"  {s['events']:,} events, {s['users']:,} users, {s['items']:,} items; "
-          f"{s['eval_users']:,} users held out (leave-last-out)")
+          f"{s['eval_users']:,} users held out ({s['holdout']} holdout)")
     dp = None
     if args.dp:
         if args.noise_multiplier is None and args.target_epsilon is None:
@@ -91,14 +121,14 @@ def cmd_train(args: argparse.Namespace) -> dict:
                       target_epsilon=args.target_epsilon, delta=args.delta)
     elif args.noise_multiplier is not None or args.target_epsilon is not None:
         raise SystemExit("error: --noise-multiplier/--target-epsilon need --dp")
+    arch = model_zoo.get(args.arch)
+    config = arch.config(n_items=len(prepared.vocab), **_model_options(args, arch))
+    module = arch.torch_module(config)
+    if args.batch_size is None:
+        args.batch_size = 128 if predicts_every_position(module) else 512
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       patience=args.patience, loss=args.loss, negatives=args.negatives,
                       seed=args.seed, dp=dp)
-    arch = model_zoo.get(args.arch)
-    config = arch.config(n_items=len(prepared.vocab), dim=args.dim, hidden=args.hidden,
-                         max_len=args.max_len, recency_decay=args.recency_decay,
-                         top_k=args.top_k)
-    module = arch.torch_module(config)
     result = train(module, prepared.split, cfg, progress=not args.no_progress)
     best = result.history[result.best_epoch - 1]
     meta = {
@@ -128,7 +158,8 @@ def _load_run(run: str):
 
     ckpt = Checkpoint.load(Path(run) / "checkpoint")
     data = ckpt.meta["data"]
-    spec = DataSpec(**{k: data[k] for k in DataSpec.__dataclass_fields__})
+    fields = {k: data[k] for k in DataSpec.__dataclass_fields__ if k in data}
+    spec = DataSpec(**{"holdout": "line", **fields})  # older runs held out lines
     prepared = prepare(spec, ckpt.model_config().max_len, vocab=ckpt.vocab)
     return ckpt, prepared
 
@@ -180,17 +211,31 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
-    from trainer.evaluate import evaluate_models, format_table
+    import numpy as np
+
+    from trainer.evaluate import RunToEvaluate, evaluate_runs, format_table
     from trainer.export import FLOAT_MODEL
 
-    ckpt, prepared = _load_run(args.run)
-    data = getattr(prepared.split, args.split)
-    bundle = Path(args.run) / "bundle"
-    rows = evaluate_models(ckpt, data, bundle if bundle.is_dir() else None,
-                           Path(args.run) / FLOAT_MODEL)
-    print(f"{args.split}: {len(data):,} users of {prepared.spec.name}, full ranking over "
-          f"{len(ckpt.vocab) - 1:,} items")
+    runs = []
+    for run in [args.run, *args.compare]:
+        ckpt, prepared = _load_run(run)
+        bundle = Path(run) / "bundle"
+        runs.append(RunToEvaluate(ckpt, prepared.split, bundle if bundle.is_dir() else None,
+                                  Path(run) / FLOAT_MODEL))
+        if len(runs) == 1:
+            first = prepared
+    rows = evaluate_runs(runs, args.split)
+    data = getattr(first.split, args.split)
+    print(f"{args.split}: {len(data):,} users of {first.spec.name} ({first.split.holdout} "
+          f"holdout), full ranking over {len(runs[0].ckpt.vocab) - 1:,} items")
     print(format_table(rows))
+    if first.split.basket is None or args.split != "test":
+        print("basket columns: the next-basket protocol needs whole last baskets held out "
+              "(train with --holdout basket) and the test split")
+    else:
+        sizes = [len(b) for b in first.split.basket.baskets]
+        print(f"line: each user's last purchase line; basket: the {len(sizes):,} users' last "
+              f"baskets (median {int(np.median(sizes))} items) from the lines before them")
     (Path(args.run) / f"evaluation_{args.split}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
@@ -201,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     args.model_version, args.parent_version, args.recipe = 1, None, "dynamic_wi8_afp32"
     args.signing_key = args.out = None
     cmd_export(args)
-    args.split = "test"
+    args.split, args.compare = "test", []
     cmd_evaluate(args)
     print(f"demo finished in {time.perf_counter() - started:.0f} s; run directory: {args.run}")
 
@@ -248,9 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "created if missing. Devices pin its public half")
     p.add_argument("--out", metavar="DIR", help="write OUT/bundle instead of RUN/bundle")
 
-    p = add("evaluate", "full-ranking HR@10/NDCG@10/MRR/coverage: popularity, torch, "
-            "float and int8 LiteRT", cmd_evaluate)
+    p = add("evaluate", "full-ranking metrics, line and next-basket protocols: popularity, "
+            "item-KNN, torch, float and int8 LiteRT of RUN (and of --compare runs)",
+            cmd_evaluate)
     p.add_argument("--split", default="test", choices=("test", "valid"))
+    p.add_argument("--compare", nargs="*", default=[], metavar="RUN",
+                   help="more runs trained on the same data (e.g. another --model) as rows "
+                   "of the same table")
 
     p = sub.add_parser("serve", help="run the sync server (development server; production: "
                        "gunicorn 'sync_server:create_app()')",

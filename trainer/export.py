@@ -95,7 +95,9 @@ def export_bundle(
     manifest = {
         "model_version": model_version,
         "parent_version": parent_version,
-        "architecture": {"name": ckpt.architecture, "config": ckpt.config},
+        # "federated": the tensors rounds should train (a round's default `trainable`).
+        "architecture": {"name": ckpt.architecture, "config": ckpt.config,
+                         "federated": list(ckpt.model_config().federated_params())},
         "items_digest": ckpt.vocab.digest(),
         "quantization": {"recipe": recipe_name, "tool": "ai-edge-quantizer"},
         "provenance": {

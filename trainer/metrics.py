@@ -1,6 +1,9 @@
-"""Full-ranking metrics for next-item prediction with one held-out target per user."""
+"""Full-ranking metrics: next-item prediction with one held-out target per user, and
+next-basket prediction with a held-out set of items per user."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,6 +28,31 @@ def ranking_metrics(topk: np.ndarray, target: np.ndarray, n_items: int, k: int =
         f"mrr@{topk.shape[1]}": float(np.where(found, 1.0 / (pos + 1.0), 0.0).mean()),
         f"coverage@{k}": float(len(np.unique(topk[:, :k])) / (n_items - 1)),
     }
+
+
+def basket_metrics(topk: np.ndarray, baskets: Sequence[np.ndarray], k: int = 10) -> dict:
+    """``topk`` [U, >=k] ids best first, ``baskets[u]`` the distinct item ids of user u's
+    held-out basket (non-empty). Per user, averaged:
+
+    - hr@k: 1 if any basket item is in the top k;
+    - recall@k: |top-k ∩ basket| / |basket| (a basket larger than k cannot reach 1);
+    - ndcg@k: binary-relevance DCG of the top k over the ideal DCG of min(k, |basket|) hits.
+    """
+    topk = np.asarray(topk)
+    if topk.ndim != 2 or topk.shape[0] != len(baskets) or topk.shape[1] < k:
+        raise ValueError(f"topk must be [U, >={k}] matching {len(baskets)} baskets; "
+                         f"got {topk.shape}")
+    gains = 1.0 / np.log2(np.arange(k) + 2.0)
+    hr, recall, ndcg = [], [], []
+    for row, basket in zip(topk[:, :k], baskets, strict=True):
+        if not len(basket):
+            raise ValueError("every held-out basket needs at least one item")
+        hit = np.isin(row, basket)
+        hr.append(hit.any())
+        recall.append(hit.sum() / len(basket))
+        ndcg.append(gains[hit].sum() / gains[: min(k, len(basket))].sum())
+    return {f"basket_hr@{k}": float(np.mean(hr)), f"basket_recall@{k}": float(np.mean(recall)),
+            f"basket_ndcg@{k}": float(np.mean(ndcg))}
 
 
 def topk_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:

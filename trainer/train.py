@@ -20,7 +20,8 @@ from trainer.metrics import ranking_metrics
 class DPConfig:
     """DP-SGD settings. Give ``noise_multiplier`` or ``target_epsilon`` (then the noise is
     calibrated for ``epochs``). The privacy unit is one training example (one next-item
-    prediction); user-level privacy comes from federated rounds with per-device clipping."""
+    prediction), or for a sequence model one chunk of up to L consecutive steps of one user;
+    user-level privacy comes from federated rounds with per-device clipping."""
 
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
@@ -82,16 +83,40 @@ def evaluate_module(module: nn.Module, data: EvalSet, n_items: int, k: int = 10)
     return ranking_metrics(torch_topk(module, data.history, max(k, 50)), data.target, n_items, k)
 
 
+def predicts_every_position(module: nn.Module) -> bool:
+    """Sequence models (``sequence_states`` / ``sequence_logits``) train on whole chunks:
+    one forward gives a prediction at every position."""
+    return hasattr(module, "sequence_logits")
+
+
 def _sampled_loss(
     module: nn.Module, x: torch.Tensor, y: torch.Tensor, negatives: int, n_items: int
 ) -> torch.Tensor:
     """Softmax over the batch's targets plus shared uniform negatives (uniform sampling
     needs no logQ correction: every candidate has the same proposal probability)."""
+    if predicts_every_position(module):
+        real = y > 0
+        u, y = module.sequence_states(x)[real], y[real]
+    else:
+        u = module.user_vectors(x)
     neg = torch.randint(1, n_items, (negatives,))
     cand, inverse = torch.unique(torch.cat([y, neg]), return_inverse=True)
-    u = module.user_vectors(x)
     logits = u @ module.out.weight[cand].T + module.out.bias[cand]
     return nn.functional.cross_entropy(logits, inverse[: len(y)])
+
+
+def _full_loss(
+    module: nn.Module, trained: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor,
+    private: bool,
+) -> torch.Tensor:
+    """Full-softmax cross-entropy; for a sequence model over every position with a target
+    (target 0 = padding is ignored). Under DP-SGD one chunk is one sample: Opacus' ghost
+    clipping takes the [B, L, N] shape to clip per chunk, not per position."""
+    if not predicts_every_position(module):
+        return criterion(trained(x), y)
+    logits = module.sequence_logits(x)
+    extra = {"shape": logits.shape} if private else {}
+    return criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), **extra)
 
 
 def train(
@@ -105,7 +130,10 @@ def train(
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     n_items, max_len = module.config.n_items, module.config.max_len
-    history, target = split.train_examples(max_len)
+    if predicts_every_position(module):
+        history, target = split.train_sequences(max_len)
+    else:
+        history, target = split.train_examples(max_len)
     valid = split.valid.subset(cfg.eval_users, seed=cfg.seed)
     dataset = torch.utils.data.TensorDataset(
         torch.from_numpy(history).long(), torch.from_numpy(target).long()
@@ -115,7 +143,7 @@ def train(
         dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator
     )
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(ignore_index=0)  # 0 = padding, never a real target
     trained, engine, delta = module, None, None
     if cfg.dp is not None:
         trained, optimizer, criterion, loader, engine, delta = _make_private(
@@ -138,7 +166,7 @@ def train(
             if cfg.loss == "sampled":
                 loss = _sampled_loss(module, x, y, cfg.negatives, n_items)
             else:
-                loss = criterion(trained(x), y)
+                loss = _full_loss(module, trained, criterion, x, y, engine is not None)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -164,7 +192,7 @@ def train(
         result.privacy = {
             "epsilon": engine.get_epsilon(delta),
             "delta": delta,
-            "unit": "example",
+            "unit": "sequence chunk" if predicts_every_position(module) else "example",
             "accountant": "rdp",
             "noise_multiplier": optimizer.noise_multiplier,
             "max_grad_norm": cfg.dp.max_grad_norm,

@@ -54,3 +54,7 @@ class DualEncoderConfig:
             "out.weight": (n, d),
             "out.bias": (n,),
         }
+
+    def federated_params(self) -> tuple[str, ...]:
+        """The parameters federated rounds update by default: all of them."""
+        return tuple(self.param_shapes())

@@ -3,6 +3,8 @@ trainable tensor. Devices use it for local training; parity tests tie it to the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from model_zoo.dual_encoder.config import DualEncoderConfig
@@ -77,15 +79,20 @@ class DualEncoderNumpy:
         return ids.astype(np.int32), np.take_along_axis(part_scores, order, axis=1)
 
     def loss_and_grads(
-        self, history: np.ndarray, targets: np.ndarray
+        self, history: np.ndarray, targets: np.ndarray, names: Iterable[str] | None = None
     ) -> tuple[float, dict[str, np.ndarray]]:
-        """Mean softmax cross-entropy of next-item ``targets`` [B] and its gradients."""
+        """Mean softmax cross-entropy of next-item ``targets`` [B] and the gradients of
+        ``names`` (default: every tensor)."""
         history = self._check_history(history)
         targets = np.asarray(targets, dtype=np.int64)
         if targets.shape != (history.shape[0],):
             raise ValueError(f"targets must have shape [{history.shape[0]}], got {targets.shape}")
         if targets.size and (targets.min() < 1 or targets.max() >= self.config.n_items):
             raise ValueError(f"target ids must be in [1, {self.config.n_items})")
+        wanted = set(self.params) if names is None else set(names)
+        unknown = sorted(wanted - set(self.params))
+        if unknown:
+            raise ValueError(f"{unknown} are not parameters of this dual_encoder model")
         p = self.params
         batch = history.shape[0]
         cache = self._encode(history)
@@ -112,4 +119,4 @@ class DualEncoderNumpy:
         np.add.at(d_emb, history.ravel(), contrib.reshape(-1, self.config.dim))
         d_emb[0] = 0.0  # the padding row never trains (torch: padding_idx=0)
         grads["item_emb.weight"] = d_emb
-        return loss, {k: v.astype(np.float32, copy=False) for k, v in grads.items()}
+        return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}

@@ -12,14 +12,29 @@ import pandas as pd
 
 from device_sdk.item_vocab import ItemVocab
 from trainer.data import loaders, synthetic
-from trainer.data.split import LeaveLastOut, kcore, leave_last_out, user_sequences
+from trainer.data.split import (
+    LeaveLastOut,
+    basket_holdout,
+    baskets_share,
+    kcore,
+    last_baskets,
+    leave_last_out,
+    timed_user_sequences,
+)
 
 POPULAR_LIST_SIZE = 200
+HOLDOUTS = ("auto", "line", "basket")
+# "auto" holds out whole last baskets when at least this share of purchases comes in baskets.
+BASKET_SHARE = 0.5
 
 
 @dataclass
 class DataSpec:
-    """``path`` None means the embedded synthetic shop (``synthetic_*`` settings)."""
+    """``path`` None means the embedded synthetic shop (``synthetic_*`` settings).
+
+    ``holdout``: "line" holds out each user's last two steps (leave-last-out over lines);
+    "basket" holds out each user's whole last basket, which both the line and the
+    next-basket protocols can then test on; "auto" picks "basket" for basket data."""
 
     path: str | None = None
     format: str = "auto"
@@ -27,6 +42,11 @@ class DataSpec:
     synthetic_users: int = 2000
     synthetic_items: int = 1000
     seed: int = 0
+    holdout: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {HOLDOUTS}, got {self.holdout!r}")
 
     @property
     def name(self) -> str:
@@ -57,7 +77,14 @@ def prepare(spec: DataSpec, max_len: int, vocab: ItemVocab | None = None) -> Pre
     df = spec.load()
     if vocab is None:
         vocab = ItemVocab.from_items(df["item"])
-    split = leave_last_out(user_sequences(df, vocab), max_len)
+    sequences = timed_user_sequences(df, vocab)
+    holdout = spec.holdout
+    if holdout == "auto":
+        holdout = "basket" if baskets_share(df) >= BASKET_SHARE else "line"
+    if holdout == "basket":
+        split = basket_holdout(sequences, last_baskets(df, vocab), max_len)
+    else:
+        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len)
     counts = split.train_item_counts(len(vocab))
     vocab.popular = [int(i) for i in np.argsort(-counts, kind="stable")[:POPULAR_LIST_SIZE]
                      if counts[i] > 0]
@@ -67,5 +94,6 @@ def prepare(spec: DataSpec, max_len: int, vocab: ItemVocab | None = None) -> Pre
         "items": len(vocab) - 1,
         "event_kinds": {k: int(v) for k, v in df["event"].value_counts().items()},
         "eval_users": len(split.test),
+        "holdout": split.holdout,
     }
     return Prepared(spec, vocab, split, stats)

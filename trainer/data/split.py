@@ -31,16 +31,52 @@ def user_sequences(df: pd.DataFrame, vocab: ItemVocab) -> dict[str, np.ndarray]:
     Consecutive repeats of one item collapse into one step: a view -> cart -> purchase funnel,
     or two lines of one invoice for the same product, is one interest, not three next items.
     Items outside the vocabulary are dropped."""
+    return {u: ids for u, (ids, _) in timed_user_sequences(df, vocab).items()}
+
+
+def timed_user_sequences(
+    df: pd.DataFrame, vocab: ItemVocab
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``user_sequences`` with each step's timestamp (int64 Unix seconds) beside it."""
     ids = vocab.ids(df["item"])
     keep = ids > 0
     users = df["user"].to_numpy()[keep]
+    times = df["timestamp"].to_numpy(dtype=np.int64)[keep]
     ids = ids[keep]
     change_user = np.r_[True, users[1:] != users[:-1]]
     repeat = ~change_user & np.r_[False, ids[1:] == ids[:-1]]
-    users, ids, change_user = users[~repeat], ids[~repeat], change_user[~repeat]
+    users, ids, times = users[~repeat], ids[~repeat], times[~repeat]
+    change_user = change_user[~repeat]
     starts = np.flatnonzero(change_user)
     bounds = np.r_[starts, len(ids)]
-    return {users[s]: ids[s:e] for s, e in zip(bounds[:-1], bounds[1:], strict=True)}
+    return {users[s]: (ids[s:e], times[s:e])
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True)}
+
+
+def baskets_share(df: pd.DataFrame) -> float:
+    """Share of purchase events sharing their (user, timestamp) with another purchase: how
+    much of the data comes in multi-item baskets (Online Retail: ~0.99; click logs: ~0)."""
+    purchases = df[df["event"] == "purchase"]
+    if purchases.empty:
+        return 0.0
+    size = purchases.groupby(["user", "timestamp"])["item"].transform("size")
+    return float((size > 1).mean())
+
+
+def last_baskets(df: pd.DataFrame, vocab: ItemVocab) -> dict[str, tuple[int, np.ndarray]]:
+    """Per user: (timestamp, distinct known item ids) of the last basket: the purchases at
+    the user's last purchase timestamp (one invoice in Online Retail)."""
+    purchases = df[df["event"] == "purchase"]
+    last = purchases.groupby("user")["timestamp"].transform("max")
+    rows = purchases[purchases["timestamp"] == last]
+    ids = vocab.ids(rows["item"])
+    out = {}
+    for (user, stamp), group in pd.DataFrame(
+        {"user": rows["user"].to_numpy(), "t": rows["timestamp"].to_numpy(), "id": ids}
+    ).groupby(["user", "t"], sort=False):
+        known = np.unique(group["id"].to_numpy())
+        out[user] = (int(stamp), known[known > 0].astype(np.int32))
+    return out
 
 
 def last_window(seq: np.ndarray, max_len: int) -> np.ndarray:
@@ -71,13 +107,29 @@ class EvalSet:
 
 
 @dataclass
+class BasketSet:
+    """The next-basket protocol: per user, ``history`` [U, L] of the steps before the last
+    basket and that basket's distinct item ids (``baskets[u]``, int32)."""
+
+    users: list[str]
+    history: np.ndarray
+    baskets: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
 class LeaveLastOut:
     """Per user: last event -> test, second-to-last -> validation, the rest -> training.
-    Users with fewer than 3 steps only contribute training data."""
+    Users with fewer than 3 steps only contribute training data. ``basket`` is the
+    next-basket test set when the split holds out whole last baskets (``basket_holdout``)."""
 
     train: dict[str, np.ndarray]
     valid: EvalSet
     test: EvalSet
+    basket: BasketSet | None = None
+    holdout: str = "line"
 
     def train_examples(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Every next-item example in the training prefixes -> (history [E, L], target [E])."""
@@ -85,6 +137,22 @@ class LeaveLastOut:
         history = np.concatenate([windows(s, max_len) for s in seqs])
         target = np.concatenate([s[1:] for s in seqs]).astype(np.int32)
         return history, target
+
+    def train_sequences(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same next-item steps as ``train_examples``, for models that predict at every
+        position: each training prefix cut from its end into chunks of up to ``max_len``
+        steps -> (inputs [S, L], targets [S, L]), left-padded, 0 = no target. The last
+        chunk of a user sits exactly where serving puts the most recent item."""
+        inputs, targets = [], []
+        for seq in self.train.values():
+            for end in range(len(seq) - 1, 0, -max_len):
+                start = max(0, end - max_len)
+                inputs.append(last_window(seq[start:end], max_len))
+                targets.append(last_window(seq[start + 1 : end + 1], max_len))
+        if not inputs:
+            empty = np.zeros((0, max_len), dtype=np.int32)
+            return empty, empty.copy()
+        return np.stack(inputs), np.stack(targets)
 
     def train_item_counts(self, n_items: int) -> np.ndarray:
         counts = np.zeros(n_items, dtype=np.int64)
@@ -107,6 +175,48 @@ def leave_last_out(sequences: dict[str, np.ndarray], max_len: int) -> LeaveLastO
         return EvalSet(users, history, target)
 
     return LeaveLastOut(train=train, valid=eval_set(-2), test=eval_set(-1))
+
+
+def basket_holdout(
+    sequences: dict[str, tuple[np.ndarray, np.ndarray]],
+    baskets: dict[str, tuple[int, np.ndarray]],
+    max_len: int,
+) -> LeaveLastOut:
+    """Hold out each user's whole last basket, so that both protocols test on data no
+    training step saw. For a user with an earlier basket and >= 2 steps before the last one:
+
+    - line test: the last step, history = every step before it (the basket's earlier lines
+      included: on the device they are in the log);
+    - next-basket test: the last basket's items, history = the steps before that basket;
+    - validation: the last step before the basket, history = the steps before it;
+    - training: the steps before the validation step.
+
+    Other users only train (all their steps)."""
+    train: dict[str, np.ndarray] = {}
+    held: list[tuple[str, np.ndarray, int, np.ndarray]] = []
+    for user, (ids, times) in sequences.items():
+        stamp, items = baskets.get(user, (None, None))
+        cut = int(np.searchsorted(times, stamp)) if stamp is not None else 0
+        if cut < 2 or cut == len(ids) or not len(items):
+            train[user] = ids
+            continue
+        train[user] = ids[: cut - 1]
+        held.append((user, ids, cut, items))
+    users = [h[0] for h in held]
+
+    def eval_set(rows: list[tuple[np.ndarray, int]]) -> EvalSet:
+        history = np.zeros((len(rows), max_len), dtype=np.int32)
+        for row, (ids, cut) in enumerate(rows):
+            history[row] = last_window(ids[:cut], max_len)
+        return EvalSet(users, history, np.array([ids[cut] for ids, cut in rows], np.int32))
+
+    valid = eval_set([(ids, cut - 1) for _, ids, cut, _ in held])
+    test = eval_set([(ids, len(ids) - 1) for _, ids, _, _ in held])
+    before = np.zeros((len(held), max_len), dtype=np.int32)
+    for row, (_, ids, cut, _) in enumerate(held):
+        before[row] = last_window(ids[:cut], max_len)
+    basket = BasketSet(users, before, [items for *_, items in held])
+    return LeaveLastOut(train=train, valid=valid, test=test, basket=basket, holdout="basket")
 
 
 def partition_by_user(df: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -1,0 +1,245 @@
+"""The SASRec-style model in numpy alone: forward, full-softmax loss and the gradient of any
+subset of its tensors (backward stops at the deepest block a requested tensor lives in).
+Devices use it for local training; parity tests tie it to the torch module. No dropout here:
+devices train the deterministic network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from model_zoo.sasrec.config import SasRecConfig
+
+# Logit given to the padding id so it never wins top-K and takes no softmax mass.
+PAD_LOGIT = -1e9
+# Additive attention bias of a masked (future or padding) key.
+MASK_VALUE = -1e9
+LN_EPS = 1e-5
+
+
+def attention_bias(history: np.ndarray) -> np.ndarray:
+    """[B, L] ids -> [B, 1, L, L] additive bias: 0 where query l may see key m (m <= l and m
+    is a real item, or m == l), MASK_VALUE elsewhere. Real positions never see padding; a
+    padding position sees only itself, so its softmax stays defined."""
+    length = history.shape[1]
+    causal = np.tril(np.ones((length, length), dtype=np.float32))
+    real = (history > 0).astype(np.float32)
+    allowed = np.maximum(causal * real[:, None, :], np.eye(length, dtype=np.float32))
+    return ((allowed - 1.0) * -MASK_VALUE)[:, None].astype(np.float32)
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, tuple]:
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + LN_EPS)
+    xhat = xc * rstd
+    return xhat * w + b, (xhat, rstd)
+
+
+def _layer_norm_back(
+    dy: np.ndarray, cache: tuple, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (dx, dw, db)."""
+    xhat, rstd = cache
+    dxhat = dy * w
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    flat = dy.reshape(-1, dy.shape[-1])
+    return dx, (flat * xhat.reshape(flat.shape)).sum(axis=0), flat.sum(axis=0)
+
+
+def _outer_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over batch and positions of a[..., i] * b[..., j] -> [i, j] (one BLAS matmul)."""
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class SasRecNumpy:
+    """Numpy twin of ``SasRec``; ``params`` uses the torch state_dict names."""
+
+    def __init__(self, config: SasRecConfig, params: dict[str, np.ndarray]) -> None:
+        expected = config.param_shapes()
+        missing = sorted(set(expected) - set(params))
+        if missing:
+            raise ValueError(f"sasrec params lack {missing}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
+        self.config = config
+        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in expected}
+
+    def _check_history(self, history: np.ndarray) -> np.ndarray:
+        history = np.asarray(history)
+        if history.ndim != 2 or history.shape[1] != self.config.max_len:
+            raise ValueError(
+                f"history must have shape [batch, {self.config.max_len}], got {history.shape}"
+            )
+        if history.size and (history.min() < 0 or history.max() >= self.config.n_items):
+            raise ValueError(f"history ids must be in [0, {self.config.n_items})")
+        return history.astype(np.int64, copy=False)
+
+    # -- one block ---------------------------------------------------------------------------
+
+    def _block(self, b: int, x: np.ndarray, bias: np.ndarray, last_only: bool) -> tuple:
+        """x [B, L, d] -> (out [B, Lq, d], cache); Lq = 1 (the last position) when
+        ``last_only``: the final block's other positions feed nothing downstream."""
+        p = {k.split(".", 2)[2]: v for k, v in self.params.items() if k.startswith(f"blocks.{b}.")}
+        batch, length, d = x.shape
+        heads = self.config.heads
+        dh = d // heads
+        a, ln1 = _layer_norm(x, p["ln1.weight"], p["ln1.bias"])
+        aq = a[:, -1:] if last_only else a
+        lq = aq.shape[1]
+
+        def split(t: np.ndarray) -> np.ndarray:
+            return t.reshape(batch, t.shape[1], heads, dh).transpose(0, 2, 1, 3)
+
+        q = split(aq @ p["q.weight"].T + p["q.bias"])
+        k = split(a @ p["k.weight"].T + p["k.bias"])
+        v = split(a @ p["v.weight"].T + p["v.bias"])
+        scale = np.float32(1.0 / np.sqrt(dh))
+        probs = _softmax(q @ k.transpose(0, 1, 3, 2) * scale + bias[:, :, -lq:])
+        ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, lq, d)
+        x1 = x[:, -lq:] + ctx @ p["o.weight"].T + p["o.bias"]
+        c, ln2 = _layer_norm(x1, p["ln2.weight"], p["ln2.bias"])
+        z = c @ p["ff1.weight"].T + p["ff1.bias"]
+        r = np.maximum(z, 0.0)
+        out = x1 + r @ p["ff2.weight"].T + p["ff2.bias"]
+        cache = dict(p=p, a=a, aq=aq, ln1=ln1, q=q, k=k, v=v, probs=probs, ctx=ctx, c=c,
+                     ln2=ln2, z=z, r=r, scale=scale, lq=lq)
+        return out, cache
+
+    @staticmethod
+    def _block_back(dout: np.ndarray, cache: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """dL/d(block output) [B, Lq, d] -> (dL/d(block input) [B, L, d], grads by local name)."""
+        p = cache["p"]
+        batch, length, d = cache["a"].shape
+        lq, heads = cache["lq"], cache["q"].shape[1]
+        dh = d // heads
+        g: dict[str, np.ndarray] = {}
+        g["ff2.weight"] = _outer_sum(dout, cache["r"])
+        g["ff2.bias"] = dout.sum(axis=(0, 1))
+        dz = (dout @ p["ff2.weight"]) * (cache["z"] > 0)
+        g["ff1.weight"] = _outer_sum(dz, cache["c"])
+        g["ff1.bias"] = dz.sum(axis=(0, 1))
+        dc = dz @ p["ff1.weight"]
+        dx1, g["ln2.weight"], g["ln2.bias"] = _layer_norm_back(dc, cache["ln2"], p["ln2.weight"])
+        dx1 = dx1 + dout
+        g["o.weight"] = _outer_sum(dx1, cache["ctx"])
+        g["o.bias"] = dx1.sum(axis=(0, 1))
+        dctx = (dx1 @ p["o.weight"]).reshape(batch, lq, heads, dh).transpose(0, 2, 1, 3)
+        probs, q, k, v, scale = cache["probs"], cache["q"], cache["k"], cache["v"], cache["scale"]
+        dprobs = dctx @ v.transpose(0, 1, 3, 2)
+        dv = probs.transpose(0, 1, 3, 2) @ dctx
+        ds = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale
+        dq = ds @ k
+        dk = ds.transpose(0, 1, 3, 2) @ q
+
+        def merge(t: np.ndarray) -> np.ndarray:
+            return t.transpose(0, 2, 1, 3).reshape(batch, t.shape[2], d)
+
+        dq, dk, dv = merge(dq), merge(dk), merge(dv)
+        a, aq = cache["a"], cache["aq"]
+        for name, dproj, inp in (("q", dq, aq), ("k", dk, a), ("v", dv, a)):
+            g[f"{name}.weight"] = _outer_sum(dproj, inp)
+            g[f"{name}.bias"] = dproj.sum(axis=(0, 1))
+        da = dk @ p["k.weight"] + dv @ p["v.weight"]
+        da[:, -lq:] += dq @ p["q.weight"]
+        dx, g["ln1.weight"], g["ln1.bias"] = _layer_norm_back(da, cache["ln1"], p["ln1.weight"])
+        dx[:, -lq:] += dx1
+        return dx, g
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def _encode(self, history: np.ndarray) -> dict:
+        p = self.params
+        bias = attention_bias(history)
+        x = p["item_emb.weight"][history] + p["pos_emb.weight"]
+        caches = []
+        last = self.config.blocks - 1
+        for b in range(self.config.blocks):
+            x, cache = self._block(b, x, bias, last_only=b == last)
+            caches.append(cache)
+        u, ln_f = _layer_norm(x[:, -1], p["ln_final.weight"], p["ln_final.bias"])
+        return {"blocks": caches, "ln_final": ln_f, "u": u}
+
+    def user_vectors(self, history: np.ndarray) -> np.ndarray:
+        """[B, L] ids -> [B, dim]: the final state at the last (most recent) position."""
+        return self._encode(self._check_history(history))["u"]
+
+    def logits(self, history: np.ndarray) -> np.ndarray:
+        """[B, L] ids -> [B, n_items] scores; the padding column is PAD_LOGIT."""
+        return self._logits(self.user_vectors(history))
+
+    def _logits(self, u: np.ndarray) -> np.ndarray:
+        scores = u @ self.params["out.weight"].T + self.params["out.bias"]
+        scores[:, 0] = PAD_LOGIT
+        return scores
+
+    def topk(self, history: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids (int32) and scores (float32), best first, each [B, k]."""
+        k = self.config.top_k if k is None else k
+        scores = self.logits(history)
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        ids = np.take_along_axis(part, order, axis=1)
+        return ids.astype(np.int32), np.take_along_axis(part_scores, order, axis=1)
+
+    def _deepest_block(self, names: set[str]) -> int:
+        """The first block the backward pass must reach (-1: down to the embeddings)."""
+        if names & {"item_emb.weight", "pos_emb.weight"}:
+            return -1
+        blocks = [int(n.split(".")[1]) for n in names if n.startswith("blocks.")]
+        return min(blocks, default=self.config.blocks)
+
+    def loss_and_grads(
+        self, history: np.ndarray, targets: np.ndarray, names: Iterable[str] | None = None
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean softmax cross-entropy of next-item ``targets`` [B] and the gradients of
+        ``names`` (default: every tensor)."""
+        history = self._check_history(history)
+        targets = np.asarray(targets, dtype=np.int64)
+        if targets.shape != (history.shape[0],):
+            raise ValueError(f"targets must have shape [{history.shape[0]}], got {targets.shape}")
+        if targets.size and (targets.min() < 1 or targets.max() >= self.config.n_items):
+            raise ValueError(f"target ids must be in [1, {self.config.n_items})")
+        wanted = set(self.params) if names is None else set(names)
+        unknown = sorted(wanted - set(self.params))
+        if unknown:
+            raise ValueError(f"{unknown} are not parameters of this sasrec model")
+        p = self.params
+        batch = history.shape[0]
+        cache = self._encode(history)
+        logits = self._logits(cache["u"])
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        rows = np.arange(batch)
+        loss = float(-np.log(np.maximum(probs[rows, targets], 1e-30)).mean())
+
+        g = probs
+        g[rows, targets] -= 1.0
+        g /= batch  # dL/dlogits [B, N]
+        grads = {"out.weight": g.T @ cache["u"], "out.bias": g.sum(axis=0)}
+        du = g @ p["out.weight"]
+        dx_last, grads["ln_final.weight"], grads["ln_final.bias"] = _layer_norm_back(
+            du, cache["ln_final"], p["ln_final.weight"]
+        )
+        dx = dx_last[:, None, :]  # the last block's output is its last position only
+        stop = self._deepest_block(wanted)
+        for b in range(self.config.blocks - 1, max(stop, 0) - 1, -1):
+            dx, local = self._block_back(dx, cache["blocks"][b])
+            grads.update({f"blocks.{b}.{k}": v for k, v in local.items()})
+        if stop < 0:
+            d_emb = np.zeros_like(p["item_emb.weight"])
+            np.add.at(d_emb, history.ravel(), dx.reshape(-1, self.config.dim))
+            d_emb[0] = 0.0  # the padding row never trains (torch: padding_idx=0)
+            grads["item_emb.weight"] = d_emb
+            grads["pos_emb.weight"] = dx.sum(axis=0)
+        return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}
