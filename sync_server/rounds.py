@@ -296,6 +296,9 @@ class RoundService:
                            "would release an update outside the privacy accounting; set "
                            "noise_multiplier", 409)
         config["model_version"] = version
+        if config["trainable"] is None:  # the architecture's federated tensors, if it says
+            federated = json.loads(base.manifest).get("architecture", {}).get("federated")
+            config["trainable"] = list(federated) if federated else None
         config["expected_shapes"] = self._expected_shapes(base, config["trainable"])
         if config["upload_scheme"] == secagg.SCHEME:
             try:

@@ -5,6 +5,7 @@ federated round runs through the real sync server over loopback HTTP with real D
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -135,14 +136,19 @@ def test_a_sasrec_bundle_takes_part_in_a_federated_round(
         try:
             round_config = {"target_clients": 3, "strategy": "fedavg", "server_lr": 1.0,
                             "clip_norm": 10.0, "local_epochs": 3, "learning_rate": 0.1,
-                            "batch_size": 8, "max_examples": 100, "trainable": federated}
+                            "batch_size": 8, "max_examples": 100, "secagg_poll_s": 0.1}
             opened = server.admin("POST", "/v1/admin/rounds", json=round_config)
             assert opened.status == 201, opened.data
-            round_id = json.loads(opened.data)["round_id"]
-            reports = [device.sync() for device in devices]
+            opened = json.loads(opened.data)
+            round_id = opened["round_id"]
+            # No trainable in the config: the round trains the manifest's federated tensors.
+            assert opened["config"]["trainable"] == federated
+            # SecAgg+ (the default) has synchronous stages: the devices sync concurrently.
+            with ThreadPoolExecutor(3) as pool:
+                reports = list(pool.map(lambda d: d.sync(), devices))
             assert [(r.round_id, r.uploaded) for r in reports] == [(round_id, True)] * 3
             view = json.loads(server.admin("GET", f"/v1/admin/rounds/{round_id}").data)
-            assert (view["state"], view["received"], view["published_version"]) == (
+            assert (view["state"], view["secagg"]["masked"], view["published_version"]) == (
                 "published", 3, 2)
             for device in devices:
                 assert device.sync().installed == 2
