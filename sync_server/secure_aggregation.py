@@ -27,7 +27,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -145,6 +145,21 @@ class SecAggStages:
         if counted != 1:
             raise _closed(row, stage)
 
+    def _record(self, row: Round, device_id: str, stage: str, answered: Any,
+                rows: Iterable[Any] = (), **values: Any) -> None:
+        """In one transaction: count the answer (refused once the stage closed), mark the
+        member's stage column (refused if already set: each stage is answered once) and add
+        ``rows``."""
+        with self.db.transaction() as session:
+            self._count_answer(session, row, stage)
+            done = session.execute(
+                update(SecAggMember).where(SecAggMember.round_id == row.id,
+                                           SecAggMember.device_id == device_id,
+                                           answered.is_(None)).values(**values)).rowcount
+            if done != 1:
+                raise ApiError("duplicate_answer", f"this device already answered {stage}", 409)
+            session.add_all(rows)
+
     # --- device answers --------------------------------------------------------------------
 
     def advertise(self, row: Round, device_id: str, advert: Any) -> None:
@@ -174,17 +189,9 @@ class SecAggStages:
             raise ApiError("secagg_bad_message", f"shares must map each of this device's "
                            f"{len(neighbours)} neighbours to one ciphertext (base64, at most "
                            f"{MAX_CIPHERTEXT_CHARS} characters)", 400)
-        with self.db.transaction() as session:
-            self._count_answer(session, row, "share_keys")
-            done = session.execute(
-                update(SecAggMember).where(SecAggMember.round_id == row.id,
-                                           SecAggMember.device_id == device_id,
-                                           SecAggMember.shared_at.is_(None))
-                .values(shared_at=utcnow())).rowcount
-            if done != 1:
-                raise ApiError("duplicate_answer", "this device already sent its shares", 409)
-            session.add_all(SecAggShare(round_id=row.id, recipient=v, sender=device_id,
-                                        ciphertext=c) for v, c in shares.items())
+        self._record(row, device_id, "share_keys", SecAggMember.shared_at,
+                     [SecAggShare(round_id=row.id, recipient=v, sender=device_id, ciphertext=c)
+                      for v, c in shares.items()], shared_at=utcnow())
 
     def post_masked(self, row: Round, device_id: str, data: bytes) -> None:
         member = self._member(row, device_id, "masked_input")
@@ -201,16 +208,8 @@ class SecAggStages:
                            f"'masked' of shape [{length}] with meta {{round_id: {row.id}}}",
                            400)
         digest = self.blobs.put(bytes(data))
-        with self.db.transaction() as session:
-            self._count_answer(session, row, "masked_input")
-            done = session.execute(
-                update(SecAggMember).where(SecAggMember.round_id == row.id,
-                                           SecAggMember.device_id == device_id,
-                                           SecAggMember.masked_at.is_(None))
-                .values(masked_at=utcnow(), masked_sha256=digest)).rowcount
-            if done != 1:
-                raise ApiError("duplicate_answer", "this device already sent its masked input",
-                               409)
+        self._record(row, device_id, "masked_input", SecAggMember.masked_at,
+                     masked_at=utcnow(), masked_sha256=digest)
 
     def post_unmask(self, row: Round, device_id: str, obj: Any) -> None:
         member = self._member(row, device_id, "unmasking")
@@ -222,16 +221,8 @@ class SecAggStages:
         u1, u2, u3, _ = self.sets(self._members(row.id))
         neighbours = set(self.graph(row, u1)[device_id]) & u2
         secagg.parse_reveal(obj, neighbours & u3, neighbours - u3)
-        with self.db.transaction() as session:
-            self._count_answer(session, row, "unmasking")
-            done = session.execute(
-                update(SecAggMember).where(SecAggMember.round_id == row.id,
-                                           SecAggMember.device_id == device_id,
-                                           SecAggMember.unmasked_at.is_(None))
-                .values(unmasked_at=utcnow(), reveal=obj)).rowcount
-            if done != 1:
-                raise ApiError("duplicate_answer", "this device already revealed its shares",
-                               409)
+        self._record(row, device_id, "unmasking", SecAggMember.unmasked_at,
+                     unmasked_at=utcnow(), reveal=obj)
 
     def poll(self, row: Round, device_id: str) -> dict[str, Any]:
         """What this device should do now: ``action`` (share_keys | masked_input | unmask)

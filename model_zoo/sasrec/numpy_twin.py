@@ -10,9 +10,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from model_zoo.sasrec.config import SasRecConfig
+from model_zoo.softmax_head import PAD_LOGIT, check_batch, loss_and_head_grads
 
-# Logit given to the padding id so it never wins top-K and takes no softmax mass.
-PAD_LOGIT = -1e9
 # Additive attention bias of a masked (future or padding) key.
 MASK_VALUE = -1e9
 LN_EPS = 1e-5
@@ -204,30 +203,12 @@ class SasRecNumpy:
         """Mean softmax cross-entropy of next-item ``targets`` [B] and the gradients of
         ``names`` (default: every tensor)."""
         history = self._check_history(history)
-        targets = np.asarray(targets, dtype=np.int64)
-        if targets.shape != (history.shape[0],):
-            raise ValueError(f"targets must have shape [{history.shape[0]}], got {targets.shape}")
-        if targets.size and (targets.min() < 1 or targets.max() >= self.config.n_items):
-            raise ValueError(f"target ids must be in [1, {self.config.n_items})")
-        wanted = set(self.params) if names is None else set(names)
-        unknown = sorted(wanted - set(self.params))
-        if unknown:
-            raise ValueError(f"{unknown} are not parameters of this sasrec model")
+        targets, wanted = check_batch("sasrec", self.params, history.shape[0], targets,
+                                      self.config.n_items, names)
         p = self.params
-        batch = history.shape[0]
         cache = self._encode(history)
-        logits = self._logits(cache["u"])
-        logits -= logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        probs = exp / exp.sum(axis=1, keepdims=True)
-        rows = np.arange(batch)
-        loss = float(-np.log(np.maximum(probs[rows, targets], 1e-30)).mean())
-
-        g = probs
-        g[rows, targets] -= 1.0
-        g /= batch  # dL/dlogits [B, N]
-        grads = {"out.weight": g.T @ cache["u"], "out.bias": g.sum(axis=0)}
-        du = g @ p["out.weight"]
+        loss, grads, du = loss_and_head_grads(self._logits(cache["u"]), cache["u"],
+                                              p["out.weight"], targets)
         dx_last, grads["ln_final.weight"], grads["ln_final.bias"] = _layer_norm_back(
             du, cache["ln_final"], p["ln_final.weight"]
         )

@@ -1,0 +1,44 @@
+"""The full-softmax next-item head every numpy twin shares: batch checks, the loss and the
+gradients of the output table, and the gradient flowing back into the user vector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+# Logit given to the padding id so it never wins top-K and takes no softmax mass.
+PAD_LOGIT = -1e9
+
+
+def check_batch(architecture: str, params: Mapping[str, np.ndarray], batch: int,
+                targets: np.ndarray, n_items: int, names: Iterable[str] | None
+                ) -> tuple[np.ndarray, set[str]]:
+    """Targets as int64 [batch] in [1, n_items), and the requested tensor names (default:
+    every tensor); ValueError naming the problem otherwise."""
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.shape != (batch,):
+        raise ValueError(f"targets must have shape [{batch}], got {targets.shape}")
+    if targets.size and (targets.min() < 1 or targets.max() >= n_items):
+        raise ValueError(f"target ids must be in [1, {n_items})")
+    wanted = set(params) if names is None else set(names)
+    unknown = sorted(wanted - set(params))
+    if unknown:
+        raise ValueError(f"{unknown} are not parameters of this {architecture} model")
+    return targets, wanted
+
+
+def loss_and_head_grads(logits: np.ndarray, u: np.ndarray, out_weight: np.ndarray,
+                        targets: np.ndarray
+                        ) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+    """Mean cross-entropy of ``logits`` [B, N] (overwritten), the gradients of ``out.weight``
+    and ``out.bias``, and dL/du [B, D] for the rest of the backward pass."""
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    probs = exp / exp.sum(axis=1, keepdims=True)
+    rows = np.arange(logits.shape[0])
+    loss = float(-np.log(np.maximum(probs[rows, targets], 1e-30)).mean())
+    g = probs
+    g[rows, targets] -= 1.0
+    g /= logits.shape[0]  # dL/dlogits [B, N]
+    return loss, {"out.weight": g.T @ u, "out.bias": g.sum(axis=0)}, g @ out_weight
