@@ -1,14 +1,48 @@
-"""The full-softmax next-item head every numpy twin shares: batch checks, the loss and the
-gradients of the output table, and the gradient flowing back into the user vector."""
+"""The full-softmax next-item head every numpy twin shares: scoring and top-K of a user
+vector against the output table, batch checks, the loss and the gradients of the output
+table, and the gradient flowing back into the user vector."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 # Logit given to the padding id so it never wins top-K and takes no softmax mass.
 PAD_LOGIT = -1e9
+
+
+class SoftmaxHead:
+    """Mixin for numpy twins whose ``_encode(history)["u"]`` [B, dim] is scored against
+    ``out.weight`` / ``out.bias``; the twin provides ``config``, ``params``,
+    ``_check_history`` and ``_encode``."""
+
+    config: Any
+    params: dict[str, np.ndarray]
+
+    def user_vectors(self, history: np.ndarray) -> np.ndarray:
+        """[B, L] ids -> [B, dim] user vectors."""
+        return self._encode(self._check_history(history))["u"]
+
+    def logits(self, history: np.ndarray) -> np.ndarray:
+        """[B, L] ids -> [B, n_items] scores; the padding column is PAD_LOGIT."""
+        return self._logits(self.user_vectors(history))
+
+    def _logits(self, u: np.ndarray) -> np.ndarray:
+        scores = u @ self.params["out.weight"].T + self.params["out.bias"]
+        scores[:, 0] = PAD_LOGIT
+        return scores
+
+    def topk(self, history: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids (int32) and scores (float32), best first, each [B, k]."""
+        k = self.config.top_k if k is None else k
+        scores = self.logits(history)
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        ids = np.take_along_axis(part, order, axis=1)
+        return ids.astype(np.int32), np.take_along_axis(part_scores, order, axis=1)
 
 
 def check_batch(architecture: str, params: Mapping[str, np.ndarray], batch: int,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from model_zoo.dual_encoder.config import DualEncoderConfig
-from model_zoo.softmax_head import PAD_LOGIT, check_batch, loss_and_head_grads
+from model_zoo.softmax_head import SoftmaxHead, check_batch, loss_and_head_grads
 
 
 def recency_weights(config: DualEncoderConfig) -> np.ndarray:
@@ -17,7 +17,7 @@ def recency_weights(config: DualEncoderConfig) -> np.ndarray:
     return np.power(np.float32(config.recency_decay), exponents).astype(np.float32)
 
 
-class DualEncoderNumpy:
+class DualEncoderNumpy(SoftmaxHead):
     """Numpy twin of ``DualEncoder``; ``params`` uses the torch state_dict names."""
 
     def __init__(self, config: DualEncoderConfig, params: dict[str, np.ndarray]) -> None:
@@ -52,29 +52,6 @@ class DualEncoderNumpy:
         h1 = np.maximum(z1, 0.0)
         u = u0 + h1 @ p["mlp.2.weight"].T + p["mlp.2.bias"]
         return {"attn": attn, "u0": u0, "z1": z1, "h1": h1, "u": u}
-
-    def user_vectors(self, history: np.ndarray) -> np.ndarray:
-        """[B, L] ids -> [B, dim] user vectors."""
-        return self._encode(self._check_history(history))["u"]
-
-    def logits(self, history: np.ndarray) -> np.ndarray:
-        """[B, L] ids -> [B, n_items] scores; the padding column is PAD_LOGIT."""
-        return self._logits(self.user_vectors(history))
-
-    def _logits(self, u: np.ndarray) -> np.ndarray:
-        scores = u @ self.params["out.weight"].T + self.params["out.bias"]
-        scores[:, 0] = PAD_LOGIT
-        return scores
-
-    def topk(self, history: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids (int32) and scores (float32), best first, each [B, k]."""
-        k = self.config.top_k if k is None else k
-        scores = self.logits(history)
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        ids = np.take_along_axis(part, order, axis=1)
-        return ids.astype(np.int32), np.take_along_axis(part_scores, order, axis=1)
 
     def loss_and_grads(
         self, history: np.ndarray, targets: np.ndarray, names: Iterable[str] | None = None

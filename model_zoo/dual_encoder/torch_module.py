@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from model_zoo.dual_encoder.config import DualEncoderConfig
-from model_zoo.dual_encoder.numpy_twin import PAD_LOGIT, recency_weights
+from model_zoo.dual_encoder.numpy_twin import recency_weights
+from model_zoo.softmax_head import PAD_LOGIT
 
 
 class PooledEmbedding(nn.Module):

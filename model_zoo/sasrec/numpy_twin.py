@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from model_zoo.sasrec.config import SasRecConfig
-from model_zoo.softmax_head import PAD_LOGIT, check_batch, loss_and_head_grads
+from model_zoo.softmax_head import SoftmaxHead, check_batch, loss_and_head_grads
 
 # Additive attention bias of a masked (future or padding) key.
 MASK_VALUE = -1e9
@@ -58,7 +58,7 @@ def _softmax(s: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class SasRecNumpy:
+class SasRecNumpy(SoftmaxHead):
     """Numpy twin of ``SasRec``; ``params`` uses the torch state_dict names."""
 
     def __init__(self, config: SasRecConfig, params: dict[str, np.ndarray]) -> None:
@@ -166,29 +166,6 @@ class SasRecNumpy:
             caches.append(cache)
         u, ln_f = _layer_norm(x[:, -1], p["ln_final.weight"], p["ln_final.bias"])
         return {"blocks": caches, "ln_final": ln_f, "u": u}
-
-    def user_vectors(self, history: np.ndarray) -> np.ndarray:
-        """[B, L] ids -> [B, dim]: the final state at the last (most recent) position."""
-        return self._encode(self._check_history(history))["u"]
-
-    def logits(self, history: np.ndarray) -> np.ndarray:
-        """[B, L] ids -> [B, n_items] scores; the padding column is PAD_LOGIT."""
-        return self._logits(self.user_vectors(history))
-
-    def _logits(self, u: np.ndarray) -> np.ndarray:
-        scores = u @ self.params["out.weight"].T + self.params["out.bias"]
-        scores[:, 0] = PAD_LOGIT
-        return scores
-
-    def topk(self, history: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids (int32) and scores (float32), best first, each [B, k]."""
-        k = self.config.top_k if k is None else k
-        scores = self.logits(history)
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        ids = np.take_along_axis(part, order, axis=1)
-        return ids.astype(np.int32), np.take_along_axis(part_scores, order, axis=1)
 
     def _deepest_block(self, names: set[str]) -> int:
         """The first block the backward pass must reach (-1: down to the embeddings)."""

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from model_zoo.sasrec.config import SasRecConfig
-from model_zoo.sasrec.numpy_twin import LN_EPS, MASK_VALUE, PAD_LOGIT
+from model_zoo.sasrec.numpy_twin import LN_EPS, MASK_VALUE
+from model_zoo.softmax_head import PAD_LOGIT
 
 
 class Block(nn.Module):
