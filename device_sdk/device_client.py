@@ -29,7 +29,7 @@ from device_sdk.files import atomic_write
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from device_sdk.model_store import InstallResult, ModelStore, StaleVersionError
 from device_sdk.recommender import HistoryPolicy, Recommendation, Recommender
-from device_sdk.sync_client import SyncClient, SyncError
+from device_sdk.sync_client import SecAggSession, SyncClient, SyncError
 
 ANSWERED_KEPT = 100
 
@@ -54,6 +54,8 @@ class SyncReport:
     update_norm: float | None = None
     uploaded: bool = False
     queued: bool = False
+    # sync(wait=False) in a SecAgg+ round: the advertised session, for the caller to step().
+    pending: SecAggSession | None = None
 
 
 class DeviceClient:
@@ -74,6 +76,7 @@ class DeviceClient:
         max_rows: int | None = None,
         extra_kinds: tuple[str, ...] = (),
         num_threads: int = 1,
+        http_pool: Any = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,6 +94,7 @@ class DeviceClient:
         self._server_url = server_url
         self._enrollment_token = enrollment_token
         self._client: SyncClient | None = None
+        self._http_pool = http_pool  # an urllib3.PoolManager to share; default: its own
         self._sync_lock = threading.Lock()
         self._state_path = self.data_dir / "sync.json"
 
@@ -168,14 +172,20 @@ class DeviceClient:
                 server_signing_key=self.models.public_key,
                 outbox_dir=self.data_dir / "outbox",
                 enrollment_token=self._enrollment_token,
+                pool=self._http_pool,
             )
         return self._client
 
-    def sync(self, *, train: bool = True) -> SyncReport:
+    def sync(self, *, train: bool = True, wait: bool = True) -> SyncReport:
         """One sync with the server. Raises ``SyncError`` when the server cannot be reached
         or refuses the device; a model that fails verification is reported in
         ``install_error`` and the old one keeps serving; an upload that cannot be sent now is
-        queued (``queued``) and delivered by a later sync."""
+        queued (``queued``) and delivered by a later sync.
+
+        A SecAgg+ round has stages that wait for the other devices: ``sync()`` stays in the
+        call until the last one. With ``wait=False`` it returns after the first stage with
+        the session in ``report.pending``; call its ``step()`` (one poll, one answer when the
+        server is ready) from the app's background scheduler until it returns True."""
         with self._sync_lock:
             client = self.sync_client
             state = self._read_state()
@@ -213,7 +223,8 @@ class DeviceClient:
             )
             report.num_examples, report.update_norm = update.num_examples, update.norm
             try:
-                result = client.upload(task, update)
+                report.pending = None if wait else client.begin_upload(task, update)
+                result = {} if report.pending else client.upload(task, update)
             except SyncError as exc:
                 if exc.code not in ("secagg_dropped", "stage_closed"):
                     raise

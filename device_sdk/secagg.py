@@ -486,6 +486,20 @@ def _share_aad(round_id: str, sender: str, recipient: str) -> bytes:
                       recipient.encode()])
 
 
+def _digests(ids: Iterable[str]) -> np.ndarray:
+    """Sorted 64-bit BLAKE2b digests of ``ids``: a compact set for membership checks."""
+    return np.sort(np.fromiter(
+        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
+         for i in ids), dtype=np.uint64))
+
+
+def _subset(ids: set[str], digests: np.ndarray) -> bool:
+    mine = _digests(ids)
+    at = np.searchsorted(digests, mine)
+    return bool(np.all(at < len(digests)) and np.all(digests[np.minimum(at, len(digests) - 1)]
+                                                    == mine))
+
+
 def participant_index(participants: Sequence[str]) -> dict[str, int]:
     """Shamir x coordinate of each participant: 1 + its position in sorted U1."""
     return {u: i + 1 for i, u in enumerate(sorted(participants))}
@@ -511,8 +525,11 @@ class SecAggDevice:
         self._neighbours: tuple[str, ...] = ()
         self._adverts: dict[str, dict[str, bytes]] = {}
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (b share, c-key share)
-        self._u2: set[str] = set()
-        self._index: dict[str, int] = {}
+        # U1 and U2 as sorted 64-bit digests: membership checks need them, and a round of
+        # n devices would otherwise keep n strings per device (n^2 in a simulator).
+        self._u1 = np.zeros(0, np.uint64)
+        self._u2 = np.zeros(0, np.uint64)
+        self._u2_neighbours: set[str] = set()
         self.threshold = 0
 
     def _advance(self, expected: str, following: str) -> None:
@@ -554,7 +571,7 @@ class SecAggDevice:
         seed = _field(roster, "graph_seed", SEED_BYTES)
         self._neighbours = neighbours_of(participants, degree, seed, self.device_id)
         self.threshold = threshold
-        self._index = participant_index(participants)
+        self._u1 = _digests(participants)
         adverts = roster.get("adverts")
         if not isinstance(adverts, dict) or set(adverts) != {*self._neighbours,
                                                               self.device_id}:
@@ -573,7 +590,8 @@ class SecAggDevice:
         mine = self._adverts[self.device_id]
         if mine["c_pk"] != _raw_public(self._c_key) or mine["e_pk"] != _raw_public(self._e_key):
             raise _error("secagg_refused", "the roster altered this device's advertisement")
-        xs = [self._index[v] for v in self._neighbours]
+        index = participant_index(participants)
+        xs = [index[v] for v in self._neighbours]
         b_shares = shamir_split(self._b, threshold, xs)
         c_shares = shamir_split(self._c, threshold, xs)
         out = {}
@@ -619,11 +637,12 @@ class SecAggDevice:
                 not isinstance(inbox.get("shares"), dict):
             raise _error("secagg_bad_message", "inbox needs u2 (a list) and shares")
         u2 = set(inbox["u2"])
-        if self.device_id not in u2 or not u2 <= set(self._index):
+        if self.device_id not in u2 or not _subset(u2, self._u1):
             raise _error("secagg_refused", "U2 must contain this device and only participants")
         if len(u2) < self.params.min_clients:
             raise _error("secagg_refused", f"only {len(u2)} devices shared keys")
-        self._u2 = u2
+        self._u2 = _digests(u2)
+        self._u2_neighbours = {v for v in self._neighbours if v in u2}
         for sender, ciphertext in inbox["shares"].items():
             if sender in self._neighbours and sender in u2:
                 opened = self._open_share(sender, ciphertext)
@@ -653,7 +672,7 @@ class SecAggDevice:
         if not isinstance(request, dict) or not isinstance(request.get("u3"), list):
             raise _error("secagg_bad_message", "unmask request needs u3 (a list)")
         u3 = set(request["u3"])
-        if self.device_id not in u3 or not u3 <= self._u2:
+        if self.device_id not in u3 or not _subset(u3, self._u2):
             raise _error("secagg_refused", "U3 must contain this device and only U2 members")
         if len(u3) < self.params.min_clients:
             raise _error("secagg_refused", f"only {len(u3)} masked inputs arrived; revealing "
@@ -662,7 +681,7 @@ class SecAggDevice:
         for owner, (b_share, c_share) in self._held.items():
             if owner in u3:
                 b_out[owner] = b64(b_share)
-            elif owner in self._u2:
+            elif owner in self._u2_neighbours:
                 c_out[owner] = b64(c_share)
         return {"b": b_out, "c": c_out}
 

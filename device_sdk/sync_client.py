@@ -398,6 +398,18 @@ class SyncClient:
         payload is then in the outbox for ``flush_outbox``. Final refusals raise SyncError
         (e.g. ``duplicate_update``, ``round_closed``, ``not_selected``); an update trained on
         another base version or clipped looser than the task asks raises ValueError."""
+        return self._scheme_for(task, update).submit(self, task, update)
+
+    def begin_upload(self, task: RoundTask, update: ModelUpdate) -> SecAggSession | None:
+        """For a staged scheme (SecAgg+): send the first stage and return the session for
+        the caller to ``step()`` through, instead of waiting in ``upload``. None when the
+        task's scheme has one request only: use ``upload``."""
+        scheme = self._scheme_for(task, update)
+        begin = getattr(scheme, "begin", None)
+        return None if begin is None else begin(self, task, update)
+
+    @staticmethod
+    def _scheme_for(task: RoundTask, update: ModelUpdate) -> UploadScheme:
         if update.base_version != task.model_version or (
             update.clip_norm > task.clip_norm * (1 + 1e-6)
         ):
@@ -409,7 +421,7 @@ class SyncClient:
         if scheme is None:
             raise SyncError("unsupported_scheme",
                             f"this device cannot upload with {task.upload_scheme!r}")
-        return scheme.submit(self, task, update)
+        return scheme
 
     # --- outbox ------------------------------------------------------------------------
 
@@ -519,74 +531,147 @@ class SealedUpload:
 register_upload_scheme(SealedUpload())
 
 
-class SecAggUpload:
-    """``secagg+-v1``: the device's side of SecAgg+ (device_sdk.secagg), one request per
-    stage, polling ``GET /v1/rounds/<id>/secagg`` between stages. The round's secrets live
-    in memory only: a device that stops here (crash, timeout) is a dropout, which the round
-    survives; nothing is queued, a masked input is useless after its round."""
+class SecAggSession:
+    """The device's side of one SecAgg+ round (device_sdk.secagg), one stage at a time.
 
-    name = secagg.SCHEME
+    ``start()`` advertises; each ``step()`` polls ``GET /v1/rounds/<id>/secagg`` once and,
+    when the server asks for the next stage, answers it. ``SecAggUpload`` (what ``sync()``
+    uses) loops over ``step()``; an app that schedules its own background work, or a
+    simulator driving thousands of devices, calls it whenever it likes. The round's secrets
+    live in this object only: a device that drops it (crash, timeout) is a dropout, which the
+    round survives; nothing is queued, a masked input is useless after its round.
 
-    def submit(self, client: SyncClient, task: RoundTask, update: ModelUpdate) -> dict[str, Any]:
+    ``spill(path)`` moves the update vector out of memory into ``path`` (.npy, no pickle)
+    until the masked-input stage reads it back and deletes it."""
+
+    # What the server asks for next, by the stage this session has answered.
+    _NEXT = {"advertise": "share_keys", "share_keys": "masked_input", "masked_input": "unmask"}
+
+    def __init__(self, client: SyncClient, task: RoundTask, vector: np.ndarray) -> None:
         if task.secagg is None:
-            raise SyncError("bad_task", f"round {task.round_id} names {self.name} without "
-                            "its parameters")
+            raise SyncError("bad_task", f"round {task.round_id} names {secagg.SCHEME} "
+                            "without its parameters")
         try:
-            params = secagg.TaskParams.from_json(task.secagg)
-            stage_timeout = float(task.secagg.get("stage_timeout_s", 60.0))
+            self.params = secagg.TaskParams.from_json(task.secagg)
+            self.stage_timeout = float(task.secagg.get("stage_timeout_s", 60.0))
         except (ProtocolError, TypeError, ValueError) as exc:
             raise SyncError("bad_task", f"SecAgg+ parameters: {exc}") from None
-        try:
-            return self._run(client, task, update, params, stage_timeout)
-        except secagg.SecAggError as exc:  # the device refused what the server sent
-            raise SyncError(exc.code, exc.message) from None
-
-    def _run(self, client: SyncClient, task: RoundTask, update: ModelUpdate,
-             params: secagg.TaskParams, stage_timeout: float) -> dict[str, Any]:
-        device = secagg.SecAggDevice(task.round_id, client.identity.device_id,
-                                     client.identity, params)
-        vector = flatten_update(update)
-        base = f"/v1/rounds/{task.round_id}/secagg"
-        self._post(client, base + "/advertise", json=device.advertise())
+        self.client, self.task = client, task
+        self.round_id = task.round_id
+        self._base = f"/v1/rounds/{task.round_id}/secagg"
+        self._device = secagg.SecAggDevice(task.round_id, client.identity.device_id,
+                                           client.identity, self.params)
+        self._vector: np.ndarray | None = np.asarray(vector, dtype=np.float64).ravel()
+        self._spilled: Path | None = None
+        self.answered: str | None = None  # the last stage this device answered
+        self.done = False
+        # Seconds the server suggested before the next poll.
+        self.retry_after = 1.0
         # Collecting lasts until the round's deadline; each later stage one stage timeout.
-        until = max(task.deadline, time.time()) + stage_timeout + 5.0
-        roster = self._wait(client, base, "share_keys", until)
-        self._post(client, base + "/shares", json=device.share_keys(roster))
-        until = time.time() + 2 * stage_timeout + 5.0
-        inbox = self._wait(client, base, "masked_input", until)
-        masked = device.masked_input(inbox, vector)
-        frame = encode_tensors({"masked": masked}, {"round_id": task.round_id})
-        self._post(client, base + "/masked", body=frame)
-        until = time.time() + 2 * stage_timeout + 5.0
-        self._post(client, base + "/unmask",
-                   json=device.unmask(self._wait(client, base, "unmask", until)))
-        return {"accepted": True, "round_id": task.round_id, "scheme": self.name}
+        self.give_up_at = max(task.deadline, time.time()) + self.stage_timeout + 5.0
 
-    @staticmethod
-    def _post(client: SyncClient, path: str, **kwargs: Any) -> None:
-        response = client.request("POST", path, **kwargs)
+    @property
+    def waiting_for(self) -> str | None:
+        """The stage the device waits for the server to ask (None before start or when done)."""
+        return None if self.done or self.answered is None else self._NEXT[self.answered]
+
+    def spill(self, path: str | Path) -> None:
+        if self._vector is None:
+            return
+        path = Path(path)
+        with open(path, "wb") as f:
+            np.save(f, self._vector, allow_pickle=False)
+        self._spilled, self._vector = path, None
+
+    def _load_vector(self) -> np.ndarray:
+        if self._vector is not None:
+            return self._vector
+        assert self._spilled is not None
+        try:
+            vector = np.load(self._spilled, allow_pickle=False)
+        finally:
+            self._spilled.unlink(missing_ok=True)
+        self._spilled = None
+        return vector
+
+    def discard(self) -> None:
+        """Forget the round (and delete a spilled vector): the device drops out."""
+        if self._spilled is not None:
+            self._spilled.unlink(missing_ok=True)
+        self._vector, self._spilled, self.done = None, None, True
+
+    def start(self) -> None:
+        self._post("/advertise", json=self._device.advertise())
+        self.answered = "advertise"
+
+    def step(self) -> bool:
+        """Poll once; answer the stage if the server asks for it. Returns True once the last
+        stage is answered. Raises SyncError("secagg_dropped") when the round went on without
+        this device, or when it waited past the stage's time; other SyncErrors as sent."""
+        if self.done:
+            return True
+        action = self.waiting_for
+        if action is None:
+            raise RuntimeError("start() the session first")
+        response = self.client.request("GET", self._base)
+        if response.status != 200:
+            raise SyncClient.error_from(response)
+        view = jsonlib.loads(response.data)
+        if view.get("action") != action:
+            if view.get("dropped") or view.get("stage") in ("aggregating", "published"):
+                self.discard()
+                raise SyncError("secagg_dropped", f"round {view.get('round_id')} went on "
+                                f"without this device (at {view.get('stage')})")
+            self.retry_after = min(float(view.get("retry_after") or 1.0), MAX_BACKOFF_S)
+            if time.time() + self.retry_after > self.give_up_at:
+                self.discard()
+                raise SyncError("secagg_dropped", f"gave up waiting for {action}: the round "
+                                "did not reach it in time", retryable=False)
+            return False
+        payload = view.get("payload")
+        try:
+            if action == "share_keys":
+                self._post("/shares", json=self._device.share_keys(payload))
+            elif action == "masked_input":
+                masked = self._device.masked_input(payload, self._load_vector())
+                self._post("/masked", body=encode_tensors({"masked": masked},
+                                                           {"round_id": self.round_id}))
+            else:
+                self._post("/unmask", json=self._device.unmask(payload))
+                self.done = True
+        except secagg.SecAggError as exc:  # the device refused what the server sent
+            self.discard()
+            raise SyncError(exc.code, exc.message) from None
+        self.answered = action
+        self.give_up_at = time.time() + 2 * self.stage_timeout + 5.0
+        return self.done
+
+    def _post(self, path: str, **kwargs: Any) -> None:
+        response = self.client.request("POST", self._base + path, **kwargs)
         if response.status != 202:
             raise SyncClient.error_from(response)
 
-    @staticmethod
-    def _wait(client: SyncClient, base: str, action: str, until: float) -> Any:
-        """Poll until the server asks for ``action``; SyncError("secagg_dropped") when the
-        round went on without this device, or at ``until``."""
-        while True:
-            response = client.request("GET", base)
-            if response.status != 200:
-                raise SyncClient.error_from(response)
-            view = jsonlib.loads(response.data)
-            if view.get("action") == action:
-                return view.get("payload")
-            if view.get("dropped") or view.get("stage") in ("aggregating", "published"):
-                raise SyncError("secagg_dropped", f"round {view.get('round_id')} went on "
-                                f"without this device (at {view.get('stage')})")
-            delay = float(view.get("retry_after") or 1.0)
-            if time.time() + delay > until:
-                raise SyncError("secagg_dropped", f"gave up waiting for {action}: the round "
-                                "did not reach it in time", retryable=False)
-            time.sleep(min(delay, MAX_BACKOFF_S))
+
+class SecAggUpload:
+    """``secagg+-v1``: a ``SecAggSession`` run to its end, sleeping between polls."""
+
+    name = secagg.SCHEME
+
+    def session(self, client: SyncClient, task: RoundTask, vector: np.ndarray) -> SecAggSession:
+        return SecAggSession(client, task, vector)
+
+    def begin(self, client: SyncClient, task: RoundTask, update: ModelUpdate
+              ) -> SecAggSession:
+        """Advertise and return the session, for the caller to ``step()`` through."""
+        session = self.session(client, task, flatten_update(update))
+        session.start()
+        return session
+
+    def submit(self, client: SyncClient, task: RoundTask, update: ModelUpdate) -> dict[str, Any]:
+        session = self.begin(client, task, update)
+        while not session.step():
+            time.sleep(session.retry_after)
+        return {"accepted": True, "round_id": task.round_id, "scheme": self.name}
 
 
 def flatten_update(update: ModelUpdate) -> np.ndarray:

@@ -59,6 +59,7 @@ def create_app(
         lease_s=settings["AGGREGATION_LEASE_S"], metrics=metrics,
     )
 
+    _defer_aggregations(app)
     register_error_handlers(app)
     for bp in blueprints():
         app.register_blueprint(bp)
@@ -91,3 +92,30 @@ def _install_access_log(app: Flask) -> None:
         access_log.info("%s %s %d %.1f ms", request.method, request.path,
                         response.status_code, duration_ms or 0.0, extra=fields)
         return response
+
+
+def _defer_aggregations(app: Flask) -> None:
+    """A round that a request completes is aggregated after its response is sent
+    (``RoundService.defer_aggregations``): ``call_on_close`` runs once the body is out."""
+    rounds = app.extensions["pocketrec_rounds"]
+
+    @app.before_request
+    def _defer() -> None:
+        g.pocketrec_deferred = rounds.defer_aggregations()
+
+    @app.after_request
+    def _after_response(response: Response) -> Response:
+        jobs = g.pop("pocketrec_deferred", [])
+        if jobs:
+            def run() -> None:
+                for job in jobs:
+                    job()
+
+            response.call_on_close(run)
+        return response
+
+    @app.teardown_request
+    def _stop(exc: BaseException | None) -> None:
+        rounds.stop_deferring()
+        for job in g.pop("pocketrec_deferred", []):  # no response went out: run them now
+            job()

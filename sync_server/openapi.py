@@ -264,6 +264,12 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [_ROUND_ID_PARAM],
                 "responses": {"200": _json(_ROUND, "round"), **_errors(401, 403, 404)},
             }},
+            "/v1/admin/rounds/{round_id}/close-stage": {"post": {
+                "summary": "Stop waiting for the current stage (as at its deadline)",
+                "security": _ADMIN,
+                "parameters": [_ROUND_ID_PARAM],
+                "responses": {"200": _json(_ROUND, "round"), **_errors(401, 403, 404, 409)},
+            }},
             "/v1/admin/server-keys": {"get": {
                 "summary": "The server's public keys, for provisioning devices",
                 "security": _ADMIN,

@@ -28,8 +28,10 @@ States (``rounds.state``)::
   ``reason`` says which.
 
 There is no background thread: ``advance`` runs at every check-in, upload and admin read,
-and at the upload that completes the round (aggregation then runs synchronously inside that
-request, after the update is committed).
+and at the upload that completes the round. Inside a request (``defer_aggregations``) the
+aggregation
+it starts runs after that request's response has been sent, in the same worker, so no
+device waits (or times out) on an export.
 
 Publishing: the server never imports ``trainer`` (export needs torch). A *publisher* is a
 callable ``(weights, base_bundle_dir, version, provenance) -> Path`` of a new unsigned
@@ -42,6 +44,7 @@ only. Whatever the publisher wrote, the server sets the manifest's ``model_versi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import json
@@ -50,6 +53,7 @@ import math
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -253,6 +257,7 @@ class RoundService:
         self.lease_s = lease_s
         self.metrics = metrics
         self.secagg = secure_aggregation.SecAggStages(db, blobs)
+        self._local = threading.local()  # the current request's deferred aggregations
 
     @property
     def publisher(self) -> Publisher:
@@ -374,6 +379,25 @@ class RoundService:
         rows = session.scalars(select(PrivacyLedger).order_by(PrivacyLedger.id)).all()
         return [LedgerEntry(r.round_id, r.noise_multiplier, r.sampling_rate, r.steps, r.mode)
                 for r in rows]
+
+    def close_stage(self, round_id: str) -> dict[str, Any]:
+        """Operator: stop waiting for the current stage (collecting, or a SecAgg+ stage). Its
+        deadline becomes now, so the round goes on with the devices that answered, exactly
+        as at the deadline (or fails there, when too few did). Returns the round's view."""
+        now = utcnow()
+        with self.db.transaction() as session:
+            row = session.get(Round, round_id)
+            if row is None:
+                raise ApiError("not_found", f"no round {round_id}", 404)
+            if row.state in ("open", "collecting"):
+                row.deadline = min(as_utc(row.deadline), now)
+            elif row.state in secure_aggregation.STAGES:
+                row.stage_deadline = min(as_utc(row.stage_deadline), now)
+            else:
+                raise ApiError("round_closed", f"round {round_id} is {row.state}: no stage "
+                               "is waiting for devices", 409)
+        self.advance(round_id)
+        return self.view(round_id)
 
     def view(self, round_id: str) -> dict[str, Any]:
         with self.db.session() as session:
@@ -560,11 +584,11 @@ class RoundService:
                 continue
             full = row.received_count >= int(row.config["target_clients"])
             if row.state == "collecting" and (full or now >= as_utc(row.deadline)):
-                self._finish(row.id, takeover=False)
+                self._finish_soon(row.id, takeover=False)
             elif row.state == "aggregating" and (
                 row.lease_until is None or now >= as_utc(row.lease_until)
             ):
-                self._finish(row.id, takeover=True)
+                self._finish_soon(row.id, takeover=True)
 
     def _advance_secagg(self, row: Round, now: Any) -> None:
         """Close the current SecAgg+ stage when it is done; unmasking closes into the usual
@@ -572,7 +596,7 @@ class RoundService:
         if not self.secagg.ready(row, now):
             return
         if row.state == "unmasking":
-            self._finish(row.id, takeover=False, from_state="unmasking")
+            self._finish_soon(row.id, takeover=False, from_state="unmasking")
             return
         reason = self.secagg.close_stage(row, now)
         if reason is not None:
@@ -585,6 +609,24 @@ class RoundService:
                 log.warning("round %s failed at %s: %s", row.id, row.state, reason,
                             extra={"round_id": row.id, "status": "failed", "reason": reason})
                 self.secagg.forget(row.id)
+
+    def defer_aggregations(self) -> list[Callable[[], None]]:
+        """Until ``stop_deferring`` (one request, this thread), aggregations that ``advance``
+        would start are appended to the returned list instead of run: the app runs them
+        after the response has been sent, so the device whose answer completed a round is
+        not kept waiting (nor timed out) while the server aggregates and exports."""
+        self._local.jobs = []
+        return self._local.jobs
+
+    def stop_deferring(self) -> None:
+        self._local.jobs = None
+
+    def _finish_soon(self, round_id: str, **kwargs: Any) -> None:
+        jobs = getattr(self._local, "jobs", None)
+        if jobs is None:
+            self._finish(round_id, **kwargs)
+        else:
+            jobs.append(functools.partial(self._finish, round_id, **kwargs))
 
     def _finish(self, round_id: str, *, takeover: bool, from_state: str = "collecting"
                 ) -> None:

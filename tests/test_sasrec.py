@@ -147,7 +147,7 @@ def test_a_sasrec_bundle_takes_part_in_a_federated_round(
             with ThreadPoolExecutor(3) as pool:
                 reports = list(pool.map(lambda d: d.sync(), devices))
             assert [(r.round_id, r.uploaded) for r in reports] == [(round_id, True)] * 3
-            view = json.loads(server.admin("GET", f"/v1/admin/rounds/{round_id}").data)
+            view = server.round(round_id)
             assert (view["state"], view["secagg"]["masked"], view["published_version"]) == (
                 "published", 3, 2)
             for device in devices:

@@ -18,6 +18,7 @@ from server_process import ServerProcess
 from test_server_rounds import (
     SETTINGS,
     make_device,
+    masked_frames_left,
     publish,
     round_view,
     sync_client,
@@ -28,7 +29,7 @@ from device_sdk.bundle import load_bundle
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import RoundTask, b64, encode_tensors
-from device_sdk.sync_client import SecAggUpload, SyncError
+from device_sdk.sync_client import SecAggSession, SecAggUpload, SyncError
 
 FAST = {"secagg_poll_s": 0.1, "secagg_stage_timeout_s": 4.0, "strategy": "fedavg",
         "server_lr": 1.0, "clip_norm": 1.0}
@@ -44,10 +45,16 @@ class DropAt(SecAggUpload):
     def __init__(self, stage):
         self.stage = stage
 
-    def _post(self, client, path, **kwargs):
-        if path.endswith("/" + self.stage):
-            raise Dropped(self.stage)
-        super()._post(client, path, **kwargs)
+    def session(self, client, task, vector):
+        stage = self.stage
+
+        class DroppingSession(SecAggSession):
+            def _post(self, path, **kwargs):
+                if path.endswith("/" + stage):
+                    raise Dropped(stage)
+                super()._post(path, **kwargs)
+
+        return DroppingSession(client, task, vector)
 
 
 def open_round(server, **config):
@@ -153,10 +160,8 @@ def test_dropout_matrix_over_http_publishes_the_survivors_mean(fleet, stage, rat
     for k in shapes:  # FedAvg with server_lr 1: new = base + mean delta
         error = np.abs(new[k].astype(np.float64) - base[k] - mean[k])
         assert error.max() <= bound + 1e-6 * (1 + np.abs(base[k]).max())
-    # Nothing per-device outlives the round.
-    blobs = server.data_dir / "blobs"
-    frames = [p for p in blobs.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"PRT1"]
-    assert frames == []
+    # Nothing per-device outlives the round (deleted right after the publish commits).
+    assert masked_frames_left(server) == []
 
 
 def test_real_devices_run_secagg_by_default_and_learn_the_float_mean(

@@ -240,15 +240,93 @@ def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
+    from device_sdk import secagg
+    from device_sdk.protocol import SEALED_SCHEME
+
+    g = p.add_argument_group("fleet")
+    g.add_argument("--rounds", type=int, default=rounds)
+    g.add_argument("--clients-per-round", type=int, default=clients)
+    g.add_argument("--public-fraction", type=float, default=0.1,
+                   help="share of users whose data pretrains the starting model centrally")
+    g.add_argument("--warmup", type=float, default=0.5,
+                   help="share of the devices' events already logged at round 1")
+    g.add_argument("--device-dropout", type=float, default=0.05,
+                   help="chance that a sampled device stops answering at a random stage")
+    g.add_argument("--stragglers", type=float, default=0.0,
+                   help="chance that a sampled device answers a random stage too late")
+    g.add_argument("--deadline", type=float, help="collecting deadline (s); default: paced")
+    g.add_argument("--stage-timeout", type=float, help="SecAgg+ stage timeout (s); default: paced")
+    g = p.add_argument_group("federated training")
+    g.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"))
+    g.add_argument("--server-lr", type=float, default=1.0)
+    g.add_argument("--momentum", type=float, help="fedavgm")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="per-device update clip C")
+    g.add_argument("--local-epochs", type=int, default=1)
+    g.add_argument("--local-lr", type=float, default=0.1)
+    g.add_argument("--local-batch-size", type=int, default=32)
+    g.add_argument("--upload-scheme", default=secagg.SCHEME, choices=(secagg.SCHEME, SEALED_SCHEME))
+    g.add_argument("--dp-mode", default="central", choices=("central", "distributed"))
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=2, help="device worker processes / actors")
+    g.add_argument("--backend", default="local", choices=("local", "ray"))
+    g.add_argument("--ray-address", help="a Ray cluster (default: a local Ray instance)")
+    g.add_argument("--server", metavar="URL", help="use this running sync server instead of "
+                   "starting one (needs --admin-token or POCKETREC_ADMIN_TOKEN)")
+    g.add_argument("--admin-token", default=os.environ.get("POCKETREC_ADMIN_TOKEN"))
+    g.add_argument("--out", help="report directory (default: RUN/report)")
+
+
+def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
+    from trainer.simulation.run import SimulationConfig
+
+    return SimulationConfig(
+        rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
+        delta=args.delta, clip_norm=args.clip_norm, strategy=args.strategy,
+        server_lr=args.server_lr, momentum=args.momentum, local_epochs=args.local_epochs,
+        learning_rate=args.local_lr, batch_size=args.local_batch_size,
+        upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
+        stragglers=args.stragglers, deadline_s=args.deadline,
+        stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,
+        ray_address=args.ray_address, seed=args.seed, label=label)
+
+
+def _experiment(args: argparse.Namespace, configs: list, central: bool) -> dict:
+    import model_zoo
+    from trainer.simulation.experiment import ModelSpec, run_experiment
+
+    arch = model_zoo.get(args.arch)
+    model = ModelSpec(args.arch, _model_options(args, arch), epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                      seed=args.seed)
+    out = Path(args.out or Path(args.run) / "report")
+    index, result = run_experiment(
+        _data_spec(args), model, out, configs, rounds=args.rounds,
+        public_fraction=args.public_fraction, warmup=args.warmup, central=central,
+        base_bundle=Path(args.base_bundle) if getattr(args, "base_bundle", None) else None,
+        server_url=args.server, admin_token=args.admin_token,
+        progress=not args.no_progress)
+    print(f"report: {index}")
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+    return result
+
+
+def cmd_simulate(args: argparse.Namespace) -> dict:
+    label = "federated+DP" if args.noise_multiplier else "federated"
+    return _experiment(args, [_sim_config(args, label, args.noise_multiplier)],
+                       central=args.central)
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """Pretrain on the public slice, then the same fleet with SecAgg+ and DP, and without DP,
+    beside the central model; the report shows all three."""
     started = time.perf_counter()
-    cmd_train(args)
-    args.model_version, args.parent_version, args.recipe = 1, None, "dynamic_wi8_afp32"
-    args.signing_key = args.out = None
-    cmd_export(args)
-    args.split, args.compare = "test", []
-    cmd_evaluate(args)
-    print(f"demo finished in {time.perf_counter() - started:.0f} s; run directory: {args.run}")
+    configs = [_sim_config(args, "federated+DP", args.noise_multiplier),
+               _sim_config(args, "federated", None)]
+    result = _experiment(args, configs, central=True)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return result
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -271,12 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"run directory (default: {DEFAULT_RUN})")
         return p
 
-    p = add("demo", "train, export and evaluate end to end (synthetic data unless --data)",
-            cmd_demo)
+    p = add("demo", "the main job: pretrain on a public slice, export, start the sync server, "
+            "federated rounds with SecAgg+ and DP (and without DP) on virtual devices, beside "
+            "central training; writes a report (synthetic shop unless --data)", cmd_demo)
     _data_args(p)
     _train_args(p)
+    _sim_args(p, rounds=20, clients=60)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(epochs=15)
+    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.7)
+
+    p = add("simulate", "federated simulation: every user a virtual device (real SDK, own "
+            "SQLite log) against the real sync server over HTTP, SecAgg+, optional DP",
+            cmd_simulate)
+    _data_args(p)
+    _train_args(p)
+    _sim_args(p, rounds=20, clients=50)
+    p.add_argument("--base-bundle", metavar="DIR",
+                   help="start from this exported bundle (same data) instead of pretraining")
+    p.add_argument("--central", action="store_true",
+                   help="also train the central reference model on everyone's data")
+    p.add_argument("--no-progress", action="store_true")
 
     p = add("train", "central training; writes RUN/checkpoint", cmd_train)
     _data_args(p)

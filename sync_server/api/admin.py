@@ -114,3 +114,12 @@ def get_round(round_id: str) -> Response:
     rounds = current_app.extensions["pocketrec_rounds"]
     rounds.advance(round_id)  # the deadline check: a GET may close (or fail) the round
     return jsonify(rounds.view(round_id))
+
+
+@bp.post("/v1/admin/rounds/<round_id>/close-stage")
+@admin_required
+def close_stage(round_id: str) -> Response:
+    """Stop waiting for the current stage: the round goes on with the devices that answered
+    (as at the stage's deadline). For an operator who knows the rest will not come."""
+    return jsonify(current_app.extensions["pocketrec_rounds"].close_stage(round_id))
+

@@ -1,0 +1,205 @@
+"""Virtual devices: the real device SDK (DeviceClient: SQLite EventLog, ModelStore, LiteRT
+Recommender, LocalTrainer, SyncClient with SecAgg+) in a directory per device.
+
+A ``DeviceWorker`` owns a shard of the population for the whole simulation (so its devices'
+directories and their in-flight SecAgg+ sessions stay where they are) and runs one device
+at a time. It is plain Python with JSON-able inputs and outputs, so the same object runs in
+a local worker process (``trainer.simulation.backends.LocalBackend``) or as a Ray actor.
+
+Between operations no DeviceClient stays open: each opens its device's directory, works and
+closes it, so a worker's memory does not grow with its shard. What stays in memory between
+the SecAgg+ stages of a round is the device's session (its keys, the shares it holds: a few
+tens of KB); the update vector itself is spilled to the device's directory until the
+masked-input stage reads it back."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import urllib3
+
+from device_sdk.device_client import DeviceClient
+from device_sdk.recommender import HistoryPolicy
+from device_sdk.sync_client import SecAggSession, SyncError
+from trainer.simulation.population import DeviceStream, device_dir_name
+
+K = 10
+# Where a device may fail in a SecAgg+ round (it stops answering from then on).
+STAGES = ("collecting", "share_keys", "masked_input", "unmasking")
+
+
+class CountingPool(urllib3.PoolManager):
+    """An urllib3 pool that counts body bytes sent and received (headers excluded)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sent = 0
+        self.received = 0
+
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any
+                ) -> urllib3.BaseHTTPResponse:
+        body = kw.get("body")
+        self.sent += len(body) if isinstance(body, (bytes, bytearray)) else 0
+        response = super().urlopen(method, url, redirect=redirect, **kw)
+        self.received += int(response.headers.get("Content-Length") or 0)
+        return response
+
+
+class DeviceWorker:
+    """``config``: root (directory for device directories), server_url, server_key (hex of
+    the pinned Ed25519 key), exclude_kinds (the shop's recommendation filter)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.root = Path(config["root"])
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.server_url = config["server_url"]
+        self.server_key = bytes.fromhex(config["server_key"])
+        self.policy = HistoryPolicy(exclude_kinds=tuple(config.get("exclude_kinds",
+                                                                   ("dismiss",))))
+        self.streams: dict[str, DeviceStream] = {}
+        self.logged: dict[str, int] = {}  # events replayed into each device's log so far
+        self.sessions: dict[str, SecAggSession] = {}
+        self.pool = CountingPool(maxsize=4)
+
+    # -- operations (JSON in, JSON out) ---------------------------------------------------
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        method = {"add": self.add, "begin": self.begin, "finish_late": self.finish_late,
+                  "step": self.step, "drop": self.drop, "stats": self.stats}.get(op)
+        if method is None:
+            raise ValueError(f"unknown operation {op!r}")
+        return method(**args)
+
+    def add(self, streams: list[dict[str, Any]]) -> int:
+        for obj in streams:
+            stream = DeviceStream.from_json(obj)
+            self.streams[stream.user] = stream
+        return len(self.streams)
+
+    def stats(self) -> dict[str, Any]:
+        import resource
+
+        return {"devices": len(self.streams), "sessions": len(self.sessions),
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def _device(self, user: str) -> DeviceClient:
+        return DeviceClient(self.root / device_dir_name(user), server_key=self.server_key,
+                            server_url=self.server_url, policy=self.policy,
+                            http_pool=self.pool)
+
+    def begin(self, users: list[str], now: int, drop: dict[str, str] | None = None,
+              late: list[str] | None = None) -> list[dict[str, Any]]:
+        """Round start for each of ``users``: replay its events up to ``now``, sync (install
+        the newest model, check in), recommend (online hit: is its next real event in the
+        top K?), train and advertise (SecAgg+ stage 1). ``drop[user] == "collecting"``: the
+        device dies after checking in. ``late``: it checks in but trains and answers only in
+        ``finish_late`` (a straggler the round will not wait for)."""
+        drop, late = drop or {}, set(late or ())
+        return [self._begin_one(u, now, drop.get(u) == "collecting", u in late)
+                for u in users]
+
+    def _begin_one(self, user: str, now: int, dies: bool, late: bool) -> dict[str, Any]:
+        started = time.perf_counter()
+        sent, received = self.pool.sent, self.pool.received
+        stream = self.streams[user]
+        out: dict[str, Any] = {"user": user, "status": "advertised"}
+        try:
+            with self._device(user) as device:
+                done = self.logged.get(user, 0)
+                upto = int(np.searchsorted(stream.times, now, side="left"))
+                if upto > done:
+                    device.log_many([(stream.items[i], stream.kinds[i],
+                                      float(stream.times[i])) for i in range(done, upto)])
+                    self.logged[user] = upto
+                out["events"] = upto
+                first = device.sync(train=False)
+                out["installed"] = first.installed
+                out["model_version"] = device.model_version
+                if first.install_error:
+                    out["install_error"] = first.install_error
+                if upto < len(stream) and device.model_version is not None:
+                    keys = [r.item for r in device.recommend(K)]
+                    nxt = stream.items[upto]
+                    rank = keys.index(nxt) if nxt in keys else None
+                    out["hit"] = rank is not None
+                    out["ndcg"] = 0.0 if rank is None else 1.0 / math.log2(rank + 2)
+                if dies:
+                    out["status"] = "dropped"
+                elif late:
+                    out["status"] = "late"
+                else:
+                    self._train_and_advertise(user, device, out)
+        except (SyncError, OSError, ValueError, RuntimeError) as exc:
+            out["status"], out["error"] = "error", f"{type(exc).__name__}: {exc}"
+        out["bytes_up"] = self.pool.sent - sent
+        out["bytes_down"] = self.pool.received - received
+        out["seconds"] = time.perf_counter() - started
+        return out
+
+    def _train_and_advertise(self, user: str, device: DeviceClient, out: dict[str, Any]
+                             ) -> None:
+        report = device.sync(wait=False)
+        out["examples"] = report.num_examples
+        out["update_norm"] = report.update_norm
+        if report.pending is None:
+            out["status"] = "skipped"
+            out["error"] = report.skipped or "no task offered"
+            return
+        report.pending.spill(device.data_dir / "pending-update.npy")
+        self.sessions[user] = report.pending
+
+    def finish_late(self, users: list[str]) -> list[dict[str, Any]]:
+        """The stragglers of ``begin``: train and try to advertise now."""
+        results = []
+        for user in users:
+            sent, received = self.pool.sent, self.pool.received
+            out: dict[str, Any] = {"user": user, "status": "advertised"}
+            try:
+                with self._device(user) as device:
+                    self._train_and_advertise(user, device, out)
+            except (SyncError, OSError, ValueError, RuntimeError) as exc:
+                out["status"], out["error"] = "error", f"{type(exc).__name__}: {exc}"
+            out["bytes_up"] = self.pool.sent - sent
+            out["bytes_down"] = self.pool.received - received
+            results.append(out)
+        return results
+
+    def step(self, users: list[str]) -> list[dict[str, Any]]:
+        """One poll (and the answer the server asks for) per device's session."""
+        results = []
+        for user in users:
+            sent, received = self.pool.sent, self.pool.received
+            out: dict[str, Any] = {"user": user}
+            session = self.sessions.get(user)
+            if session is None:
+                out["status"] = "no_session"
+            else:
+                try:
+                    done = session.step()
+                    out["status"] = "done" if done else "answered" if (
+                        session.answered) else "waiting"
+                    out["answered"] = session.answered
+                    if done:
+                        del self.sessions[user]
+                except SyncError as exc:
+                    del self.sessions[user]
+                    out["status"] = "dropped" if exc.code in (
+                        "secagg_dropped", "stage_closed") else "error"
+                    out["error"] = f"{exc.code}: {exc.message}"
+            out["bytes_up"] = self.pool.sent - sent
+            out["bytes_down"] = self.pool.received - received
+            results.append(out)
+        return results
+
+    def drop(self, users: list[str]) -> list[dict[str, Any]]:
+        """These devices stop answering (fault injection): their sessions are discarded."""
+        results = []
+        for user in users:
+            session = self.sessions.pop(user, None)
+            if session is not None:
+                session.discard()
+            results.append({"user": user, "status": "dropped"})
+        return results

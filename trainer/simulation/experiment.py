@@ -1,0 +1,234 @@
+"""``pocketrec simulate`` and ``pocketrec demo``: pretrain on the public slice, export, start
+the real sync server, run the federated simulation(s), write the report.
+
+The demo runs the same fleet twice from the same starting model and the same device samples
+(federated learning with SecAgg+ and central DP, and without DP) and trains the central
+reference on everyone's data, so the report shows what federated learning gains over the
+pretrained model and how close it comes to central training at the epsilon reached."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from trainer.data.dataset import DataSpec
+from trainer.simulation.population import Population, build_population
+from trainer.simulation.run import RoundRecord, Simulation, SimulationConfig
+from trainer.simulation.server import ServerProcess
+
+
+@dataclass
+class ModelSpec:
+    arch: str = "dual_encoder"
+    options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 15
+    batch_size: int | None = None
+    lr: float = 3e-3
+    patience: int = 3
+    seed: int = 0
+
+
+def train_central(population: Population, which: str, model: ModelSpec,
+                  progress: bool = True) -> Any:
+    """Train ``model`` centrally on the public slice (``which="pretrain"``) or on every
+    user's training data (``"central"``); returns (Checkpoint, best validation metrics)."""
+    import model_zoo
+    from trainer.checkpoint import Checkpoint
+    from trainer.train import TrainConfig, predicts_every_position, train
+
+    split = population.pretrain if which == "pretrain" else population.central
+    arch = model_zoo.get(model.arch)
+    config = arch.config(n_items=len(population.vocab), **model.options)
+    module = arch.torch_module(config)
+    batch = model.batch_size or (128 if predicts_every_position(module) else 512)
+    cfg = TrainConfig(epochs=model.epochs, batch_size=batch, lr=model.lr,
+                      patience=model.patience, seed=model.seed)
+    result = train(module, split, cfg, progress=progress)
+    best = result.history[result.best_epoch - 1]
+    meta = {"data": {"name": population.name, "slice": which,
+                     "users": len(split.train), **population.stats},
+            "training": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                         "seconds": round(result.seconds, 1)}}
+    return Checkpoint(model.arch, config.to_dict(), result.params, population.vocab, meta), best
+
+
+def central_metrics(ckpt: Any, population: Population) -> dict[str, float]:
+    """The central model's metrics on the devices' held-out events (torch, float)."""
+    from trainer.metrics import basket_metrics, ranking_metrics
+    from trainer.train import torch_topk
+
+    module = ckpt.torch_module()
+    test = population.test
+    line = ranking_metrics(torch_topk(module, test.history, 10), test.target,
+                           len(population.vocab), 10)
+    out = {"hr@10": line["hr@10"], "ndcg@10": line["ndcg@10"]}
+    if population.basket is not None and len(population.basket):
+        b = basket_metrics(torch_topk(module, population.basket.history, 10),
+                           population.basket.baskets, 10)
+        out.update({"basket_hr@10": b["basket_hr@10"], "basket_ndcg@10": b["basket_ndcg@10"]})
+    return out
+
+
+def export_base(ckpt: Any, population: Population, out: Path) -> Path:
+    from trainer.export import export_bundle
+
+    result = export_bundle(ckpt, out, histories=population.test.history[:8])
+    return result.bundle_dir
+
+
+class _Interrupt:
+    """SIGINT raises KeyboardInterrupt once; a second Ctrl-C during clean-up is ignored so
+    the workers and the server are always stopped and the report written."""
+
+    def __enter__(self) -> _Interrupt:
+        self.hits = 0
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.hits += 1
+        if self.hits == 1:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
+def simulate_one(population: Population, base_bundle: Path, root: Path,
+                 config: SimulationConfig, *, server_url: str | None = None,
+                 admin_token: str | None = None, progress: bool = True,
+                 on_round: Callable[[RoundRecord], None] | None = None
+                 ) -> tuple[list[RoundRecord], bool]:
+    """One federated simulation against a fresh server in ``root/server`` (or against
+    ``server_url``). Returns the round records and whether it was interrupted."""
+    root.mkdir(parents=True, exist_ok=True)
+    server: Any
+    if server_url is None:
+        token = secrets.token_urlsafe(24)
+        server = ServerProcess(root / "server", ADMIN_TOKEN=token, LOG_FORMAT="json",
+                               RATE_LIMIT=100000, AGGREGATION_LEASE_S=600)
+        (root / "admin-token").write_text(token + "\n")
+    else:
+        server = RemoteServer(server_url, admin_token)
+    interrupted = False
+    sim = None
+    try:
+        sim = Simulation(population, server, root, config, progress=progress,
+                         on_round=on_round)
+        if progress:
+            print(f"[{config.label}] server {server.url}  dashboard {server.url}/dashboard",
+                  flush=True)
+        version = sim.publish_base(base_bundle)
+        sim.run(version)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if isinstance(server, ServerProcess):
+            server.close()
+    return (sim.records if sim is not None else []), interrupted
+
+
+class RemoteServer:
+    """An operator's running server (``--server URL``), driven through its admin API."""
+
+    def __init__(self, url: str, admin_token: str | None) -> None:
+        import urllib3
+
+        if not admin_token:
+            raise ValueError("--server needs --admin-token (or POCKETREC_ADMIN_TOKEN)")
+        self.url = url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {admin_token}"}
+        self.http = urllib3.PoolManager(timeout=urllib3.Timeout(30.0))
+
+    def admin(self, method: str, path: str, headers: dict[str, str] | None = None,
+              **kwargs: Any) -> Any:
+        return self.http.request(method, self.url + path,
+                                 headers={**self._auth, **(headers or {})}, **kwargs)
+
+
+def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
+                   configs: list[SimulationConfig], *, rounds: int,
+                   public_fraction: float, warmup: float, central: bool,
+                   base_bundle: Path | None = None, server_url: str | None = None,
+                   admin_token: str | None = None, progress: bool = True,
+                   log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """Build the fleet, pretrain (unless ``base_bundle``), run each config, write the report.
+    Returns (index.html, rounds.json content)."""
+    from trainer.simulation.report import summary, write_report
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_len = int(model.options.get("max_len", 50))
+    population = build_population(spec, max_len, rounds=rounds,
+                                  public_fraction=public_fraction, warmup=warmup,
+                                  seed=spec.seed)
+    s = population.stats
+    log(f"{population.name}: {s['users']:,} users, {s['items']:,} items; "
+        f"{s['public_users']:,} public users pretrain, {s['devices']:,} devices "
+        f"({s['held_out_devices']:,} with held-out events, {s['holdout']} holdout); "
+        f"clock {s['clock_start']} -> {s['clock_end']}")
+    meta: dict[str, Any] = {"data": population.name, **{f"data_{k}": v for k, v in s.items()},
+                            "model": model.arch, "model_options": model.options}
+    central_result = None
+    with _Interrupt():
+        try:
+            if base_bundle is None:
+                log("pretraining on the public slice ...")
+                ckpt, best = train_central(population, "pretrain", model, progress)
+                meta["pretrain_valid_hr@10"] = best["hr@10"]
+                log("exporting the starting model (int8 LiteRT) ...")
+                base_bundle = export_base(ckpt, population, out / "base")
+            if central:
+                log("central reference: training on every user's data ...")
+                ref, _ = train_central(population, "central", model, progress)
+                central_result = central_metrics(ref, population)
+                log(f"central model: HR@10 {central_result['hr@10']:.4f} on the devices' "
+                    "held-out events")
+        except KeyboardInterrupt:
+            log("interrupted before the first round; no report")
+            raise
+    runs: dict[str, list[RoundRecord]] = {}
+    interrupted = False
+    for config in configs:
+        label = config.label
+        meta[f"config[{label}]"] = {k: v for k, v in config.__dict__.items()
+                                    if k not in ("label",)}
+        root = out / label.replace("+", "_").replace(" ", "_")
+
+        def on_round(record: RoundRecord, label: str = label) -> None:
+            runs.setdefault(label, [])
+            if record not in runs[label]:
+                runs[label].append(record)
+            write_report(out, runs, central_result, meta)  # always current
+
+        with _Interrupt():
+            _, interrupted = simulate_one(population, base_bundle, root, config,
+                                          server_url=server_url, admin_token=admin_token,
+                                          progress=progress, on_round=on_round)
+        if interrupted:
+            log("interrupted: the report covers the rounds completed")
+            break
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    meta["interrupted"] = interrupted
+    index = write_report(out, runs, central_result, meta)
+    for row in summary(runs, central_result):
+        share = row.get("share_of_central")
+        log(f"{row['run']}: HR@10 {row['start_hr10']:.4f} -> {row['final_hr10']:.4f} "
+            f"({row['gain_hr10']:+.4f}) after {row['published']} published rounds"
+            + (f", {share:.0%} of central" if share is not None else "")
+            + (f", epsilon {row['epsilon']:.2f} at delta {row['delta']:g}"
+               if row["epsilon"] else ", no DP"))
+    return index, {"runs": runs, "central": central_result, "interrupted": interrupted,
+                   "meta": meta}
+
+
+def demo_configs(base: SimulationConfig, noise_multiplier: float) -> list[SimulationConfig]:
+    return [replace(base, noise_multiplier=noise_multiplier, label="federated+DP"),
+            replace(base, noise_multiplier=None, label="federated")]
+

@@ -1,0 +1,166 @@
+"""A data set as a fleet: public users for central pretraining, the rest as virtual devices.
+
+Every user is one device (the privacy unit). A small, seeded share of users is the *public
+slice* (users who opted in to central collection): the starting model is trained on it
+alone. Every other user is a device that replays its own events, in time order, into its
+own SQLite EventLog while the simulation runs:
+
+- held-out data: the same split ``pocketrec evaluate`` uses (the last line, or the whole
+  last basket for basket data). A device never logs its held-out events, so the offline
+  metrics of every published model are measured on data no device trained on;
+- the clock: the simulation starts when ``warmup`` of the devices' replayed events have
+  happened (the app was installed a while ago) and each round moves "now" forward by an
+  equal share of the rest, so logs grow between rounds as they would on phones;
+- the catalogue (item vocabulary) is the shop's, not personal data: it covers every item.
+
+The central reference model is trained on every user's training portion (the non-private
+upper bound the federated models are compared with)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from device_sdk.item_vocab import ItemVocab
+from trainer.data.dataset import BASKET_SHARE, POPULAR_LIST_SIZE, DataSpec
+from trainer.data.split import (
+    BasketSet,
+    EvalSet,
+    LeaveLastOut,
+    basket_holdout,
+    baskets_share,
+    last_baskets,
+    leave_last_out,
+    timed_user_sequences,
+)
+
+
+@dataclass
+class DeviceStream:
+    """One device's replayable events, oldest first (held-out events already removed)."""
+
+    user: str
+    items: list[str]
+    kinds: list[str]
+    times: np.ndarray  # int64 Unix seconds
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def to_json(self) -> dict:
+        return {"user": self.user, "items": self.items, "kinds": self.kinds,
+                "times": self.times.tolist()}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> DeviceStream:
+        return cls(obj["user"], list(obj["items"]), list(obj["kinds"]),
+                   np.asarray(obj["times"], dtype=np.int64))
+
+
+@dataclass
+class Population:
+    name: str
+    vocab: ItemVocab
+    public_users: list[str]
+    devices: dict[str, DeviceStream]
+    clock: np.ndarray  # "now" at the start of round r (index r - 1); rounds = len(clock)
+    pretrain: LeaveLastOut  # the public slice only
+    central: LeaveLastOut  # every user's training portion (the non-private reference)
+    test: EvalSet  # devices' held-out events (line protocol)
+    basket: BasketSet | None  # devices' held-out baskets, for basket data
+    stats: dict = field(default_factory=dict)
+
+    def device_dir_name(self, user: str) -> str:
+        return device_dir_name(user)
+
+
+def device_dir_name(user: str) -> str:
+    """A file-system-safe, stable directory name for a user key of any shape."""
+    return hashlib.sha256(user.encode()).hexdigest()[:20]
+
+
+def _subset_eval(data: EvalSet, keep: set[str]) -> EvalSet:
+    rows = [i for i, u in enumerate(data.users) if u in keep]
+    return EvalSet([data.users[i] for i in rows], data.history[rows], data.target[rows])
+
+
+def _subset_basket(data: BasketSet | None, keep: set[str]) -> BasketSet | None:
+    if data is None:
+        return None
+    rows = [i for i, u in enumerate(data.users) if u in keep]
+    return BasketSet([data.users[i] for i in rows], data.history[rows],
+                     [data.baskets[i] for i in rows])
+
+
+def _restrict(split: LeaveLastOut, keep: set[str]) -> LeaveLastOut:
+    return LeaveLastOut(
+        train={u: s for u, s in split.train.items() if u in keep},
+        valid=_subset_eval(split.valid, keep), test=_subset_eval(split.test, keep),
+        basket=_subset_basket(split.basket, keep), holdout=split.holdout)
+
+
+def build_population(
+    spec: DataSpec, max_len: int, *, rounds: int, public_fraction: float = 0.1,
+    warmup: float = 0.5, seed: int = 0,
+) -> Population:
+    """Split ``spec``'s users into a public slice and devices and set the round clock."""
+    if not 0 < public_fraction < 1:
+        raise ValueError(f"public_fraction must be in (0, 1), got {public_fraction}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    df = spec.load()
+    vocab = ItemVocab.from_items(df["item"])
+    sequences = timed_user_sequences(df, vocab)
+    holdout = spec.holdout
+    if holdout == "auto":
+        holdout = "basket" if baskets_share(df) >= BASKET_SHARE else "line"
+    if holdout == "basket":
+        baskets = last_baskets(df, vocab)
+        split = basket_holdout(sequences, baskets, max_len)
+        # A device replays everything before its held-out basket.
+        cut = {u: stamp for u, (stamp, _) in baskets.items()}
+    else:
+        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len)
+        cut = {u: int(times[-1]) for u, (_, times) in sequences.items() if len(times) >= 3}
+    held = set(split.test.users)
+    users = sorted(sequences)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(users))
+    n_public = max(1, int(round(public_fraction * len(users))))
+    public = sorted(users[i] for i in order[:n_public])
+    device_users = {users[i] for i in order[n_public:]}
+    if len(device_users) < 3:
+        raise ValueError(f"{len(users)} users leave {len(device_users)} devices; a "
+                         "federated simulation needs at least 3")
+
+    devices: dict[str, DeviceStream] = {}
+    rows = df[df["user"].isin(device_users)]
+    limit = rows["user"].map(lambda u: cut[u] if u in held else np.iinfo(np.int64).max)
+    rows = rows[rows["timestamp"] < limit]
+    for user, part in rows.groupby("user", sort=True):
+        devices[user] = DeviceStream(user, part["item"].tolist(), part["event"].tolist(),
+                                     part["timestamp"].to_numpy(np.int64))
+    times = np.sort(np.concatenate([d.times for d in devices.values()]))
+    clock = np.quantile(times, warmup + (1 - warmup) * np.arange(rounds) / rounds)
+    clock = np.floor(clock).astype(np.int64)
+
+    pretrain = _restrict(split, set(public))
+    counts = pretrain.train_item_counts(len(vocab))
+    vocab.popular = [int(i) for i in np.argsort(-counts, kind="stable")[:POPULAR_LIST_SIZE]
+                     if counts[i] > 0]
+    test = _subset_eval(split.test, device_users)
+    stats = {
+        "events": int(len(df)), "users": len(users), "items": len(vocab) - 1,
+        "public_users": len(public), "devices": len(devices),
+        "device_events": int(len(times)), "held_out_devices": len(test),
+        "holdout": split.holdout, "warmup": warmup,
+        "clock_start": pd.Timestamp(int(clock[0]), unit="s").isoformat(),
+        "clock_end": pd.Timestamp(int(times[-1]), unit="s").isoformat(),
+    }
+    return Population(spec.name, vocab, public, devices, clock, pretrain, split, test,
+                      _subset_basket(split.basket, device_users), stats)

@@ -1,0 +1,460 @@
+"""The simulation coordinator: rounds of real devices against a real sync server.
+
+Each round:
+
+1. sample ``clients_per_round`` devices among those with something to train on (uniformly,
+   without replacement; the server's accountant gets the sampling rate from ``population``);
+2. open the round through the admin API (SecAgg+ by default, central DP when a noise
+   multiplier is set);
+3. ``begin`` on every sampled device (its worker replays its events up to the round's clock,
+   syncs the newest model, recommends and records whether the user's next real event is in
+   the top 10, trains, advertises);
+4. drive the SecAgg+ stages: when the server moves to a stage, every live device polls and
+   answers it; devices chosen to drop stop answering at their stage, stragglers answer only
+   after it closed (so the server goes on without them at the stage deadline);
+5. wait for the published version, evaluate it offline (full ranking on the devices'
+   held-out events, with the int8 LiteRT model the devices serve) and post the metrics to
+   the server (the dashboard shows them).
+
+A Ctrl-C stops after cleaning up (workers, server); the rounds completed are returned."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_sdk import secagg
+from device_sdk.bundle import zip_bundle_dir
+from device_sdk.protocol import b64decode
+from trainer.metrics import basket_metrics, ranking_metrics
+from trainer.simulation.backends import make_backend
+from trainer.simulation.devices import STAGES
+from trainer.simulation.population import Population
+
+K = 10
+SECAGG_STAGES = ("share_keys", "masked_input", "unmasking")
+TERMINAL = ("published", "failed")
+
+
+@dataclass
+class SimulationConfig:
+    rounds: int = 20
+    clients_per_round: int = 50
+    noise_multiplier: float | None = None  # None: no differential privacy
+    delta: float | None = None  # default: the power of ten below 1 / devices
+    clip_norm: float = 1.0
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    momentum: float | None = None
+    local_epochs: int = 1
+    learning_rate: float = 0.1
+    batch_size: int = 32
+    max_examples: int = 1000
+    upload_scheme: str = secagg.SCHEME
+    dp_mode: str = "central"
+    dropout: float = 0.0
+    stragglers: float = 0.0
+    deadline_s: float | None = None  # collecting; None: from the measured pace
+    stage_timeout_s: float | None = None  # each SecAgg+ stage; None: from the measured pace
+    workers: int = 2
+    backend: str = "local"
+    ray_address: str | None = None
+    chunk: int = 8
+    seed: int = 0
+    label: str = "federated"
+
+    def round_config(self, n: int, population: int, version: int, delta: float,
+                     deadline_s: float, stage_timeout_s: float) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "strategy": self.strategy, "target_clients": n, "deadline_s": deadline_s,
+            "population": population, "model_version": version, "clip_norm": self.clip_norm,
+            "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size, "max_examples": self.max_examples,
+            "upload_scheme": self.upload_scheme, "server_lr": self.server_lr,
+        }
+        if self.momentum is not None:
+            config["momentum"] = self.momentum
+        if self.noise_multiplier is not None:
+            config.update(noise_multiplier=self.noise_multiplier, delta=delta)
+        if self.upload_scheme == secagg.SCHEME:
+            config.update(dp_mode=self.dp_mode, secagg_stage_timeout_s=stage_timeout_s,
+                          secagg_poll_s=0.2)
+        else:
+            config["min_clients"] = max(1, math.ceil(0.5 * n))
+        return config
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    label: str
+    clock: str
+    round_id: str | None = None
+    state: str | None = None
+    reason: str | None = None
+    version: int | None = None
+    population: int = 0
+    sampled: int = 0
+    completed: int = 0
+    dropped: int = 0
+    planned_dropouts: int = 0
+    planned_stragglers: int = 0
+    online_n: int = 0
+    online_hr10: float | None = None
+    online_ndcg10: float | None = None
+    hr10: float | None = None
+    ndcg10: float | None = None
+    basket_hr10: float | None = None
+    basket_ndcg10: float | None = None
+    epsilon: float = 0.0
+    delta: float | None = None
+    bytes_up_per_device: float = 0.0
+    bytes_down_per_device: float = 0.0
+    device_seconds_median: float | None = None
+    examples_median: float | None = None
+    wall_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_delta(n: int) -> float:
+    """The power of ten below 1 / n (the privacy unit is a device)."""
+    return 10.0 ** -math.ceil(math.log10(max(n, 2)) + 1e-9)
+
+
+class Simulation:
+    """Runs rounds against ``server`` (an object with ``url`` and ``admin(method, path,
+    **kw)``: ``ServerProcess``, or the same over a remote URL) starting from the published
+    ``base_version``."""
+
+    def __init__(self, population: Population, server: Any, root: Path,
+                 config: SimulationConfig, *, progress: bool = True,
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+        self.population, self.server, self.config = population, server, config
+        self.root = Path(root)
+        self.progress = progress
+        self.on_round = on_round
+        self.rng = np.random.default_rng(config.seed)
+        self.users = sorted(population.devices)
+        self.owner = {u: i % config.workers for i, u in enumerate(self.users)}
+        self.records: list[RoundRecord] = []
+        self.delta = config.delta or default_delta(len(self.users))
+        self._pace = {"begin": 0.5, "stage": 0.05}  # seconds per device (measured later)
+        self._evaluator: Any = None
+        self.server_key = b64decode(self._admin_json("GET", "/v1/admin/server-keys")
+                                    ["signing_key"])
+
+    # -- admin API helpers ------------------------------------------------------------------
+    def _admin_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.server.admin(method, path, **kwargs)
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {path}: {response.status} {response.data[:300]!r}")
+        return json.loads(response.data)
+
+    def _round_view(self, round_id: str) -> dict[str, Any]:
+        return self._admin_json("GET", f"/v1/admin/rounds/{round_id}")
+
+    def publish_base(self, bundle_dir: Path) -> int:
+        """Publish the starting model (the server signs it); returns its version."""
+        response = self.server.admin("POST", "/v1/admin/models", body=zip_bundle_dir(bundle_dir),
+                                     headers={"Content-Type": "application/zip"})
+        if response.status != 201:
+            raise RuntimeError(f"publishing the base model: {response.status} "
+                               f"{response.data[:300]!r}")
+        return int(json.loads(response.data)["model_version"])
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, version: int) -> dict[str, float]:
+        """Offline metrics of ``version`` as the devices serve it (int8 LiteRT, downloaded
+        and verified like a device does) on the devices' held-out events."""
+        from device_sdk.device_client import DeviceClient
+
+        if self._evaluator is None:
+            self._evaluator = DeviceClient(self.root / "evaluator", server_key=self.server_key,
+                                           server_url=self.server.url)
+            self._evaluator.sync_client.register()
+        ev = self._evaluator
+        if ev.model_version != version:
+            ev.install(ev.sync_client.download_bundle(version))
+        model = ev.models.bundle(version).model()
+        test = self.population.test
+        ids, _ = model.topk_many(test.history)
+        n_items = len(self.population.vocab)
+        line = ranking_metrics(ids, test.target, n_items, K)
+        out = {"hr@10": line["hr@10"], "ndcg@10": line["ndcg@10"]}
+        basket = self.population.basket
+        if basket is not None and len(basket):
+            bids, _ = model.topk_many(basket.history)
+            b = basket_metrics(bids, basket.baskets, K)
+            out.update({"basket_hr@10": b["basket_hr@10"],
+                        "basket_ndcg@10": b["basket_ndcg@10"]})
+        return out
+
+    def _post_metrics(self, version: int, metrics: dict[str, float], source: str) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        if clean:
+            self.server.admin("POST", f"/v1/admin/models/{version}/metrics",
+                              json={"metrics": clean, "source": source})
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self, base_version: int) -> list[RoundRecord]:
+        config = self.config
+        worker_config = {"root": str(self.root / "devices"), "server_url": self.server.url,
+                         "server_key": self.server_key.hex(), "exclude_kinds": ["dismiss"]}
+        self.backend = make_backend(config.backend, config.workers, worker_config,
+                                    config.ray_address)
+        try:
+            self._load_shards()
+            start = RoundRecord(0, config.label, self._clock(0), state="published",
+                                version=base_version, delta=self.delta)
+            self._fill_offline(start, base_version)
+            self._finish_record(start)
+            version = base_version
+            bar = self._bar(config.rounds, f"{config.label} rounds", position=0)
+            for r in range(1, config.rounds + 1):
+                record = self.run_round(r, version)
+                version = record.version if record.state == "published" else version
+                bar.update(1)
+                bar.set_postfix_str(self._postfix(record))
+            bar.close()
+        except KeyboardInterrupt:
+            # The rounds recorded so far are complete; the one under way is abandoned.
+            raise
+        finally:
+            self.backend.close()
+            if self._evaluator is not None:
+                self._evaluator.close()
+        return self.records
+
+    def _postfix(self, record: RoundRecord) -> str:
+        parts = [f"v{record.version}"]
+        if record.hr10 is not None:
+            parts.append(f"HR@10 {record.hr10:.4f}")
+        if record.epsilon:
+            parts.append(f"eps {record.epsilon:.2f}")
+        return " ".join(parts)
+
+    def _bar(self, total: int, desc: str, position: int = 1) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, position=position, leave=position == 0,
+                    disable=not self.progress, dynamic_ncols=True)
+
+    def _load_shards(self) -> None:
+        shards: dict[int, list[dict[str, Any]]] = {w: [] for w in range(self.config.workers)}
+        for user in self.users:
+            shards[self.owner[user]].append(self.population.devices[user].to_json())
+        tickets = []
+        for w, streams in shards.items():
+            for i in range(0, len(streams), 2000):
+                tickets.append(self.backend.submit(w, "add", {"streams": streams[i:i + 2000]}))
+        for _ in self.backend.completed(tickets):
+            pass
+
+    def _clock(self, r: int) -> str:
+        clock = self.population.clock
+        now = int(clock[min(max(r - 1, 0), len(clock) - 1)])
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+    def _now(self, r: int) -> int:
+        clock = self.population.clock
+        return int(clock[min(r - 1, len(clock) - 1)])
+
+    def _run_op(self, op: str, users: list[str], extra: dict[str, Any] | None = None,
+                desc: str | None = None) -> list[dict[str, Any]]:
+        """``op`` on ``users``, in chunks, on each user's own worker; results in any order."""
+        by_worker: dict[int, list[str]] = {}
+        for user in users:
+            by_worker.setdefault(self.owner[user], []).append(user)
+        size = self.config.chunk
+        tickets = {}
+        for w, mine in by_worker.items():
+            for i in range(0, len(mine), size):
+                chunk = mine[i:i + size]
+                tickets[self.backend.submit(w, op, {"users": chunk, **(extra or {})})] = chunk
+        results: list[dict[str, Any]] = []
+        bar = self._bar(len(users), desc or op) if desc and len(users) > size else None
+        for ticket, chunk_results in self.backend.completed(list(tickets)):
+            results.extend(chunk_results)
+            if bar is not None:
+                bar.update(len(tickets[ticket]))
+        if bar is not None:
+            bar.close()
+        return results
+
+    def _timing(self, n: int) -> tuple[float, float]:
+        """Deadlines far above the measured pace: the simulator closes each stage itself as
+        soon as every device still alive has answered, so these only bound a stall."""
+        batches = math.ceil(n / self.config.workers)
+        deadline = self.config.deadline_s or 60.0 + 4.0 * self._pace["begin"] * batches
+        stage = self.config.stage_timeout_s or 30.0 + 4.0 * self._pace["stage"] * batches
+        return round(deadline, 1), round(stage, 1)
+
+    def run_round(self, r: int, version: int) -> RoundRecord:
+        config = self.config
+        started = time.perf_counter()
+        now = self._now(r)
+        eligible = [u for u in self.users
+                    if np.searchsorted(self.population.devices[u].times, now) >= 2]
+        n = min(config.clients_per_round, len(eligible))
+        record = RoundRecord(r, config.label, self._clock(r), population=len(eligible),
+                             delta=self.delta)
+        if n < 3:
+            record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
+            self._finish_record(record)
+            return record
+        sampled = sorted(self.rng.choice(eligible, size=n, replace=False).tolist())
+        fate = self.rng.random(n)
+        stage_of = self.rng.integers(0, len(STAGES), size=n)
+        drop = {u: STAGES[s] for u, f, s in zip(sampled, fate, stage_of, strict=True)
+                if f < config.dropout}
+        late = {u: STAGES[s] for u, f, s in zip(sampled, fate, stage_of, strict=True)
+                if config.dropout <= f < config.dropout + config.stragglers}
+        record.sampled, record.planned_dropouts = n, len(drop)
+        record.planned_stragglers = len(late)
+        deadline_s, stage_timeout_s = self._timing(n)
+        opened = self._admin_json("POST", "/v1/admin/rounds", json=config.round_config(
+            n, len(eligible), version, self.delta, deadline_s, stage_timeout_s))
+        round_id = record.round_id = opened["round_id"]
+        phases: dict[str, float] = {}
+        traffic: dict[str, list[int]] = {u: [0, 0] for u in sampled}
+
+        def account(results: list[dict[str, Any]]) -> None:
+            for res in results:
+                t = traffic[res["user"]]
+                t[0] += res.get("bytes_up", 0)
+                t[1] += res.get("bytes_down", 0)
+
+        # 1. begin: replay, sync, recommend, train, advertise
+        t0 = time.perf_counter()
+        late_collecting = [u for u, s in late.items() if s == "collecting"]
+        begun = self._run_op("begin", sampled, {
+            "now": now, "drop": {u: s for u, s in drop.items() if s == "collecting"},
+            "late": late_collecting}, desc=f"round {r}: devices")
+        phases["begin"] = time.perf_counter() - t0
+        account(begun)
+        self._pace["begin"] = max(
+            0.05, statistics.median([b["seconds"] for b in begun]) if begun else 0.5)
+        online = [b for b in begun if "hit" in b]
+        record.online_n = len(online)
+        if online:
+            record.online_hr10 = float(np.mean([b["hit"] for b in online]))
+            record.online_ndcg10 = float(np.mean([b["ndcg"] for b in online]))
+        record.device_seconds_median = statistics.median(b["seconds"] for b in begun)
+        examples = [b["examples"] for b in begun if b.get("examples") is not None]
+        record.examples_median = statistics.median(examples) if examples else None
+        live = {b["user"] for b in begun if b["status"] == "advertised"}
+        errors = [b for b in begun if b["status"] == "error"]
+        if errors and len(errors) == len(begun):
+            raise RuntimeError(f"every device failed: {errors[0]['error']}")
+
+        if config.upload_scheme == secagg.SCHEME:
+            view = self._drive_stages(round_id, live, drop, late, late_collecting, phases,
+                                      account)
+        else:
+            self._close_when_idle(round_id, "collecting")
+            view = self._wait(round_id, lambda v: v["state"] in TERMINAL)
+        record.state, record.reason = view["state"], view.get("reason")
+        if view["state"] == "published":
+            record.version = view["published_version"]
+        record.completed = int((view.get("secagg") or {}).get("masked", view.get("received", 0))
+                               if view["state"] == "published" else 0)
+        record.dropped = n - record.completed
+        record.epsilon = float(view.get("epsilon") or (self.records[-1].epsilon
+                                                        if self.records else 0.0))
+        ups = [t[0] for t in traffic.values()]
+        downs = [t[1] for t in traffic.values()]
+        record.bytes_up_per_device = float(np.mean(ups))
+        record.bytes_down_per_device = float(np.mean(downs))
+        t0 = time.perf_counter()
+        if record.version is not None:
+            self._fill_offline(record, record.version)
+            self._post_metrics(record.version, {"hr@10": record.online_hr10,
+                                                "ndcg@10": record.online_ndcg10}, "online")
+        phases["evaluate"] = time.perf_counter() - t0
+        record.phases = {k: round(v, 3) for k, v in phases.items()}
+        record.wall_s = time.perf_counter() - started
+        self._finish_record(record)
+        return record
+
+    def _fill_offline(self, record: RoundRecord, version: int) -> None:
+        metrics = self.evaluate(version)
+        record.hr10, record.ndcg10 = metrics["hr@10"], metrics["ndcg@10"]
+        record.basket_hr10 = metrics.get("basket_hr@10")
+        record.basket_ndcg10 = metrics.get("basket_ndcg@10")
+        self._post_metrics(version, metrics, "offline")
+
+    def _finish_record(self, record: RoundRecord) -> None:
+        self.records.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _wait(self, round_id: str, until: Callable[[dict[str, Any]], bool],
+              timeout: float = 3600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        pause = 0.02
+        while True:
+            view = self._round_view(round_id)
+            if until(view) or time.monotonic() > deadline:
+                return view
+            time.sleep(pause)
+            pause = min(0.25, pause * 1.5)  # quick for stage changes, gentle on exports
+
+    def _close_when_idle(self, round_id: str, stage: str) -> None:
+        """Every device that will answer ``stage`` has; the others crashed or straggle. The
+        simulator knows that, so it tells the server to stop waiting (the admin
+        close-stage, same outcome as the stage deadline) instead of sleeping until then."""
+        view = self._wait(round_id, lambda v: v["state"] != stage, timeout=0.3)
+        if view["state"] == stage:
+            response = self.server.admin("POST", f"/v1/admin/rounds/{round_id}/close-stage")
+            if response.status not in (200, 409):  # 409: it moved on by itself meanwhile
+                raise RuntimeError(f"close-stage: {response.status} {response.data[:300]!r}")
+
+    def _drive_stages(self, round_id: str, live: set[str], drop: dict[str, str],
+                      late: dict[str, str], late_collecting: list[str],
+                      phases: dict[str, float], account: Callable) -> dict[str, Any]:
+        self._close_when_idle(round_id, "collecting")
+        if late_collecting:
+            # Stragglers of the first stage train and advertise now that it is over: refused.
+            account(self._run_op("finish_late", late_collecting))
+        for stage in SECAGG_STAGES:
+            t0 = time.perf_counter()
+            later = SECAGG_STAGES[SECAGG_STAGES.index(stage):]
+            view = self._wait(round_id, lambda v, later=later: v["state"] in (
+                *later, *TERMINAL, "aggregating"))
+            if view["state"] != stage:
+                if view["state"] in TERMINAL or view["state"] == "aggregating":
+                    break
+                continue
+            dying = [u for u in live if drop.get(u) == stage]
+            if dying:
+                self._run_op("drop", dying)
+                live -= set(dying)
+            slow = [u for u in live if late.get(u) == stage]
+            answering = sorted(live - set(slow))
+            results = self._run_op("step", answering, desc=f"  {stage}")
+            account(results)
+            live -= {r["user"] for r in results if r["status"] in ("dropped", "error")}
+            if answering:
+                batches = max(1, math.ceil(len(answering) / self.config.workers))
+                self._pace["stage"] = max(0.005, (time.perf_counter() - t0) / batches)
+            phases[stage] = time.perf_counter() - t0
+            self._close_when_idle(round_id, stage)
+            if slow:
+                results = self._run_op("step", slow)
+                account(results)
+                live -= {r["user"] for r in results if r["status"] in ("dropped", "error")}
+        t0 = time.perf_counter()
+        view = self._wait(round_id, lambda v: v["state"] in TERMINAL)
+        phases["aggregate"] = time.perf_counter() - t0
+        return view

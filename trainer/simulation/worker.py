@@ -1,0 +1,43 @@
+"""``python -m trainer.simulation.worker``: one local worker process of the simulator.
+
+Reads JSON lines ``{"id", "op", "args"}`` on stdin and answers ``{"id", "result"}`` or
+``{"id", "error"}`` on stdout, one operation at a time; "init" creates its DeviceWorker.
+Ctrl-C is ignored: the coordinator stops the worker by closing stdin."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from trainer.cli import _quiet
+
+    _quiet()
+    from trainer.simulation.devices import DeviceWorker
+
+    worker = None
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        message = json.loads(line)
+        reply: dict = {"id": message["id"]}
+        try:
+            if message["op"] == "init":
+                worker = DeviceWorker(message["args"])
+                reply["result"] = True
+            elif worker is None:
+                raise RuntimeError("init first")
+            else:
+                reply["result"] = worker.handle(message["op"], message["args"])
+        except Exception:  # reported to the coordinator, which stops the simulation
+            reply["error"] = traceback.format_exc()
+        out.write(json.dumps(reply).encode() + b"\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
