@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -106,6 +107,11 @@ class SecAggStages:
 
     def __init__(self, db: Database, blobs: BlobStore) -> None:
         self.db, self.blobs = db, blobs
+        # (round id, state) -> the member sets frozen by the stages before it. Each poll and
+        # answer needs them; reading every member for every request would make a round of n
+        # devices cost O(n^2) on the server.
+        self._frozen: dict[tuple[str, str], tuple[list[str], set[str], set[str]]] = {}
+        self._frozen_lock = threading.Lock()
 
     # --- sets ----------------------------------------------------------------------------
 
@@ -122,6 +128,31 @@ class SecAggStages:
         u3 = {m.device_id for m in members if m.masked_at is not None}
         u4 = {m.device_id for m in members if m.unmasked_at is not None}
         return u1, u2, u3, u4
+
+    def frozen_sets(self, row: Round) -> tuple[list[str], set[str], set[str]]:
+        """(sorted U1, U2, U3) as far as the stages before ``row.state`` fixed them: U1 from
+        share_keys on, U2 from masked_input on, U3 from unmasking on (a set not yet fixed
+        comes back empty). An answer to a stage is only counted while the round is at that
+        stage (one conditional UPDATE with it), so a set never changes after its stage."""
+        key = (row.id, row.state)
+        with self._frozen_lock:
+            cached = self._frozen.get(key)
+        if cached is not None:
+            return cached
+        with self.db.session() as session:
+            rows = session.execute(
+                select(SecAggMember.device_id, SecAggMember.shared_at.is_not(None),
+                       SecAggMember.masked_at.is_not(None))
+                .where(SecAggMember.round_id == row.id)).all()
+        at = STAGES.index(row.state)
+        u1 = sorted(r[0] for r in rows) if at >= 1 else []
+        u2 = {r[0] for r in rows if r[1]} if at >= 2 else set()
+        u3 = {r[0] for r in rows if r[2]} if at >= 3 else set()
+        with self._frozen_lock:
+            if len(self._frozen) >= 16:
+                self._frozen.pop(next(iter(self._frozen)))
+            self._frozen[key] = (u1, u2, u3)
+        return u1, u2, u3
 
     @staticmethod
     def graph(row: Round, u1: list[str]) -> dict[str, tuple[str, ...]]:
@@ -180,7 +211,7 @@ class SecAggStages:
         member = self._member(row, device_id, "share_keys")
         if member.shared_at is not None:
             raise ApiError("duplicate_answer", "this device already sent its shares", 409)
-        u1 = sorted(m.device_id for m in self._members(row.id))
+        u1, _, _ = self.frozen_sets(row)
         neighbours = set(self.graph(row, u1)[device_id])
         shares = obj.get("shares") if isinstance(obj, dict) else None
         if not isinstance(shares, dict) or set(shares) != neighbours or not all(
@@ -218,7 +249,7 @@ class SecAggStages:
                            403)
         if member.unmasked_at is not None:
             raise ApiError("duplicate_answer", "this device already revealed its shares", 409)
-        u1, u2, u3, _ = self.sets(self._members(row.id))
+        u1, u2, u3 = self.frozen_sets(row)
         neighbours = set(self.graph(row, u1)[device_id]) & u2
         secagg.parse_reveal(obj, neighbours & u3, neighbours - u3)
         self._record(row, device_id, "unmasking", SecAggMember.unmasked_at,
@@ -233,12 +264,12 @@ class SecAggStages:
         if row.state not in STAGES:
             view["dropped"] = row.state == "failed"
             return view
-        members = self._members(row.id)
-        mine = next((m for m in members if m.device_id == device_id), None)
+        with self.db.session() as session:
+            mine = session.get(SecAggMember, (row.id, device_id))
         if row.state == "collecting" or mine is None:
             view["dropped"] = row.state != "collecting"
             return view
-        u1, u2, u3, _ = self.sets(members)
+        u1, u2, u3 = self.frozen_sets(row)
         answered = {"share_keys": mine.shared_at, "masked_input": mine.masked_at,
                     "unmasking": mine.unmasked_at}[row.state]
         eligible = {"share_keys": True, "masked_input": device_id in u2,
@@ -254,7 +285,10 @@ class SecAggStages:
             with self.db.session() as session:
                 keys = dict(session.execute(select(Device.id, Device.public_key).where(
                     Device.id.in_([*neighbours, device_id]))).all())
-            adverts = {m.device_id: m.advert for m in members}
+                adverts = dict(session.execute(
+                    select(SecAggMember.device_id, SecAggMember.advert).where(
+                        SecAggMember.round_id == row.id,
+                        SecAggMember.device_id.in_([*neighbours, device_id]))).all())
             view["payload"] = {
                 "participants": u1, "degree": row.secagg["degree"],
                 "threshold": row.secagg["threshold"], "graph_seed": row.secagg["graph_seed"],
@@ -360,6 +394,9 @@ class SecAggStages:
     def forget(self, round_id: str) -> None:
         """Drop what only mattered during the round: masked inputs, relayed and revealed
         shares (the member rows stay, as the record of who took part in which stage)."""
+        with self._frozen_lock:
+            for key in [k for k in self._frozen if k[0] == round_id]:
+                del self._frozen[key]
         with self.db.transaction() as session:
             digests = session.scalars(select(SecAggMember.masked_sha256).where(
                 SecAggMember.round_id == round_id,

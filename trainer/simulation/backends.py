@@ -41,7 +41,9 @@ class LocalBackend:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         self._procs = [
-            subprocess.Popen([sys.executable, "-m", "trainer.simulation.worker"],
+            # The device root on the command line only names the worker in ps/pgrep.
+            subprocess.Popen([sys.executable, "-m", "trainer.simulation.worker",
+                              str(config.get("root", ""))],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                              start_new_session=True)  # Ctrl-C reaches the coordinator only
             for _ in range(workers)]

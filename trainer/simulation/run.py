@@ -149,7 +149,7 @@ class Simulation:
         self.owner = {u: i % config.workers for i, u in enumerate(self.users)}
         self.records: list[RoundRecord] = []
         self.delta = config.delta or default_delta(len(self.users))
-        self._pace = {"begin": 0.5, "stage": 0.05}  # seconds per device (measured later)
+        self._pace = {"begin": 0.5, "stage": 0.5}  # seconds per device (measured later)
         self._evaluator: Any = None
         self.server_key = b64decode(self._admin_json("GET", "/v1/admin/server-keys")
                                     ["signing_key"])
@@ -296,8 +296,8 @@ class Simulation:
         """Deadlines far above the measured pace: the simulator closes each stage itself as
         soon as every device still alive has answered, so these only bound a stall."""
         batches = math.ceil(n / self.config.workers)
-        deadline = self.config.deadline_s or 60.0 + 4.0 * self._pace["begin"] * batches
-        stage = self.config.stage_timeout_s or 30.0 + 4.0 * self._pace["stage"] * batches
+        deadline = self.config.deadline_s or 120.0 + 10.0 * self._pace["begin"] * batches
+        stage = self.config.stage_timeout_s or 120.0 + 10.0 * self._pace["stage"] * batches
         return round(deadline, 1), round(stage, 1)
 
     def run_round(self, r: int, version: int) -> RoundRecord:

@@ -1,0 +1,187 @@
+"""The federated simulation end to end: a small synthetic fleet of virtual devices (the real
+device SDK, one SQLite log each) in real worker processes (or Ray actors) against the real
+sync server subprocess over HTTP, with SecAgg+ and central DP; the report; Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.data.dataset import DataSpec
+from trainer.simulation.experiment import ModelSpec, export_base, simulate_one, train_central
+from trainer.simulation.population import build_population, device_dir_name
+from trainer.simulation.report import write_report
+from trainer.simulation.run import SimulationConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = DataSpec(synthetic_users=240, synthetic_items=120, seed=3)
+MODEL = ModelSpec(options={"dim": 16, "hidden": 32, "max_len": 20}, epochs=2)
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """The population and its pretrained, exported starting model."""
+    population = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=3)
+    ckpt, _ = train_central(population, "pretrain", MODEL, progress=False)
+    bundle = export_base(ckpt, population, tmp_path_factory.mktemp("base"))
+    return population, bundle
+
+
+def test_population_splits_users_and_never_replays_held_out_events(fleet):
+    population, _ = fleet
+    devices = set(population.devices)
+    assert devices.isdisjoint(population.public_users)
+    assert set(population.pretrain.train) == set(population.public_users)
+    assert set(population.test.users) <= devices
+    assert len(population.clock) == ROUNDS and np.all(np.diff(population.clock) > 0)
+    df = SPEC.load()
+    for user in population.test.users[:40]:
+        stream = population.devices[user]
+        rows = df[df["user"] == user]
+        # The replayed stream is a prefix of the user's events; the held-out target comes
+        # after it and is never among the replayed items' positions.
+        assert 0 < len(stream) < len(rows)
+        assert stream.items == rows["item"].tolist()[: len(stream)]
+        row = population.test.users.index(user)
+        target_key = population.vocab.keys[population.test.target[row]]
+        assert target_key in rows["item"].tolist()[len(stream):]
+
+
+@pytest.fixture(scope="module")
+def dp_run(fleet, tmp_path_factory):
+    population, bundle = fleet
+    root = tmp_path_factory.mktemp("sim")
+    config = SimulationConfig(rounds=ROUNDS, clients_per_round=24, noise_multiplier=0.8,
+                              dropout=0.1, stragglers=0.1, workers=2, seed=1,
+                              label="federated+DP")
+    records, interrupted = simulate_one(population, bundle, root, config, progress=False)
+    return population, root, config, records, interrupted
+
+
+def test_dp_rounds_with_secagg_publish_and_record_every_metric(dp_run):
+    population, root, config, records, interrupted = dp_run
+    assert not interrupted
+    assert [r.round for r in records] == list(range(ROUNDS + 1))
+    start, rounds = records[0], records[1:]
+    assert start.version == 1 and start.epsilon == 0 and start.hr10 is not None
+    versions = [r.version for r in rounds]
+    assert all(r.state == "published" for r in rounds), [(r.state, r.reason) for r in rounds]
+    assert versions == list(range(2, ROUNDS + 2))
+    epsilons = [r.epsilon for r in rounds]
+    assert epsilons[0] > 0 and all(b > a for a, b in zip(epsilons, epsilons[1:]))
+    for r in rounds:
+        assert r.sampled == config.clients_per_round
+        assert r.completed + r.dropped == r.sampled
+        # A device that fails after sending its masked input stays in the sum; earlier
+        # failures (and stragglers, who are refused) do not.
+        assert r.dropped <= r.planned_dropouts + r.planned_stragglers
+        assert r.completed >= 0.7 * r.sampled  # SecAgg+ min_clients
+        assert 0 <= r.hr10 <= 1 and 0 <= r.ndcg10 <= r.hr10
+        assert r.online_n > 0 and 0 <= r.online_hr10 <= 1
+        assert r.bytes_up_per_device > 1000 and r.bytes_down_per_device > 1000
+        assert r.wall_s > 0 and {"begin", "share_keys", "aggregate"} <= set(r.phases)
+    assert sum(r.planned_dropouts + r.planned_stragglers for r in rounds) > 0
+
+
+def test_each_device_logged_its_own_events_up_to_the_round_clock(dp_run):
+    population, root, _, records, _ = dp_run
+    checked = 0
+    for path in sorted((root / "devices").iterdir())[:30]:
+        user = next(u for u in population.devices if device_dir_name(u) == path.name)
+        stream = population.devices[user]
+        with sqlite3.connect(path / "events.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            logged = [r[0] for r in db.execute("SELECT item FROM events ORDER BY id")]
+        # The log is exactly the user's events before the clock of the last round this
+        # device took part in: a prefix of its stream, never a held-out event.
+        assert 0 < len(logged) <= len(stream)
+        assert logged == stream.items[: len(logged)]
+        now_at = {int(np.searchsorted(stream.times, t)) for t in population.clock}
+        assert len(logged) in now_at
+        checked += 1
+    assert checked > 0
+
+
+def test_the_server_learned_only_what_secagg_and_dp_released(dp_run):
+    population, root, config, records, _ = dp_run
+    with sqlite3.connect(root / "server" / "pocketrec.db") as db:
+        ledger = db.execute("SELECT COUNT(*) FROM privacy_ledger").fetchone()[0]
+        modes = {r[0] for r in db.execute("SELECT mode FROM privacy_ledger")}
+    assert ledger == ROUNDS and modes == {"central"}
+    # No masked input or share outlives its round.
+    blobs = root / "server" / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"PRT1"]
+
+
+def test_report_files_cover_every_round(dp_run, tmp_path):
+    population, root, config, records, _ = dp_run
+    no_dp = [replace(r, label="federated", epsilon=0.0) for r in records]
+    index = write_report(tmp_path, {"federated+DP": records, "federated": no_dp},
+                         {"hr@10": 0.3, "ndcg@10": 0.1}, {"data": "synthetic"})
+    data = json.loads((tmp_path / "rounds.json").read_text())
+    assert [r["round"] for r in data["runs"]["federated+DP"]] == list(range(ROUNDS + 1))
+    assert data["summary"][0]["final_hr10"] == records[-1].hr10
+    with open(tmp_path / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * (ROUNDS + 1) and float(rows[1]["epsilon"]) == records[1].epsilon
+    for png in ("hr10.png", "online.png", "epsilon.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{png}"' in index.read_text()
+
+
+def test_ray_backend_runs_the_same_device_code(fleet, tmp_path):
+    pytest.importorskip("ray", reason="Ray is in the dev extra; .ci/run installs it")
+    population, bundle = fleet
+    config = SimulationConfig(rounds=2, clients_per_round=12, workers=2, backend="ray",
+                              seed=2, label="ray")
+    records, interrupted = simulate_one(population, bundle, tmp_path, config, progress=False)
+    assert not interrupted
+    assert [r.state for r in records[1:]] == ["published", "published"]
+    assert all(r.completed == 12 and r.online_n > 0 for r in records[1:])
+    assert len(list((tmp_path / "devices").iterdir())) >= 12
+
+
+def test_ctrl_c_stops_cleanly_and_the_report_covers_the_rounds_completed(fleet, tmp_path):
+    population, bundle = fleet
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "trainer.cli", "simulate", "--synthetic-users", "240",
+           "--synthetic-items", "120", "--seed", "3", "--max-len", "20", "--dim", "16",
+           "--hidden", "32", "--public-fraction", "0.15", "--base-bundle", str(bundle),
+           "--rounds", "40", "--clients-per-round", "10", "--out", str(out),
+           "--run", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    rounds_json = out / "rounds.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if rounds_json.exists():
+            runs = json.loads(rounds_json.read_text())["runs"]
+            if len(runs.get("federated", [])) >= 3:  # the start and two rounds
+                break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    data = json.loads(rounds_json.read_text())
+    assert data["meta"]["interrupted"] is True
+    done = data["runs"]["federated"]
+    assert 3 <= len(done) < 41 and all(r["state"] == "published" for r in done[1:])
+    assert "report:" in output and "interrupted" in output
+    # Nothing is left running: no server, no worker of this simulation.
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
