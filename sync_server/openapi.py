@@ -46,6 +46,24 @@ _MODEL_VERSION = {
         "blob_sha256": {"type": "string"},
         "size": {"type": "integer"},
         "created_at": {"type": "string", "format": "date-time"},
+        "metrics": {"type": "object", "description": "evaluation metrics {source: {name: "
+                    "value}}, e.g. {\"offline\": {\"hr@10\": 0.12}, \"online\": {...}}",
+                    "additionalProperties": {"type": "object",
+                                             "additionalProperties": {"type": "number"}}},
+    },
+}
+_METRICS_BODY = {
+    "type": "object",
+    "required": ["metrics"],
+    "additionalProperties": False,
+    "properties": {
+        "metrics": {"type": "object", "minProperties": 1, "maxProperties": 32,
+                    "propertyNames": {"pattern": "^[a-z0-9][a-z0-9@_.-]{0,63}$"},
+                    "additionalProperties": {"type": "number",
+                                             "description": "finite (no NaN, no infinity)"}},
+        "source": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$",
+                   "default": "offline",
+                   "description": "offline (held-out data), online (seen by devices), ..."},
     },
 }
 _ROUND_ID_PARAM = {"name": "round_id", "in": "path", "required": True,
@@ -332,6 +350,19 @@ def openapi_document() -> dict[str, Any]:
                         "rolled back"),
                     **_errors(401, 403, 404, 409),
                 },
+            }},
+            "/v1/admin/models/{version}/metrics": {"post": {
+                "summary": "Record evaluation metrics of this version (an evaluation job "
+                "posts offline hr@10 / ndcg@10 on held-out data, online ones seen by "
+                "devices); a later post of the same (source, name) replaces the value. "
+                "bad_metrics (400)",
+                "security": _ADMIN,
+                "parameters": [_VERSION_PARAM],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": _METRICS_BODY}}},
+                "responses": {"201": _json(_MODEL_VERSION, "recorded: the version with all "
+                                           "its metrics"),
+                              **_errors(400, 401, 403, 404, 409, 413)},
             }},
             "/v1/openapi.json": {"get": {
                 "summary": "This document",
