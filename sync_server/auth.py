@@ -131,7 +131,7 @@ def _given_admin_secret(allow_basic: bool) -> bytes | None:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
             return None
-        user, colon, password = decoded.partition(":")
+        _user, colon, password = decoded.partition(":")
         return password.encode() if colon else None
     return None
 
