@@ -1,5 +1,7 @@
 """The app factory: ``create_app(config)`` wires config, database (migrated to head), keys,
-blob store, rate limiter, metrics, error handlers and blueprints. No module-level app."""
+blob store, rate limiter, metrics, rounds, the dashboard, error handlers and blueprints. No
+module-level app. Templates (``templates/``) and the dashboard's script and stylesheet
+(``static/``, served at ``/static/``) ship inside the package."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from sync_server.api import blueprints
 from sync_server.auth import NonceStore
 from sync_server.blobs import BlobStore
 from sync_server.config import load_config
+from sync_server.dashboard import Dashboard
 from sync_server.db import Database, upgrade
 from sync_server.errors import register_error_handlers
 from sync_server.keys import ServerKeys
@@ -58,6 +61,7 @@ def create_app(
         scratch_dir=data_dir / "tmp", publisher=publisher or settings["PUBLISHER"],
         lease_s=settings["AGGREGATION_LEASE_S"], metrics=metrics,
     )
+    app.extensions["pocketrec_dashboard"] = Dashboard(db, app.extensions["pocketrec_rounds"])
 
     _defer_aggregations(app)
     register_error_handlers(app)

@@ -3,10 +3,13 @@
 A device request is checked by ``authenticate_device``: the claimed id's registered key,
 ``verify_request`` over the *raw* request target, the nonce recorded in the database
 (a primary-key conflict is a replay, atomic across workers), then the per-device rate
-limit. Views use the ``device_required`` / ``admin_required`` decorators."""
+limit. Views use the ``device_required`` / ``admin_required`` decorators; the dashboard's
+read-only views use ``admin_page_required``, which also takes HTTP Basic (for a browser)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hmac
 import time
@@ -114,20 +117,67 @@ def device_required(view: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+BASIC_REALM = "pocketrec"
+
+
+def _given_admin_secret(allow_basic: bool) -> bytes | None:
+    """The secret the request offers as the admin token: a Bearer token, or (``allow_basic``)
+    the password of HTTP Basic credentials (any user name). None when it offers neither."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip().encode()
+    if allow_basic and scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None
+        _user, colon, password = decoded.partition(":")
+        return password.encode() if colon else None
+    return None
+
+
+def check_admin(*, allow_basic: bool = False) -> None:
+    """Raise unless the request carries the admin token: 403 ``admin_disabled`` when none is
+    configured, 401 ``unauthorized`` otherwise (with a Basic challenge when ``allow_basic``,
+    so a browser asks the operator). Compared in constant time."""
+    token = current_app.config["POCKETREC"]["ADMIN_TOKEN"]
+    if token is None:
+        raise ApiError("admin_disabled", "no ADMIN_TOKEN is configured on this server", 403)
+    given = _given_admin_secret(allow_basic)
+    if given is None or not hmac.compare_digest(given, token.encode()):
+        if allow_basic:
+            raise ApiError("unauthorized", "the dashboard needs HTTP Basic credentials (any "
+                           "user name, the admin token as password) or Authorization: Bearer "
+                           "<ADMIN_TOKEN>", 401,
+                           {"WWW-Authenticate": f'Basic realm="{BASIC_REALM}"'})
+        raise ApiError("unauthorized", "admin endpoints need Authorization: Bearer "
+                       "<ADMIN_TOKEN>", 401, {"WWW-Authenticate": "Bearer"})
+
+
 def admin_required(view: F) -> F:
     """The view runs only with ``Authorization: Bearer <ADMIN_TOKEN>``."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        token = current_app.config["POCKETREC"]["ADMIN_TOKEN"]
-        if token is None:
-            raise ApiError("admin_disabled", "no ADMIN_TOKEN is configured on this server", 403)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            raise ApiError("unauthorized", "admin endpoints need Authorization: Bearer "
-                           "<ADMIN_TOKEN>", 401, {"WWW-Authenticate": "Bearer"})
+        check_admin()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def admin_page_required(view: F) -> F:
+    """For read-only views an operator's browser opens (the dashboard): the admin Bearer
+    token, or HTTP Basic with any user name and the admin token as password; a 401 carries
+    ``WWW-Authenticate: Basic realm="pocketrec"`` so the browser asks for them.
+
+    GET views only: a browser attaches cached Basic credentials to every request to this
+    origin, cross-site ones included, so accepting Basic on an endpoint that changes
+    anything would expose it to cross-site request forgery. The rest of the admin API
+    takes the Bearer token alone (never sent implicitly)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_admin(allow_basic=True)
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -76,6 +76,22 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ModelMetric(Base):
+    """One evaluation number for a version, e.g. ``hr@10`` = 0.12 from source ``offline``
+    (held-out data) or ``online`` (what devices saw). One row per (version, source, name):
+    a later post replaces the value (``sync_server.model_metrics``)."""
+
+    __tablename__ = "model_metrics"
+    __table_args__ = (UniqueConstraint("version", "source", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(32), default="offline", server_default="offline")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Round(Base):
     """A federated round: state machine open -> collecting -> aggregating -> published |
     failed (``sync_server.rounds``). ``config`` is the normalised round config (defaults

@@ -36,6 +36,8 @@ _SIGNED = [{"deviceSignature": []}]
 _ADMIN = [{"adminToken": []}]
 _VERSION_PARAM = {"name": "version", "in": "path", "required": True,
                   "schema": {"type": "integer", "minimum": 0}}
+_ROUND_STATES = {"enum": ["open", "collecting", "share_keys", "masked_input", "unmasking",
+                          "aggregating", "published", "failed"]}
 _MODEL_VERSION = {
     "type": "object",
     "properties": {
@@ -46,6 +48,82 @@ _MODEL_VERSION = {
         "blob_sha256": {"type": "string"},
         "size": {"type": "integer"},
         "created_at": {"type": "string", "format": "date-time"},
+        "metrics": {"type": "object", "description": "evaluation metrics {source: {name: "
+                    "value}}, e.g. {\"offline\": {\"hr@10\": 0.12}, \"online\": {...}}",
+                    "additionalProperties": {"type": "object",
+                                             "additionalProperties": {"type": "number"}}},
+    },
+}
+_METRICS_BODY = {
+    "type": "object",
+    "required": ["metrics"],
+    "additionalProperties": False,
+    "properties": {
+        "metrics": {"type": "object", "minProperties": 1, "maxProperties": 32,
+                    "propertyNames": {"pattern": "^[a-z0-9][a-z0-9@_.-]{0,63}$"},
+                    "additionalProperties": {"type": "number",
+                                             "description": "finite (no NaN, no infinity)"}},
+        "source": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$",
+                   "default": "offline",
+                   "description": "offline (held-out data), online (seen by devices), ..."},
+    },
+}
+_DASHBOARD_ROUND = {
+    "type": "object",
+    "description": "a slice of the round view (GET /v1/admin/rounds/{round_id})",
+    "properties": {
+        "round_id": {"type": "string"},
+        "state": _ROUND_STATES,
+        "strategy": {"type": "string"},
+        "upload_scheme": {"type": "string"},
+        "model_version": {"type": "integer"},
+        "published_version": {"type": ["integer", "null"]},
+        "target_clients": {"type": "integer"},
+        "min_clients": {"type": "integer"},
+        "selected": {"type": "integer"},
+        "received": {"type": "integer", "description": "sealed rounds: updates accepted"},
+        "secagg": {"type": ["object", "null"], "description": "SecAgg+ rounds: answers per "
+                   "stage {advertised, shared, masked, unmasked}"},
+        "epsilon": {"type": ["number", "null"]},
+        "epsilon_budget": {"type": ["number", "null"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "deadline": {"type": "number", "description": "Unix seconds"},
+        "reason": {"type": ["string", "null"]},
+        "progress": {"type": "string", "description": "one line for people, e.g. "
+                     "'7/10 uploaded (10 selected)'"},
+    },
+}
+_DASHBOARD = {
+    "type": "object",
+    "required": ["rounds", "models", "privacy", "series", "generated_at"],
+    "properties": {
+        "rounds": {"type": "array", "items": _DASHBOARD_ROUND,
+                   "description": "the newest 20 rounds, newest first"},
+        "models": {"type": "array", "description": "every version, oldest first", "items": {
+            "type": "object", "properties": {
+                "version": {"type": "integer"},
+                "parent_version": {"type": ["integer", "null"]},
+                "status": {"enum": ["published", "paused"]},
+                "rollout_percent": {"type": "integer"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "epsilon": {"type": ["number", "null"],
+                            "description": "the manifest's privacy.epsilon"},
+                "delta": {"type": ["number", "null"]},
+                "metrics": _MODEL_VERSION["properties"]["metrics"],
+            }}},
+        "privacy": {"type": "object", "properties": {
+            "epsilon": {"type": "number", "description": "cumulative, from the ledger"},
+            "delta": {"type": ["number", "null"]},
+            "budget": {"type": ["number", "null"],
+                       "description": "the newest round's epsilon_budget"},
+            "budget_left": {"type": ["number", "null"]}}},
+        "series": {"type": "array", "description": "one point per version, oldest first",
+                   "items": {"type": "object", "properties": {
+                       "version": {"type": "integer"},
+                       "epsilon": {"type": ["number", "null"]},
+                       "hr@10": {"type": ["number", "null"], "description": "offline"},
+                       "online_hr@10": {"type": ["number", "null"]}}}},
+        "generated_at": {"type": "string", "format": "date-time"},
     },
 }
 _ROUND_ID_PARAM = {"name": "round_id", "in": "path", "required": True,
@@ -54,8 +132,7 @@ _ROUND = {
     "type": "object",
     "properties": {
         "round_id": {"type": "string"},
-        "state": {"enum": ["open", "collecting", "share_keys", "masked_input", "unmasking",
-                           "aggregating", "published", "failed"]},
+        "state": _ROUND_STATES,
         "model_version": {"type": "integer", "description": "the base model trained"},
         "published_version": {"type": ["integer", "null"]},
         "created_at": {"type": "string", "format": "date-time"},
@@ -339,6 +416,26 @@ def openapi_document() -> dict[str, Any]:
                     **_errors(401, 403, 404, 409),
                 },
             }},
+            "/v1/admin/models/{version}/metrics": {"post": {
+                "summary": "Record evaluation metrics of this version (an evaluation job "
+                "posts offline hr@10 / ndcg@10 on held-out data, online ones seen by "
+                "devices); a later post of the same (source, name) replaces the value. "
+                "bad_metrics (400)",
+                "security": _ADMIN,
+                "parameters": [_VERSION_PARAM],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": _METRICS_BODY}}},
+                "responses": {"201": _json(_MODEL_VERSION, "recorded: the version with all "
+                                           "its metrics"),
+                              **_errors(400, 401, 403, 404, 409, 413)},
+            }},
+            "/v1/admin/dashboard": {"get": {
+                "summary": "What the operator dashboard (GET /dashboard, HTML) shows and polls: "
+                "rounds, model versions with privacy and metrics, the privacy budget, the "
+                "chart's series. Also takes HTTP Basic auth (the admin token as password)",
+                "security": [*_ADMIN, {"adminBasic": []}],
+                "responses": {"200": _json(_DASHBOARD, "dashboard"), **_errors(401, 403)},
+            }},
             "/v1/openapi.json": {"get": {
                 "summary": "This document",
                 "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
@@ -353,6 +450,9 @@ def openapi_document() -> dict[str, Any]:
                     "joined by newlines",
                 },
                 "adminToken": {"type": "http", "scheme": "bearer"},
+                "adminBasic": {"type": "http", "scheme": "basic", "description": "any user "
+                               "name, the admin token as password; only the dashboard (GET "
+                               "/dashboard, GET /v1/admin/dashboard) takes it"},
             },
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {

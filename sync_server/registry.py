@@ -48,8 +48,11 @@ from sync_server.keys import ServerKeys
 from sync_server.models import ModelVersion
 
 
-def version_json(row: ModelVersion) -> dict[str, Any]:
-    """What the admin API says about a version."""
+def version_json(
+    row: ModelVersion, metrics: Mapping[str, Mapping[str, float]] | None = None
+) -> dict[str, Any]:
+    """What the admin API says about a version; ``metrics`` {source: {name: value}} as
+    stored by ``sync_server.model_metrics`` (the caller looks them up)."""
     return {
         "model_version": row.version,
         "parent_version": row.parent_version,
@@ -58,6 +61,7 @@ def version_json(row: ModelVersion) -> dict[str, Any]:
         "blob_sha256": row.blob_sha256,
         "size": row.size,
         "created_at": row.created_at.isoformat(),
+        "metrics": {source: dict(values) for source, values in (metrics or {}).items()},
     }
 
 

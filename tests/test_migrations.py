@@ -1,6 +1,7 @@
 """Alembic migrations: an empty database upgrades to head, twice is a no-op, and head
 matches the models exactly (a model change without a revision fails here)."""
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -10,7 +11,7 @@ from sync_server.db import alembic_config, upgrade
 from sync_server.models import Base
 
 TABLES = {"alembic_version", "devices", "nonces", "model_versions", "rounds", "updates",
-          "selections", "privacy_ledger", "secagg_members", "secagg_shares"}
+          "selections", "privacy_ledger", "secagg_members", "secagg_shares", "model_metrics"}
 
 
 def _state(url):
@@ -43,3 +44,21 @@ def test_upgrade_creates_every_table_and_is_idempotent(tmp_path):
 def test_one_linear_history():
     heads = ScriptDirectory.from_config(alembic_config()).get_heads()
     assert len(heads) == 1
+
+
+def test_model_metrics_revision_downgrades_and_upgrades_again(tmp_path):
+    url = f"sqlite:///{tmp_path / 'server.db'}"
+    upgrade(url)
+    head_tables, head, _ = _state(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0004")
+    finally:
+        engine.dispose()
+    tables, version, _ = _state(url)
+    assert version == "0004" and set(tables) == TABLES - {"model_metrics"}
+    upgrade(url)
+    assert _state(url) == (head_tables, head, [])

@@ -22,6 +22,6 @@ def json_object() -> dict[str, Any]:
 
 
 def blueprints() -> list[Blueprint]:
-    from sync_server.api import admin, devices, models, ops, rounds
+    from sync_server.api import admin, dashboard, devices, models, ops, rounds
 
-    return [devices.bp, models.bp, rounds.bp, admin.bp, ops.bp]
+    return [devices.bp, models.bp, rounds.bp, admin.bp, dashboard.bp, ops.bp]

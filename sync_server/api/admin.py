@@ -1,10 +1,12 @@
 """Operator endpoints (``Authorization: Bearer <ADMIN_TOKEN>``): publish and list models,
-staged rollout (percentage, pause, resume, rollback), open and inspect rounds, read the
-server's public keys for provisioning."""
+staged rollout (percentage, pause, resume, rollback), evaluation metrics per version, open
+and inspect rounds, read the server's public keys for provisioning."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
@@ -13,6 +15,7 @@ from sync_server.api import json_object
 from sync_server.auth import admin_required
 from sync_server.db import get_db
 from sync_server.errors import ApiError
+from sync_server.model_metrics import parse_metrics, record_metrics, version_metrics
 from sync_server.models import ModelVersion
 from sync_server.registry import (
     publish_bundle,
@@ -23,6 +26,17 @@ from sync_server.registry import (
 )
 
 bp = Blueprint("admin", __name__)
+
+
+def _versions_json(rows: Sequence[ModelVersion]) -> list[dict[str, Any]]:
+    """``version_json`` of each row with its stored metrics (one query for all of them)."""
+    with get_db().session() as session:
+        metrics = version_metrics(session, [r.version for r in rows])
+    return [version_json(r, metrics.get(r.version)) for r in rows]
+
+
+def _version_json(row: ModelVersion) -> dict[str, Any]:
+    return _versions_json([row])[0]
 
 
 @bp.get("/v1/admin/server-keys")
@@ -46,7 +60,7 @@ def publish() -> tuple[Response, int]:
         max_bytes=settings["MAX_BUNDLE_BYTES"],
         percent=rollout_percent(request.args.get("rollout_percent", 100)),
     )
-    return jsonify(version_json(row)), 201
+    return jsonify(_version_json(row)), 201
 
 
 @bp.post("/v1/admin/models/<int:version>/rollout")
@@ -57,8 +71,8 @@ def rollout(version: int) -> Response:
     obj = json_object()
     if "percent" not in obj:
         raise ApiError("bad_rollout", 'body must be {"percent": 0-100}', 400)
-    return jsonify(version_json(set_rollout(get_db(), version,
-                                            percent=rollout_percent(obj["percent"]))))
+    return jsonify(_version_json(set_rollout(get_db(), version,
+                                             percent=rollout_percent(obj["percent"]))))
 
 
 @bp.post("/v1/admin/models/<int:version>/pause")
@@ -66,13 +80,13 @@ def rollout(version: int) -> Response:
 def pause(version: int) -> Response:
     """Never serve this version again (until resumed). Devices that installed it keep it:
     they refuse older versions."""
-    return jsonify(version_json(set_rollout(get_db(), version, status="paused")))
+    return jsonify(_version_json(set_rollout(get_db(), version, status="paused")))
 
 
 @bp.post("/v1/admin/models/<int:version>/resume")
 @admin_required
 def resume(version: int) -> Response:
-    return jsonify(version_json(set_rollout(get_db(), version, status="published")))
+    return jsonify(_version_json(set_rollout(get_db(), version, status="published")))
 
 
 @bp.post("/v1/admin/models/<int:version>/rollback")
@@ -84,7 +98,8 @@ def rollback(version: int) -> tuple[Response, int]:
     paused, new = rollback_version(
         version, db=get_db(), blobs=ext["pocketrec_blobs"], keys=ext["pocketrec_keys"],
         scratch_dir=Path(current_app.config["POCKETREC"]["DATA_DIR"]) / "tmp")
-    return jsonify({"paused": version_json(paused), "published": version_json(new)}), 201
+    paused_json, new_json = _versions_json([paused, new])
+    return jsonify({"paused": paused_json, "published": new_json}), 201
 
 
 @bp.get("/v1/admin/models")
@@ -92,7 +107,21 @@ def rollback(version: int) -> tuple[Response, int]:
 def list_models() -> Response:
     with get_db().session() as session:
         rows = session.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()
-    return jsonify({"models": [version_json(r) for r in rows]})
+    return jsonify({"models": _versions_json(rows)})
+
+
+@bp.post("/v1/admin/models/<int:version>/metrics")
+@admin_required
+def post_metrics(version: int) -> tuple[Response, int]:
+    """Body: {"metrics": {name: number, ...}, "source": "offline" | "online" | ...}: an
+    evaluation job's numbers for this version (at most 32 per call); a later post of the
+    same (source, name) replaces the value. 201 with the version and all its metrics."""
+    source, metrics = parse_metrics(json_object())
+    db = get_db()
+    record_metrics(db, version, source, metrics)
+    with db.session() as session:
+        row = session.get(ModelVersion, version)
+    return jsonify(_version_json(row)), 201
 
 
 @bp.post("/v1/admin/rounds")
