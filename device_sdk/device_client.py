@@ -51,7 +51,8 @@ class SyncReport:
     round_id: str | None = None
     skipped: str | None = None
     num_examples: int = 0
-    update_norm: float | None = None
+    update_norm: float | None = None  # after clipping
+    update_norm_before_clip: float | None = None
     uploaded: bool = False
     queued: bool = False
     # sync(wait=False) in a SecAgg+ round: the advertised session, for the caller to step().
@@ -222,6 +223,7 @@ class DeviceClient:
                 seed=seed,
             )
             report.num_examples, report.update_norm = update.num_examples, update.norm
+            report.update_norm_before_clip = update.norm_before_clip
             try:
                 report.pending = None if wait else client.begin_upload(task, update)
                 result = {} if report.pending else client.upload(task, update)

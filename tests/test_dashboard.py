@@ -221,6 +221,7 @@ def test_dashboard_document_rounds_models_privacy_and_series(server, devices):
     assert row["progress"] == "0/3 uploaded (0 selected)"
 
     assert all(device.sync().uploaded for device in devices)
+    server.round(opened["round_id"])  # aggregated after the last upload's response
     data = dashboard(server)
     [row] = data["rounds"]
     assert (row["state"], row["published_version"], row["received"]) == ("published", 2, 3)

@@ -247,7 +247,7 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g = p.add_argument_group("fleet")
     g.add_argument("--rounds", type=int, default=rounds)
     g.add_argument("--clients-per-round", type=int, default=clients)
-    g.add_argument("--public-fraction", type=float, default=0.1,
+    g.add_argument("--public-fraction", type=float, default=0.05,
                    help="share of users whose data pretrains the starting model centrally")
     g.add_argument("--warmup", type=float, default=0.5,
                    help="share of the devices' events already logged at round 1")
@@ -258,12 +258,14 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--deadline", type=float, help="collecting deadline (s); default: paced")
     g.add_argument("--stage-timeout", type=float, help="SecAgg+ stage timeout (s); default: paced")
     g = p.add_argument_group("federated training")
-    g.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"))
-    g.add_argument("--server-lr", type=float, default=1.0)
-    g.add_argument("--momentum", type=float, help="fedavgm")
-    g.add_argument("--clip-norm", type=float, default=1.0, help="per-device update clip C")
+    g.add_argument("--strategy", default="fedavgm", choices=("fedavg", "fedavgm", "fedadam"))
+    g.add_argument("--server-lr", type=float, default=0.5)
+    g.add_argument("--momentum", type=float, default=0.5, help="fedavgm")
+    g.add_argument("--clip-norm", type=float, default=0.3,
+                   help="per-device update clip C (typical unclipped norms are printed in the "
+                   "report: update_norm_median)")
     g.add_argument("--local-epochs", type=int, default=1)
-    g.add_argument("--local-lr", type=float, default=0.1)
+    g.add_argument("--local-lr", type=float, default=0.3)
     g.add_argument("--local-batch-size", type=int, default=32)
     g.add_argument("--upload-scheme", default=secagg.SCHEME, choices=(secagg.SCHEME, SEALED_SCHEME))
     g.add_argument("--dp-mode", default="central", choices=("central", "distributed"))
@@ -291,7 +293,8 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
         ray_address=args.ray_address, seed=args.seed, label=label)
 
 
-def _experiment(args: argparse.Namespace, configs: list, central: bool) -> dict:
+def _experiment(args: argparse.Namespace, configs: list, central: bool,
+                side_by_side: bool = False) -> dict:
     import model_zoo
     from trainer.simulation.experiment import ModelSpec, run_experiment
 
@@ -305,7 +308,7 @@ def _experiment(args: argparse.Namespace, configs: list, central: bool) -> dict:
         public_fraction=args.public_fraction, warmup=args.warmup, central=central,
         base_bundle=Path(args.base_bundle) if getattr(args, "base_bundle", None) else None,
         server_url=args.server, admin_token=args.admin_token,
-        progress=not args.no_progress)
+        progress=not args.no_progress, side_by_side=side_by_side)
     print(f"report: {index}")
     if result["interrupted"]:
         raise KeyboardInterrupt
@@ -321,10 +324,15 @@ def cmd_simulate(args: argparse.Namespace) -> dict:
 def cmd_demo(args: argparse.Namespace) -> dict:
     """Pretrain on the public slice, then the same fleet with SecAgg+ and DP, and without DP,
     beside the central model; the report shows all three."""
+    from dataclasses import replace
+
     started = time.perf_counter()
-    configs = [_sim_config(args, "federated+DP", args.noise_multiplier),
-               _sim_config(args, "federated", None)]
-    result = _experiment(args, configs, central=True)
+    # The two runs go side by side, each with its own server and half the workers.
+    workers = max(1, args.workers // 2)
+    configs = [replace(_sim_config(args, "federated+DP", args.noise_multiplier),
+                       workers=workers),
+               replace(_sim_config(args, "federated", None), workers=workers)]
+    result = _experiment(args, configs, central=True, side_by_side=args.server is None)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return result
 
@@ -354,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
             "central training; writes a report (synthetic shop unless --data)", cmd_demo)
     _data_args(p)
     _train_args(p)
-    _sim_args(p, rounds=20, clients=60)
+    _sim_args(p, rounds=24, clients=32)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.7)
+    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.5)
 
     p = add("simulate", "federated simulation: every user a virtual device (real SDK, own "
             "SQLite log) against the real sync server over HTTP, SecAgg+, optional DP",

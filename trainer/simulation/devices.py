@@ -143,7 +143,7 @@ class DeviceWorker:
                              ) -> None:
         report = device.sync(wait=False)
         out["examples"] = report.num_examples
-        out["update_norm"] = report.update_norm
+        out["update_norm"] = report.update_norm_before_clip
         if report.pending is None:
             out["status"] = "skipped"
             out["error"] = report.skipped or "no task offered"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -102,10 +103,12 @@ class _Interrupt:
 def simulate_one(population: Population, base_bundle: Path, root: Path,
                  config: SimulationConfig, *, server_url: str | None = None,
                  admin_token: str | None = None, progress: bool = True,
-                 on_round: Callable[[RoundRecord], None] | None = None
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 stop: threading.Event | None = None, bar_offset: int = 0,
                  ) -> tuple[list[RoundRecord], bool]:
     """One federated simulation against a fresh server in ``root/server`` (or against
-    ``server_url``). Returns the round records and whether it was interrupted."""
+    ``server_url``). Returns the round records and whether it was interrupted (Ctrl-C, or
+    ``stop`` set by another thread)."""
     root.mkdir(parents=True, exist_ok=True)
     server: Any
     if server_url is None:
@@ -120,6 +123,9 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
     try:
         sim = Simulation(population, server, root, config, progress=progress,
                          on_round=on_round)
+        sim.bar_offset = bar_offset
+        if stop is not None:
+            sim.stop = stop
         if progress:
             print(f"[{config.label}] server {server.url}  dashboard {server.url}/dashboard",
                   flush=True)
@@ -156,6 +162,7 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
                    public_fraction: float, warmup: float, central: bool,
                    base_bundle: Path | None = None, server_url: str | None = None,
                    admin_token: str | None = None, progress: bool = True,
+                   side_by_side: bool = False,
                    log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """Build the fleet, pretrain (unless ``base_bundle``), run each config, write the report.
     Returns (index.html, rounds.json content)."""
@@ -193,27 +200,66 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
         except KeyboardInterrupt:
             log("interrupted before the first round; no report")
             raise
-    runs: dict[str, list[RoundRecord]] = {}
-    interrupted = False
+    runs: dict[str, list[RoundRecord]] = {c.label: [] for c in configs}
+    lock = threading.Lock()
+    stop = threading.Event()
+    outcome: dict[str, bool] = {}
     for config in configs:
+        meta[f"config[{config.label}]"] = {k: v for k, v in config.__dict__.items()
+                                           if k != "label"}
+
+    def one(index: int, config: SimulationConfig) -> None:
         label = config.label
-        meta[f"config[{label}]"] = {k: v for k, v in config.__dict__.items()
-                                    if k not in ("label",)}
-        root = out / label.replace("+", "_").replace(" ", "_")
 
-        def on_round(record: RoundRecord, label: str = label) -> None:
-            runs.setdefault(label, [])
-            if record not in runs[label]:
+        def on_round(record: RoundRecord) -> None:
+            with lock:
                 runs[label].append(record)
-            write_report(out, runs, central_result, meta)  # always current
+                write_report(out, runs, central_result, meta)  # always current
 
+        try:
+            _, outcome[label] = simulate_one(
+                population, base_bundle, out / label.replace("+", "_").replace(" ", "_"),
+                config, server_url=server_url, admin_token=admin_token, progress=progress,
+                on_round=on_round, stop=stop, bar_offset=3 * index)
+        except BaseException:
+            stop.set()  # one run failing stops the others
+            raise
+
+    if side_by_side and len(configs) > 1:
+        # Each run has its own server and workers; while one server exports a model, the
+        # other run's devices use the cores.
+        errors: list[BaseException] = []
+
+        def guarded(index: int, config: SimulationConfig) -> None:
+            try:
+                one(index, config)
+            except BaseException as exc:  # re-raised in the main thread below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=guarded, args=(i, c), daemon=True)
+                   for i, c in enumerate(configs)]
         with _Interrupt():
-            _, interrupted = simulate_one(population, base_bundle, root, config,
-                                          server_url=server_url, admin_token=admin_token,
-                                          progress=progress, on_round=on_round)
-        if interrupted:
-            log("interrupted: the report covers the rounds completed")
-            break
+            for t in threads:
+                t.start()
+            try:
+                while any(t.is_alive() for t in threads):
+                    for t in threads:
+                        t.join(timeout=0.2)
+            except KeyboardInterrupt:
+                stop.set()
+            for t in threads:
+                t.join()
+        if errors and not isinstance(errors[0], KeyboardInterrupt):
+            raise errors[0]
+    else:
+        for index, config in enumerate(configs):
+            with _Interrupt():
+                one(index, config)
+            if outcome.get(config.label):
+                break
+    interrupted = stop.is_set() or any(outcome.values())
+    if interrupted:
+        log("interrupted: the report covers the rounds completed")
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["interrupted"] = interrupted
     index = write_report(out, runs, central_result, meta)

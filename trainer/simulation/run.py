@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -120,6 +121,7 @@ class RoundRecord:
     bytes_down_per_device: float = 0.0
     device_seconds_median: float | None = None
     examples_median: float | None = None
+    update_norm_median: float | None = None  # before clipping to clip_norm
     wall_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -143,6 +145,7 @@ class Simulation:
         self.population, self.server, self.config = population, server, config
         self.root = Path(root)
         self.progress = progress
+        self.bar_offset = 0  # progress-bar rows below others (simulations side by side)
         self.on_round = on_round
         self.rng = np.random.default_rng(config.seed)
         self.users = sorted(population.devices)
@@ -151,6 +154,9 @@ class Simulation:
         self.delta = config.delta or default_delta(len(self.users))
         self._pace = {"begin": 0.5, "stage": 0.5}  # seconds per device (measured later)
         self._evaluator: Any = None
+        # Set from another thread (the demo runs simulations side by side) to stop like
+        # Ctrl-C: the round under way is abandoned at the next wait.
+        self.stop = threading.Event()
         self.server_key = b64decode(self._admin_json("GET", "/v1/admin/server-keys")
                                     ["signing_key"])
 
@@ -222,19 +228,21 @@ class Simulation:
             version = base_version
             bar = self._bar(config.rounds, f"{config.label} rounds", position=0)
             for r in range(1, config.rounds + 1):
+                self._check_stop()
                 record = self.run_round(r, version)
                 version = record.version if record.state == "published" else version
                 bar.update(1)
                 bar.set_postfix_str(self._postfix(record))
             bar.close()
-        except KeyboardInterrupt:
-            # The rounds recorded so far are complete; the one under way is abandoned.
-            raise
-        finally:
+        finally:  # on KeyboardInterrupt too: the rounds recorded so far are complete
             self.backend.close()
             if self._evaluator is not None:
                 self._evaluator.close()
         return self.records
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
 
     def _postfix(self, record: RoundRecord) -> str:
         parts = [f"v{record.version}"]
@@ -247,8 +255,8 @@ class Simulation:
     def _bar(self, total: int, desc: str, position: int = 1) -> Any:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, position=position, leave=position == 0,
-                    disable=not self.progress, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, position=self.bar_offset + position,
+                    leave=position == 0, disable=not self.progress, dynamic_ncols=True)
 
     def _load_shards(self) -> None:
         shards: dict[int, list[dict[str, Any]]] = {w: [] for w in range(self.config.workers)}
@@ -285,6 +293,7 @@ class Simulation:
         results: list[dict[str, Any]] = []
         bar = self._bar(len(users), desc or op) if desc and len(users) > size else None
         for ticket, chunk_results in self.backend.completed(list(tickets)):
+            self._check_stop()
             results.extend(chunk_results)
             if bar is not None:
                 bar.update(len(tickets[ticket]))
@@ -353,6 +362,8 @@ class Simulation:
         record.device_seconds_median = statistics.median(b["seconds"] for b in begun)
         examples = [b["examples"] for b in begun if b.get("examples") is not None]
         record.examples_median = statistics.median(examples) if examples else None
+        norms = [b["update_norm"] for b in begun if b.get("update_norm") is not None]
+        record.update_norm_median = statistics.median(norms) if norms else None
         live = {b["user"] for b in begun if b["status"] == "advertised"}
         errors = [b for b in begun if b["status"] == "error"]
         if errors and len(errors) == len(begun):
@@ -407,6 +418,7 @@ class Simulation:
             view = self._round_view(round_id)
             if until(view) or time.monotonic() > deadline:
                 return view
+            self._check_stop()
             time.sleep(pause)
             pause = min(0.25, pause * 1.5)  # quick for stage changes, gentle on exports
 
