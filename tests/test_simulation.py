@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from trainer.data.dataset import DataSpec
+from trainer.simulation.devices import device_dir_name
 from trainer.simulation.experiment import ModelSpec, export_base, simulate_one, train_central
-from trainer.simulation.population import build_population, device_dir_name
+from trainer.simulation.population import build_population
 from trainer.simulation.report import write_report
 from trainer.simulation.run import SimulationConfig
 
@@ -37,6 +38,16 @@ def fleet(tmp_path_factory):
     ckpt, _ = train_central(population, "pretrain", MODEL, progress=False)
     bundle = export_base(ckpt, population, tmp_path_factory.mktemp("base"))
     return population, bundle
+
+
+def test_a_device_worker_process_loads_no_trainer_stack():
+    """Workers run thousands of devices: they import the device SDK, not pandas or torch."""
+    code = ("import sys, trainer.simulation.devices, trainer.simulation.worker; "
+            "print(sorted(m for m in ('torch', 'pandas', 'jax', 'flask', 'sqlalchemy', "
+            "'tensorflow', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_population_splits_users_and_never_replays_held_out_events(fleet):

@@ -10,12 +10,17 @@ Between operations no DeviceClient stays open: each opens its device's directory
 closes it, so a worker's memory does not grow with its shard. What stays in memory between
 the SecAgg+ stages of a round is the device's session (its keys, the shares it holds: a few
 tens of KB); the update vector itself is spilled to the device's directory until the
-masked-input stage reads it back."""
+masked-input stage reads it back.
+
+This module imports the device SDK and numpy only (no pandas, no torch): a worker process
+is as light as the devices it runs."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +30,37 @@ import urllib3
 from device_sdk.device_client import DeviceClient
 from device_sdk.recommender import HistoryPolicy
 from device_sdk.sync_client import SecAggSession, SyncError
-from trainer.simulation.population import DeviceStream, device_dir_name
 
 K = 10
 # Where a device may fail in a SecAgg+ round (it stops answering from then on).
 STAGES = ("collecting", "share_keys", "masked_input", "unmasking")
+
+
+@dataclass
+class DeviceStream:
+    """One device's replayable events, oldest first (held-out events already removed)."""
+
+    user: str
+    items: list[str]
+    kinds: list[str]
+    times: np.ndarray  # int64 Unix seconds
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def to_json(self) -> dict:
+        return {"user": self.user, "items": self.items, "kinds": self.kinds,
+                "times": self.times.tolist()}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> DeviceStream:
+        return cls(obj["user"], list(obj["items"]), list(obj["kinds"]),
+                   np.asarray(obj["times"], dtype=np.int64))
+
+
+def device_dir_name(user: str) -> str:
+    """A file-system-safe, stable directory name for a user key of any shape."""
+    return hashlib.sha256(user.encode()).hexdigest()[:20]
 
 
 class CountingPool(urllib3.PoolManager):

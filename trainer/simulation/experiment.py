@@ -105,6 +105,7 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
                  admin_token: str | None = None, progress: bool = True,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  stop: threading.Event | None = None, bar_offset: int = 0,
+                 resources: dict[str, Any] | None = None,
                  ) -> tuple[list[RoundRecord], bool]:
     """One federated simulation against a fresh server in ``root/server`` (or against
     ``server_url``). Returns the round records and whether it was interrupted (Ctrl-C, or
@@ -134,9 +135,24 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if sim is not None and resources is not None:
+            resources.update(sim.resources)
         if isinstance(server, ServerProcess):
+            if resources is not None:
+                resources["server_max_rss_mb"] = _peak_rss_mb(server.process.pid)
             server.close()
     return (sim.records if sim is not None else []), interrupted
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """A live process's peak resident memory (Linux VmHWM), in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 class RemoteServer:

@@ -18,7 +18,6 @@ upper bound the federated models are compared with)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,28 +35,7 @@ from trainer.data.split import (
     leave_last_out,
     timed_user_sequences,
 )
-
-
-@dataclass
-class DeviceStream:
-    """One device's replayable events, oldest first (held-out events already removed)."""
-
-    user: str
-    items: list[str]
-    kinds: list[str]
-    times: np.ndarray  # int64 Unix seconds
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def to_json(self) -> dict:
-        return {"user": self.user, "items": self.items, "kinds": self.kinds,
-                "times": self.times.tolist()}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> DeviceStream:
-        return cls(obj["user"], list(obj["items"]), list(obj["kinds"]),
-                   np.asarray(obj["times"], dtype=np.int64))
+from trainer.simulation.devices import DeviceStream
 
 
 @dataclass
@@ -72,14 +50,6 @@ class Population:
     test: EvalSet  # devices' held-out events (line protocol)
     basket: BasketSet | None  # devices' held-out baskets, for basket data
     stats: dict = field(default_factory=dict)
-
-    def device_dir_name(self, user: str) -> str:
-        return device_dir_name(user)
-
-
-def device_dir_name(user: str) -> str:
-    """A file-system-safe, stable directory name for a user key of any shape."""
-    return hashlib.sha256(user.encode()).hexdigest()[:20]
 
 
 def _subset_eval(data: EvalSet, keep: set[str]) -> EvalSet:

@@ -157,6 +157,7 @@ class Simulation:
         # Set from another thread (the demo runs simulations side by side) to stop like
         # Ctrl-C: the round under way is abandoned at the next wait.
         self.stop = threading.Event()
+        self.resources: dict[str, Any] = {}  # peak memory, filled at the end of ``run``
         self.server_key = b64decode(self._admin_json("GET", "/v1/admin/server-keys")
                                     ["signing_key"])
 
@@ -234,6 +235,9 @@ class Simulation:
                 bar.update(1)
                 bar.set_postfix_str(self._postfix(record))
             bar.close()
+            self.resources["worker_max_rss_mb"] = [
+                self.backend.result(self.backend.submit(w, "stats", {}))["max_rss_mb"]
+                for w in range(config.workers)]
         finally:  # on KeyboardInterrupt too: the rounds recorded so far are complete
             self.backend.close()
             if self._evaluator is not None:

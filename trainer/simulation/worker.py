@@ -7,6 +7,7 @@ Ctrl-C is ignored: the coordinator stops the worker by closing stdin."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -14,9 +15,7 @@ import traceback
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from trainer.cli import _quiet
-
-    _quiet()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the LiteRT interpreter's INFO lines
     from trainer.simulation.devices import DeviceWorker
 
     worker = None
