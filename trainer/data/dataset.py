@@ -71,23 +71,38 @@ class Prepared:
     stats: dict = field(default_factory=dict)
 
 
+def holdout_split(df: pd.DataFrame, vocab: ItemVocab, holdout: str, max_len: int
+                  ) -> tuple[LeaveLastOut, dict[str, int]]:
+    """The split for ``holdout`` ("auto": basket for basket data), and per held-out user
+    the timestamp where its held-out events start (its last basket, or its last step)."""
+    sequences = timed_user_sequences(df, vocab)
+    if holdout == "auto":
+        holdout = "basket" if baskets_share(df) >= BASKET_SHARE else "line"
+    if holdout == "basket":
+        baskets = last_baskets(df, vocab)
+        split = basket_holdout(sequences, baskets, max_len)
+        cut = {u: int(baskets[u][0]) for u in split.test.users}
+    else:
+        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len)
+        cut = {u: int(sequences[u][1][-1]) for u in split.test.users}
+    return split, cut
+
+
+def set_popular(vocab: ItemVocab, split: LeaveLastOut) -> None:
+    """The popularity fallback, by training-portion counts (never held-out events)."""
+    counts = split.train_item_counts(len(vocab))
+    vocab.popular = [int(i) for i in np.argsort(-counts, kind="stable")[:POPULAR_LIST_SIZE]
+                     if counts[i] > 0]
+
+
 def prepare(spec: DataSpec, max_len: int, vocab: ItemVocab | None = None) -> Prepared:
     """Load, build (or reuse) the vocabulary, split leave-last-out, and rank the popularity
     fallback by training-portion counts (never by held-out events)."""
     df = spec.load()
     if vocab is None:
         vocab = ItemVocab.from_items(df["item"])
-    sequences = timed_user_sequences(df, vocab)
-    holdout = spec.holdout
-    if holdout == "auto":
-        holdout = "basket" if baskets_share(df) >= BASKET_SHARE else "line"
-    if holdout == "basket":
-        split = basket_holdout(sequences, last_baskets(df, vocab), max_len)
-    else:
-        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len)
-    counts = split.train_item_counts(len(vocab))
-    vocab.popular = [int(i) for i in np.argsort(-counts, kind="stable")[:POPULAR_LIST_SIZE]
-                     if counts[i] > 0]
+    split, _ = holdout_split(df, vocab, spec.holdout, max_len)
+    set_popular(vocab, split)
     stats = {
         "events": int(len(df)),
         "users": int(df["user"].nunique()),

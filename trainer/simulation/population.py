@@ -24,17 +24,8 @@ import numpy as np
 import pandas as pd
 
 from device_sdk.item_vocab import ItemVocab
-from trainer.data.dataset import BASKET_SHARE, POPULAR_LIST_SIZE, DataSpec
-from trainer.data.split import (
-    BasketSet,
-    EvalSet,
-    LeaveLastOut,
-    basket_holdout,
-    baskets_share,
-    last_baskets,
-    leave_last_out,
-    timed_user_sequences,
-)
+from trainer.data.dataset import DataSpec, holdout_split, set_popular
+from trainer.data.split import BasketSet, EvalSet, LeaveLastOut
 from trainer.simulation.devices import DeviceStream
 
 
@@ -85,20 +76,10 @@ def build_population(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     df = spec.load()
     vocab = ItemVocab.from_items(df["item"])
-    sequences = timed_user_sequences(df, vocab)
-    holdout = spec.holdout
-    if holdout == "auto":
-        holdout = "basket" if baskets_share(df) >= BASKET_SHARE else "line"
-    if holdout == "basket":
-        baskets = last_baskets(df, vocab)
-        split = basket_holdout(sequences, baskets, max_len)
-        # A device replays everything before its held-out basket.
-        cut = {u: stamp for u, (stamp, _) in baskets.items()}
-    else:
-        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len)
-        cut = {u: int(times[-1]) for u, (_, times) in sequences.items() if len(times) >= 3}
+    # A device replays everything before its held-out events.
+    split, cut = holdout_split(df, vocab, spec.holdout, max_len)
+    users = sorted(df["user"].unique())
     held = set(split.test.users)
-    users = sorted(sequences)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(users))
     n_public = max(1, int(round(public_fraction * len(users))))
@@ -120,9 +101,7 @@ def build_population(
     clock = np.floor(clock).astype(np.int64)
 
     pretrain = _restrict(split, set(public))
-    counts = pretrain.train_item_counts(len(vocab))
-    vocab.popular = [int(i) for i in np.argsort(-counts, kind="stable")[:POPULAR_LIST_SIZE]
-                     if counts[i] > 0]
+    set_popular(vocab, pretrain)  # what the starting model's bundle falls back to
     test = _subset_eval(split.test, device_users)
     stats = {
         "events": int(len(df)), "users": len(users), "items": len(vocab) - 1,

@@ -76,62 +76,45 @@ def _plots(out: Path, runs: Mapping[str, Sequence[RoundRecord]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-
-    def series(records: Sequence[RoundRecord], attr: str) -> tuple[list[int], list[float]]:
-        pts = [(r.round, getattr(r, attr)) for r in records if getattr(r, attr) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, records in runs.items():
-        x, y = series(records, "hr10")
-        ax.plot(x, y, marker="o", markersize=3, label=label)
-    first = next(iter(runs.values()), [])
-    if first and first[0].hr10 is not None:
-        ax.axhline(first[0].hr10, color="grey", linestyle=":", label="pretrained (public slice)")
-    if central is not None and central.get("hr@10") is not None:
-        ax.axhline(central["hr@10"], color="black", linestyle="--",
-                   label="central training (all data, no DP)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("HR@10 (held-out, full ranking)")
-    ax.set_title("Offline HR@10 of each published model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "hr10.png", dpi=110)
-    plt.close(fig)
-    made.append(("hr10.png", "Offline HR@10 vs round"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, records in runs.items():
-        x, y = series(records, "online_hr10")
-        ax.plot(x, y, marker="o", markersize=3, label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("online HR@10 (next real event in the device's top 10)")
-    ax.set_title("What the sampled devices' recommendations hit")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "online.png", dpi=110)
-    plt.close(fig)
-    made.append(("online.png", "Online HR@10 vs round"))
-
-    private = {k: v for k, v in runs.items() if any(r.epsilon for r in v)}
-    if private:
+    def plot(name: str, attr: str, title: str, ylabel: str,
+             which: Mapping[str, Sequence[RoundRecord]],
+             lines: Sequence[tuple[float, str, str, str]] = ()) -> tuple[str, str]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for label, records in private.items():
-            x, y = series(records, "epsilon")
-            ax.plot(x, y, marker="o", markersize=3, label=label)
-        delta = next(r.delta for r in next(iter(private.values())))
+        for label, records in which.items():
+            pts = [(r.round, getattr(r, attr)) for r in records
+                   if getattr(r, attr) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                    label=label)
+        for y, color, style, label in lines:
+            ax.axhline(y, color=color, linestyle=style, label=label)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"epsilon (delta = {delta:g})")
-        ax.set_title("Cumulative user-level epsilon (RDP accountant)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "epsilon.png", dpi=110)
+        fig.savefig(out / name, dpi=110)
         plt.close(fig)
-        made.append(("epsilon.png", "Epsilon vs round"))
+        return name, title
+
+    lines = []
+    first = next(iter(runs.values()), [])
+    if first and first[0].hr10 is not None:
+        lines.append((first[0].hr10, "grey", ":", "pretrained (public slice)"))
+    if central is not None and central.get("hr@10") is not None:
+        lines.append((central["hr@10"], "black", "--", "central training (all data, no DP)"))
+    made = [
+        plot("hr10.png", "hr10", "Offline HR@10 of each published model",
+             "HR@10 (held-out, full ranking)", runs, lines),
+        plot("online.png", "online_hr10", "What the sampled devices' recommendations hit",
+             "online HR@10 (next real event in the device's top 10)", runs),
+    ]
+    private = {k: v for k, v in runs.items() if any(r.epsilon for r in v)}
+    if private:
+        delta = next(r.delta for r in next(iter(private.values())))
+        made.append(plot("epsilon.png", "epsilon",
+                         "Cumulative user-level epsilon (RDP accountant)",
+                         f"epsilon (delta = {delta:g})", private))
     return made
 
 
