@@ -379,3 +379,50 @@ def test_a_round_left_aggregating_by_a_dead_server_is_resumed_after_restart(
         assert (view["state"], view["received"], view["published_version"]) == (
             "published", 2, 2)
         assert view["epsilon"] > 0
+
+
+def test_the_completing_upload_is_answered_before_the_round_is_aggregated(
+        tmp_path, tiny_export, tiny_checkpoint, monkeypatch):
+    """The upload that fills the round returns at once; the aggregation and export run after
+    the response (a device never waits on, nor times out during, an export)."""
+    gate = tmp_path / "publish-gate"
+    monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
+    settings = {**SETTINGS, "PUBLISHER": "tests.gated_publisher:publish"}
+    with ServerProcess(tmp_path / "server", **settings) as server:
+        assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
+        devices = [make_device(server, tmp_path / f"d{i}", tiny_checkpoint, user)
+                   for i, user in enumerate([0, 1])]
+        for device in devices:
+            assert device.sync(train=False).model_version == 1  # registered, installed
+        status, opened = open_round(server, target_clients=2, strategy="fedavg")
+        assert status == 201
+        assert all(device.sync().uploaded for device in devices)  # the 2nd completes it
+        view = server.round(opened["round_id"], settled=False)
+        assert (view["state"], view["received"], view["published_version"]) == (
+            "aggregating", 2, None)
+        gate.touch()
+        view = server.round(opened["round_id"])
+        assert (view["state"], view["published_version"]) == ("published", 2)
+        for device in devices:
+            device.close()
+
+
+def test_an_operator_closes_a_stage_and_the_round_goes_on_without_the_missing(
+        server, devices):
+    status, opened = open_round(server, target_clients=3, min_clients=2, deadline_s=3600)
+    round_id = opened["round_id"]
+    assert all(device.sync().uploaded for device in devices[:2])
+    assert round_view(server, round_id)["state"] == "collecting"  # waits for the third
+    response = server.admin("POST", f"/v1/admin/rounds/{round_id}/close-stage")
+    assert response.status == 200
+    view = round_view(server, round_id)
+    assert (view["state"], view["received"], view["published_version"]) == (
+        "published", 2, 2)
+    assert devices[2].sync().round_id is None  # nothing left to join
+    again = server.admin("POST", f"/v1/admin/rounds/{round_id}/close-stage")
+    assert error_of(again) == (409, "round_closed")
+    missing = server.admin("POST", "/v1/admin/rounds/round-99/close-stage")
+    assert error_of(missing) == (404, "not_found")
+    denied = server.request("POST", f"/v1/admin/rounds/{round_id}/close-stage")
+    assert denied.status == 401
+
