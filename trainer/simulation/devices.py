@@ -122,14 +122,14 @@ class DeviceWorker:
                             http_pool=self.pool)
 
     def begin(self, users: list[str], now: int, drop: dict[str, str] | None = None,
-              late: list[str] | None = None) -> list[dict[str, Any]]:
+              late: dict[str, bool] | None = None) -> list[dict[str, Any]]:
         """Round start for each of ``users``: replay its events up to ``now``, sync (install
         the newest model, check in), recommend (online hit: is its next real event in the
         top K?), train and advertise (SecAgg+ stage 1). ``drop[user] == "collecting"``: the
         device dies after checking in. ``late``: it checks in but trains and answers only in
         ``finish_late`` (a straggler the round will not wait for)."""
-        drop, late = drop or {}, set(late or ())
-        return [self._begin_one(u, now, drop.get(u) == "collecting", u in late)
+        drop, late = drop or {}, late or {}
+        return [self._begin_one(u, now, drop.get(u) == "collecting", bool(late.get(u)))
                 for u in users]
 
     def _begin_one(self, user: str, now: int, dies: bool, late: bool) -> dict[str, Any]:

@@ -283,24 +283,43 @@ class Simulation:
         return int(clock[min(r - 1, len(clock) - 1)])
 
     def _run_op(self, op: str, users: list[str], extra: dict[str, Any] | None = None,
-                desc: str | None = None) -> list[dict[str, Any]]:
-        """``op`` on ``users``, in chunks, on each user's own worker; results in any order."""
-        by_worker: dict[int, list[str]] = {}
-        for user in users:
-            by_worker.setdefault(self.owner[user], []).append(user)
+                desc: str | None = None, per_user: dict[str, dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+        """``op`` on ``users``, in chunks, on each user's own worker; results in any order.
+        At most two chunks per worker are in flight (the pipes to a worker stay far from
+        full in both directions). ``per_user``: argument name -> {user: value}, sliced to
+        each chunk's users."""
         size = self.config.chunk
-        tickets = {}
-        for w, mine in by_worker.items():
-            for i in range(0, len(mine), size):
-                chunk = mine[i:i + size]
-                tickets[self.backend.submit(w, op, {"users": chunk, **(extra or {})})] = chunk
+        queues: dict[int, list[list[str]]] = {}
+        for user in users:
+            chunks = queues.setdefault(self.owner[user], [[]])
+            if len(chunks[-1]) == size:
+                chunks.append([])
+            chunks[-1].append(user)
         results: list[dict[str, Any]] = []
         bar = self._bar(len(users), desc or op) if desc and len(users) > size else None
-        for ticket, chunk_results in self.backend.completed(list(tickets)):
-            self._check_stop()
-            results.extend(chunk_results)
-            if bar is not None:
-                bar.update(len(tickets[ticket]))
+        in_flight: dict[int, tuple[int, list[str]]] = {}
+
+        def submit(worker: int) -> None:
+            if queues.get(worker):
+                chunk = queues[worker].pop(0)
+                args = {"users": chunk, **(extra or {})}
+                for name, values in (per_user or {}).items():
+                    args[name] = {u: values[u] for u in chunk if u in values}
+                in_flight[self.backend.submit(worker, op, args)] = (worker, chunk)
+
+        for worker in list(queues):
+            submit(worker)
+            submit(worker)
+        while in_flight:
+            for ticket, chunk_results in self.backend.completed(list(in_flight)):
+                self._check_stop()
+                worker, chunk = in_flight.pop(ticket)
+                results.extend(chunk_results)
+                if bar is not None:
+                    bar.update(len(chunk))
+                submit(worker)
+                break  # re-enter with the tickets now in flight
         if bar is not None:
             bar.close()
         return results
@@ -351,9 +370,10 @@ class Simulation:
         # 1. begin: replay, sync, recommend, train, advertise
         t0 = time.perf_counter()
         late_collecting = [u for u, s in late.items() if s == "collecting"]
-        begun = self._run_op("begin", sampled, {
-            "now": now, "drop": {u: s for u, s in drop.items() if s == "collecting"},
-            "late": late_collecting}, desc=f"round {r}: devices")
+        dies = {u: s for u, s in drop.items() if s == "collecting"}
+        begun = self._run_op("begin", sampled, {"now": now}, desc=f"round {r}: devices",
+                             per_user={"drop": dies,
+                                       "late": {u: True for u in late_collecting}})
         phases["begin"] = time.perf_counter() - t0
         account(begun)
         self._pace["begin"] = max(
