@@ -75,6 +75,7 @@ def _plots(out: Path, runs: Mapping[str, Sequence[RoundRecord]],
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def plot(name: str, attr: str, title: str, ylabel: str,
              which: Mapping[str, Sequence[RoundRecord]],
@@ -88,6 +89,7 @@ def _plots(out: Path, runs: Mapping[str, Sequence[RoundRecord]],
         for y, color, style, label in lines:
             ax.axhline(y, color=color, linestyle=style, label=label)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
