@@ -81,7 +81,7 @@ class SimulationConfig:
             "batch_size": self.batch_size, "max_examples": self.max_examples,
             "upload_scheme": self.upload_scheme, "server_lr": self.server_lr,
         }
-        if self.momentum is not None:
+        if self.momentum is not None and self.strategy == "fedavgm":
             config["momentum"] = self.momentum
         if self.noise_multiplier is not None:
             config.update(noise_multiplier=self.noise_multiplier, delta=delta)
