@@ -33,8 +33,11 @@ def main() -> int:
                 reply["result"] = worker.handle(message["op"], message["args"])
         except Exception:  # reported to the coordinator, which stops the simulation
             reply["error"] = traceback.format_exc()
-        out.write(json.dumps(reply).encode() + b"\n")
-        out.flush()
+        try:
+            out.write(json.dumps(reply).encode() + b"\n")
+            out.flush()
+        except BrokenPipeError:  # the coordinator is gone (Ctrl-C): nobody to answer
+            return 0
     return 0
 
 
