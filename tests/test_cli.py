@@ -7,11 +7,42 @@ import pytest
 from trainer.cli import main
 
 
-def test_demo_end_to_end_beats_popularity(tmp_path, capsys):
+def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
+        tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["demo", "--run", str(run), "--synthetic-users", "600", "--synthetic-items",
-                 "300", "--epochs", "6", "--dim", "32", "--hidden", "32", "--no-progress"])
+    code = main(["demo", "--run", str(run), "--synthetic-users", "300", "--synthetic-items",
+                 "150", "--epochs", "2", "--dim", "16", "--hidden", "32", "--max-len", "20",
+                 "--rounds", "3", "--clients-per-round", "12", "--no-progress"])
     assert code == 0
+    out = capsys.readouterr().out
+    report = run / "report"
+    assert f"report: {report / 'index.html'}" in out
+    data = json.loads((report / "rounds.json").read_text())
+    assert set(data["runs"]) == {"federated+DP", "federated"}
+    assert 0 < data["central"]["hr@10"] <= 1
+    for label, records in data["runs"].items():
+        assert [r["round"] for r in records] == [0, 1, 2, 3]
+        assert [r["state"] for r in records[1:]] == ["published"] * 3, records
+        assert records[0]["hr10"] == data["runs"]["federated"][0]["hr10"]  # same start
+        epsilons = [r["epsilon"] for r in records]
+        if label == "federated+DP":
+            assert epsilons[0] == 0 and 0 < epsilons[1] < epsilons[2] < epsilons[3]
+        else:
+            assert epsilons == [0, 0, 0, 0]
+    html = (report / "index.html").read_text()
+    for name in ("hr10.png", "online.png", "epsilon.png", "rounds.csv"):
+        assert (report / name).stat().st_size > 0
+    assert "federated+DP" in html and "central" in html
+    assert "federated+DP: HR@10" in out and "federated: HR@10" in out
+
+
+def test_train_export_evaluate_end_to_end_beats_popularity(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--run", str(run)]
+    assert main(["train", *common, "--synthetic-users", "600", "--synthetic-items", "300",
+                 "--epochs", "6", "--dim", "32", "--hidden", "32", "--no-progress"]) == 0
+    assert main(["export", *common]) == 0
+    assert main(["evaluate", *common]) == 0
     out = capsys.readouterr().out
     assert "litert int8" in out and "popularity" in out and "line holdout" in out
     rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}

@@ -165,7 +165,7 @@ class RemoteServer:
             raise ValueError("--server needs --admin-token (or POCKETREC_ADMIN_TOKEN)")
         self.url = url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {admin_token}"}
-        self.http = urllib3.PoolManager(timeout=urllib3.Timeout(30.0))
+        self.http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10.0, read=300.0))
 
     def admin(self, method: str, path: str, headers: dict[str, str] | None = None,
               **kwargs: Any) -> Any:

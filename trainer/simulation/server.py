@@ -54,7 +54,9 @@ class ServerProcess:
             self.close()
             raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
         self.url = line.split()[-1]
-        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(10.0))
+        # Reads wait long: the first DP round imports the accountant (torch): slow when busy.
+        self.http = urllib3.PoolManager(retries=False,
+                                        timeout=urllib3.Timeout(connect=10.0, read=300.0))
         health = self.http.request("GET", self.url + "/healthz")
         if health.status != 200:
             self.close()
