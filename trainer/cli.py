@@ -267,6 +267,8 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--local-epochs", type=int, default=1)
     g.add_argument("--local-lr", type=float, default=0.3)
     g.add_argument("--local-batch-size", type=int, default=32)
+    g.add_argument("--local-max-examples", type=int, default=1000,
+                   help="a device trains on at most its most recent N next-item examples")
     g.add_argument("--upload-scheme", default=secagg.SCHEME, choices=(secagg.SCHEME, SEALED_SCHEME))
     g.add_argument("--dp-mode", default="central", choices=("central", "distributed"))
     g = p.add_argument_group("execution")
@@ -287,6 +289,7 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
         delta=args.delta, clip_norm=args.clip_norm, strategy=args.strategy,
         server_lr=args.server_lr, momentum=args.momentum, local_epochs=args.local_epochs,
         learning_rate=args.local_lr, batch_size=args.local_batch_size,
+        max_examples=args.local_max_examples,
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
         stragglers=args.stragglers, deadline_s=args.deadline,
         stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,
@@ -365,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sim_args(p, rounds=24, clients=32)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.5)
+    p.add_argument("--base-bundle", metavar="DIR",
+                   help="start from this exported bundle (same data) instead of pretraining")
 
     p = add("simulate", "federated simulation: every user a virtual device (real SDK, own "
             "SQLite log) against the real sync server over HTTP, SecAgg+, optional DP",
