@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,8 +82,10 @@ def main() -> int:
     _quiet()
     rows = []
     for n in args.devices:
-        with tempfile.TemporaryDirectory(prefix=f"scale-{n}-") as tmp:
-            rows.append(measure(n, args.rounds, args.workers, args.dropout, Path(tmp)))
+        # Kept when the run fails: the server log (DIR/sim/server.log) tells what happened.
+        tmp = Path(tempfile.mkdtemp(prefix=f"scale-{n}-"))
+        rows.append(measure(n, args.rounds, args.workers, args.dropout, tmp))
+        shutil.rmtree(tmp)
         print(rows[-1], flush=True)
     print()
     print(f"{args.workers} worker processes, SecAgg+, {args.dropout:.0%} device dropout, "

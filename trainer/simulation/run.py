@@ -35,6 +35,7 @@ import numpy as np
 from device_sdk import secagg
 from device_sdk.bundle import zip_bundle_dir
 from device_sdk.protocol import b64decode
+from device_sdk.sync_client import SyncError
 from trainer.metrics import basket_metrics, ranking_metrics
 from trainer.simulation.backends import make_backend
 from trainer.simulation.devices import STAGES
@@ -192,7 +193,17 @@ class Simulation:
             self._evaluator.sync_client.register()
         ev = self._evaluator
         if ev.model_version != version:
-            ev.install(ev.sync_client.download_bundle(version))
+            # Right after a large round the server may be busy for a while (it deletes the
+            # round's shares and masked inputs): keep asking for up to ten minutes.
+            give_up = time.monotonic() + 600
+            while True:
+                try:
+                    ev.install(ev.sync_client.download_bundle(version))
+                    break
+                except SyncError as exc:
+                    if not exc.retryable or time.monotonic() > give_up:
+                        raise
+                    time.sleep(5)
         model = ev.models.bundle(version).model()
         test = self.population.test
         ids, _ = model.topk_many(test.history)
