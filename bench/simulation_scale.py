@@ -14,7 +14,6 @@ server and this coordinator (Linux peak RSS).
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.cli import _quiet  # noqa: E402
 from trainer.data.dataset import DataSpec  # noqa: E402
+from trainer.simulation.devices import peak_rss_mb  # noqa: E402
 from trainer.simulation.experiment import (  # noqa: E402
     ModelSpec,
     export_base,
@@ -67,7 +67,7 @@ def measure(n: int, rounds: int, workers: int, dropout: float, root: Path) -> di
         "up": last.bytes_up_per_device, "down": last.bytes_down_per_device,
         "workers_mb": resources.get("worker_max_rss_mb"),
         "server_mb": resources.get("server_max_rss_mb"),
-        "coordinator_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "coordinator_mb": peak_rss_mb(),
     }
 
 

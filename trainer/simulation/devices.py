@@ -63,6 +63,18 @@ def device_dir_name(user: str) -> str:
     return hashlib.sha256(user.encode()).hexdigest()[:20]
 
 
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """Peak resident memory of a process (Linux VmHWM), MiB. Not getrusage's ru_maxrss: a
+    child started by fork + exec inherits its parent's peak there."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class CountingPool(urllib3.PoolManager):
     """An urllib3 pool that counts body bytes sent and received (headers excluded)."""
 
@@ -111,10 +123,8 @@ class DeviceWorker:
         return len(self.streams)
 
     def stats(self) -> dict[str, Any]:
-        import resource
-
         return {"devices": len(self.streams), "sessions": len(self.sessions),
-                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "max_rss_mb": peak_rss_mb()}
 
     def _device(self, user: str) -> DeviceClient:
         return DeviceClient(self.root / device_dir_name(user), server_key=self.server_key,

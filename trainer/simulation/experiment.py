@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data.dataset import DataSpec
+from trainer.simulation.devices import peak_rss_mb
 from trainer.simulation.population import Population, build_population
 from trainer.simulation.run import RoundRecord, Simulation, SimulationConfig
 from trainer.simulation.server import ServerProcess
@@ -139,20 +140,9 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
             resources.update(sim.resources)
         if isinstance(server, ServerProcess):
             if resources is not None:
-                resources["server_max_rss_mb"] = _peak_rss_mb(server.process.pid)
+                resources["server_max_rss_mb"] = peak_rss_mb(server.process.pid)
             server.close()
     return (sim.records if sim is not None else []), interrupted
-
-
-def _peak_rss_mb(pid: int) -> float | None:
-    """A live process's peak resident memory (Linux VmHWM), in MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class RemoteServer:
