@@ -21,6 +21,19 @@ class SoftmaxHead:
     config: Any
     params: dict[str, np.ndarray]
 
+    def _load(self, name: str, config: Any, params: dict[str, np.ndarray]) -> None:
+        """Keep ``config`` and float32 copies of exactly ``config.param_shapes()`` (torch
+        state_dict names), refusing missing or misshapen tensors."""
+        expected = config.param_shapes()
+        missing = sorted(set(expected) - set(params))
+        if missing:
+            raise ValueError(f"{name} params lack {missing}")
+        for key, shape in expected.items():
+            if tuple(params[key].shape) != shape:
+                raise ValueError(f"param {key} has shape {params[key].shape}, expected {shape}")
+        self.config = config
+        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in expected}
+
     def user_vectors(self, history: np.ndarray) -> np.ndarray:
         """[B, L] ids -> [B, dim] user vectors."""
         return self._encode(self._check_history(history))["u"]

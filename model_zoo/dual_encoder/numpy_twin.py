@@ -21,15 +21,7 @@ class DualEncoderNumpy(SoftmaxHead):
     """Numpy twin of ``DualEncoder``; ``params`` uses the torch state_dict names."""
 
     def __init__(self, config: DualEncoderConfig, params: dict[str, np.ndarray]) -> None:
-        expected = config.param_shapes()
-        missing = sorted(set(expected) - set(params))
-        if missing:
-            raise ValueError(f"dual_encoder params lack {missing}")
-        for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
-        self.config = config
-        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in expected}
+        self._load("dual_encoder", config, params)
         self._recency = recency_weights(config)
 
     def _check_history(self, history: np.ndarray) -> np.ndarray:

@@ -62,15 +62,7 @@ class SasRecNumpy(SoftmaxHead):
     """Numpy twin of ``SasRec``; ``params`` uses the torch state_dict names."""
 
     def __init__(self, config: SasRecConfig, params: dict[str, np.ndarray]) -> None:
-        expected = config.param_shapes()
-        missing = sorted(set(expected) - set(params))
-        if missing:
-            raise ValueError(f"sasrec params lack {missing}")
-        for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
-        self.config = config
-        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in expected}
+        self._load("sasrec", config, params)
 
     def _check_history(self, history: np.ndarray) -> np.ndarray:
         history = np.asarray(history)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,12 @@ class DeviceWorker:
         return {"devices": len(self.streams), "sessions": len(self.sessions),
                 "max_rss_mb": peak_rss_mb()}
 
+    def _traffic(self) -> Callable[[], dict[str, int]]:
+        """Body bytes this worker sends and receives from now until the returned call."""
+        sent, received = self.pool.sent, self.pool.received
+        return lambda: {"bytes_up": self.pool.sent - sent,
+                        "bytes_down": self.pool.received - received}
+
     def _device(self, user: str) -> DeviceClient:
         return DeviceClient(self.root / device_dir_name(user), server_key=self.server_key,
                             server_url=self.server_url, policy=self.policy,
@@ -144,7 +151,7 @@ class DeviceWorker:
 
     def _begin_one(self, user: str, now: int, dies: bool, late: bool) -> dict[str, Any]:
         started = time.perf_counter()
-        sent, received = self.pool.sent, self.pool.received
+        traffic = self._traffic()
         stream = self.streams[user]
         out: dict[str, Any] = {"user": user, "status": "advertised"}
         try:
@@ -175,8 +182,7 @@ class DeviceWorker:
                     self._train_and_advertise(user, device, out)
         except (SyncError, OSError, ValueError, RuntimeError) as exc:
             out["status"], out["error"] = "error", f"{type(exc).__name__}: {exc}"
-        out["bytes_up"] = self.pool.sent - sent
-        out["bytes_down"] = self.pool.received - received
+        out.update(traffic())
         out["seconds"] = time.perf_counter() - started
         return out
 
@@ -196,15 +202,14 @@ class DeviceWorker:
         """The stragglers of ``begin``: train and try to advertise now."""
         results = []
         for user in users:
-            sent, received = self.pool.sent, self.pool.received
+            traffic = self._traffic()
             out: dict[str, Any] = {"user": user, "status": "advertised"}
             try:
                 with self._device(user) as device:
                     self._train_and_advertise(user, device, out)
             except (SyncError, OSError, ValueError, RuntimeError) as exc:
                 out["status"], out["error"] = "error", f"{type(exc).__name__}: {exc}"
-            out["bytes_up"] = self.pool.sent - sent
-            out["bytes_down"] = self.pool.received - received
+            out.update(traffic())
             results.append(out)
         return results
 
@@ -212,7 +217,7 @@ class DeviceWorker:
         """One poll (and the answer the server asks for) per device's session."""
         results = []
         for user in users:
-            sent, received = self.pool.sent, self.pool.received
+            traffic = self._traffic()
             out: dict[str, Any] = {"user": user}
             session = self.sessions.get(user)
             if session is None:
@@ -230,8 +235,7 @@ class DeviceWorker:
                     out["status"] = "dropped" if exc.code in (
                         "secagg_dropped", "stage_closed") else "error"
                     out["error"] = f"{exc.code}: {exc.message}"
-            out["bytes_up"] = self.pool.sent - sent
-            out["bytes_down"] = self.pool.received - received
+            out.update(traffic())
             results.append(out)
         return results
 

@@ -285,9 +285,7 @@ class Simulation:
             pass
 
     def _clock(self, r: int) -> str:
-        clock = self.population.clock
-        now = int(clock[min(max(r - 1, 0), len(clock) - 1)])
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._now(max(r, 1))))
 
     def _now(self, r: int) -> int:
         clock = self.population.clock
