@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,33 @@ def signed_bundles(tiny_export, server_key, tmp_path_factory):
                          parent_version=v - 1 or None)
         for v in (1, 2, 3)
     }
+
+
+# -- databases: every server integration test runs on SQLite and on a real PostgreSQL ----------
+
+REQUIRE_POSTGRES = os.environ.get("POCKETREC_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One private PostgreSQL server for the session (tests/postgres.py). Missing binaries skip
+    the PostgreSQL half locally and fail it in CI (POCKETREC_REQUIRE_POSTGRES=1)."""
+    from postgres import PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        message = "PostgreSQL server binaries not installed (apt-get install postgresql)"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    with PostgresServer() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_settings(request) -> dict[str, str]:
+    """Server settings choosing the database: {} (SQLite in DATA_DIR, the default) or
+    {"DATABASE_URL": <a fresh PostgreSQL database>}. Pass them to ServerProcess/create_app;
+    a restarted server given the same settings finds the same database."""
+    if request.param == "sqlite":
+        return {}
+    return {"DATABASE_URL": request.getfixturevalue("postgres").create_database()}

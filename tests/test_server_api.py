@@ -25,8 +25,9 @@ MAX_BODY = 64 * 1024
 
 
 @pytest.fixture
-def server(tmp_path):
-    with ServerProcess(tmp_path / "server", ADMIN_TOKEN=ADMIN, MAX_BODY_BYTES=MAX_BODY) as srv:
+def server(tmp_path, db_settings):
+    with ServerProcess(tmp_path / "server", ADMIN_TOKEN=ADMIN, MAX_BODY_BYTES=MAX_BODY,
+                       **db_settings) as srv:
         yield srv
 
 
