@@ -113,7 +113,11 @@ def _defer_aggregations(app: Flask) -> None:
         if jobs:
             def run() -> None:
                 for job in jobs:
-                    job()
+                    try:
+                        job()
+                    except Exception:  # the round keeps its lease; a later request resumes it
+                        logging.getLogger("sync_server.rounds").exception(
+                            "deferred aggregation failed; it resumes when its lease ends")
 
             response.call_on_close(run)
         return response

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, request
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from device_sdk.protocol import ProtocolError, error_body
@@ -26,6 +28,9 @@ HTTP_CODES = {
     415: "unsupported_media_type",
     429: "rate_limited",
 }
+
+# Retry-After of a 503 database_unavailable: a restarting PostgreSQL is usually back in seconds.
+DATABASE_RETRY_AFTER_S = 5
 
 
 class ApiError(ProtocolError):
@@ -68,6 +73,20 @@ def register_error_handlers(app: Flask) -> None:
         else:
             message = exc.description or exc.name
         return error_response(code, message, status, headers)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    @app.errorhandler(DisconnectionError)
+    @app.errorhandler(PoolTimeoutError)
+    def _database_unavailable(exc: Exception) -> Response:
+        # The database is down, restarting, unreachable or (SQLite) locked for longer than
+        # the busy timeout: nothing was committed (the request's transaction rolled back), so
+        # the client may simply try again. The pool re-checks connections (pre-ping), so the
+        # server recovers by itself when the database is back.
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:300],
+                    extra={"method": request.method, "path": request.path, "status": 503})
+        return error_response("database_unavailable", "the database is unavailable; retry "
+                              "later", 503, {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
