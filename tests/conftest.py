@@ -141,11 +141,21 @@ def postgres():
         yield pg
 
 
+def _db_settings(request) -> dict[str, str]:
+    if request.param == "sqlite":
+        return {}
+    return {"DATABASE_URL": request.getfixturevalue("postgres").create_database()}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_settings(request) -> dict[str, str]:
     """Server settings choosing the database: {} (SQLite in DATA_DIR, the default) or
     {"DATABASE_URL": <a fresh PostgreSQL database>}. Pass them to ServerProcess/create_app;
     a restarted server given the same settings finds the same database."""
-    if request.param == "sqlite":
-        return {}
-    return {"DATABASE_URL": request.getfixturevalue("postgres").create_database()}
+    return _db_settings(request)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_db_settings(request) -> dict[str, str]:
+    """``db_settings`` for a server shared by a module's tests."""
+    return _db_settings(request)

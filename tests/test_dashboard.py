@@ -39,8 +39,8 @@ OPEN_TIMEOUT_S = 120.0
 
 
 @pytest.fixture
-def server(tmp_path, tiny_export):
-    with ServerProcess(tmp_path / "server", **SETTINGS) as srv:
+def server(tmp_path, tiny_export, db_settings):
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
         assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201  # version 1
         yield srv
 

@@ -1,6 +1,8 @@
-"""Alembic migrations: an empty database upgrades to head, twice is a no-op, and head
-matches the models exactly (a model change without a revision fails here)."""
+"""Alembic migrations, on SQLite and on a real PostgreSQL: an empty database upgrades to head,
+twice is a no-op, head matches the models exactly (a model change without a revision fails
+here), and every revision downgrades to the empty database and upgrades again."""
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -28,8 +30,23 @@ def _state(url):
     return tables, version, diff
 
 
-def test_upgrade_creates_every_table_and_is_idempotent(tmp_path):
-    url = f"sqlite:///{tmp_path / 'server.db'}"
+@pytest.fixture
+def url(tmp_path, db_settings):
+    return db_settings.get("DATABASE_URL", f"sqlite:///{tmp_path / 'server.db'}")
+
+
+def _migrate(url, direction, revision):
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            getattr(command, direction)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_creates_every_table_and_is_idempotent(url, tmp_path):
     upgrade(url)
     tables, version, diff = _state(url)
     assert set(tables) == TABLES
@@ -46,19 +63,21 @@ def test_one_linear_history():
     assert len(heads) == 1
 
 
-def test_model_metrics_revision_downgrades_and_upgrades_again(tmp_path):
-    url = f"sqlite:///{tmp_path / 'server.db'}"
+def test_model_metrics_revision_downgrades_and_upgrades_again(url):
     upgrade(url)
     head_tables, head, _ = _state(url)
-    engine = create_engine(url)
-    try:
-        with engine.begin() as connection:
-            config = alembic_config()
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0004")
-    finally:
-        engine.dispose()
+    _migrate(url, "downgrade", "0004")
     tables, version, _ = _state(url)
     assert version == "0004" and set(tables) == TABLES - {"model_metrics"}
     upgrade(url)
     assert _state(url) == (head_tables, head, [])
+
+
+def test_every_revision_downgrades_to_empty_and_upgrades_again(url):
+    upgrade(url)
+    head_state = _state(url)
+    _migrate(url, "downgrade", "base")
+    tables, version, _ = _state(url)
+    assert version is None and set(tables) <= {"alembic_version"}
+    upgrade(url)
+    assert _state(url) == head_state

@@ -103,10 +103,10 @@ def run_devices(clients, version, updates, schemes):
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, tiny_export):
+def fleet(tmp_path_factory, tiny_export, module_db_settings):
     """A server (version 1 published) and 10 registered device clients."""
     root = tmp_path_factory.mktemp("secagg")
-    with ServerProcess(root / "server", **SETTINGS) as server:
+    with ServerProcess(root / "server", **SETTINGS, **module_db_settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         clients = {n: sync_client(server, root, f"d{n}") for n in range(10)}
         yield server, clients
@@ -165,8 +165,8 @@ def test_dropout_matrix_over_http_publishes_the_survivors_mean(fleet, stage, rat
 
 
 def test_real_devices_run_secagg_by_default_and_learn_the_float_mean(
-        tmp_path, tiny_export, tiny_checkpoint):
-    with ServerProcess(tmp_path / "server", **SETTINGS) as server:
+        tmp_path, tiny_export, tiny_checkpoint, db_settings):
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         devices = [make_device(server, tmp_path / f"dev{n}", tiny_checkpoint, n)
                    for n in range(4)]
@@ -219,8 +219,8 @@ def test_real_devices_run_secagg_by_default_and_learn_the_float_mean(
             device.close()
 
 
-def test_bad_messages_are_refused_and_the_round_goes_on(tmp_path, tiny_export):
-    with ServerProcess(tmp_path / "server", **SETTINGS) as server:
+def test_bad_messages_are_refused_and_the_round_goes_on(tmp_path, tiny_export, db_settings):
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         clients = {n: sync_client(server, tmp_path, f"d{n}") for n in range(6)}
         mallory, outsider = clients.pop(4), clients.pop(5)
@@ -282,8 +282,8 @@ def test_bad_messages_are_refused_and_the_round_goes_on(tmp_path, tiny_export):
 
 @pytest.mark.parametrize("dp_mode", ["central", "distributed"])
 def test_dp_rounds_with_secagg_tell_the_accountant_which_noise_ran(
-        tmp_path, tiny_export, dp_mode):
-    with ServerProcess(tmp_path / "server", **SETTINGS) as server:
+        tmp_path, tiny_export, dp_mode, db_settings):
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         clients = {n: sync_client(server, tmp_path, f"d{n}") for n in range(4)}
         shapes = {k: v.shape for k, v in weights_of(clients[0], 1).items()}
@@ -311,8 +311,9 @@ def test_dp_rounds_with_secagg_tell_the_accountant_which_noise_ran(
 
 
 def test_a_hundred_devices_over_http_survive_thirty_percent_dropping_before_masking(
-        tmp_path, tiny_export):
-    with ServerProcess(tmp_path / "server", **{**SETTINGS, "RATE_LIMIT": 100_000}) as server:
+        tmp_path, tiny_export, db_settings):
+    with ServerProcess(tmp_path / "server", **{**SETTINGS, "RATE_LIMIT": 100_000},
+                       **db_settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         clients = {n: sync_client(server, tmp_path, f"d{n}") for n in range(100)}
         base = weights_of(clients[0], 1)

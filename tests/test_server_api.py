@@ -327,14 +327,14 @@ def test_openapi_lists_exactly_the_v1_routes(tmp_path):
     assert routes == documented
 
 
-def test_restart_keeps_keys_devices_and_models(tmp_path):
+def test_restart_keeps_keys_devices_and_models(tmp_path, db_settings):
     data_dir = tmp_path / "server"
-    with ServerProcess(data_dir, ADMIN_TOKEN=ADMIN) as first:
+    with ServerProcess(data_dir, ADMIN_TOKEN=ADMIN, **db_settings) as first:
         key = signing_key_of(first)
         client = sync_client(first, tmp_path)
         client.register()
         assert publish(first, make_bundle_zip(tmp_path, 4)).status == 201
-    with ServerProcess(data_dir, ADMIN_TOKEN=ADMIN) as second:
+    with ServerProcess(data_dir, ADMIN_TOKEN=ADMIN, **db_settings) as second:
         assert signing_key_of(second) == key
         again = sync_client(second, tmp_path)  # same key file: the same device
         assert again.fetch_manifest().version == 4

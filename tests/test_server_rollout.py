@@ -40,8 +40,8 @@ def signing_key_of(server) -> bytes:
 
 
 @pytest.fixture
-def server(tmp_path):
-    with ServerProcess(tmp_path / "server", **SETTINGS) as srv:
+def server(tmp_path, db_settings):
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
         yield srv
 
 

@@ -31,8 +31,8 @@ DP_ROUND = {"target_clients": 3, "noise_multiplier": 1.0, "clip_norm": 0.5,
 
 
 @pytest.fixture
-def server(tmp_path, tiny_export):
-    with ServerProcess(tmp_path / "server", **SETTINGS) as srv:
+def server(tmp_path, tiny_export, db_settings):
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
         assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201  # version 1
         yield srv
 
