@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import sqlalchemy
 from conftest import zip_bundle
 from server_process import ServerProcess
 from test_server_rounds import (
@@ -335,3 +336,12 @@ def test_a_hundred_devices_over_http_survive_thirty_percent_dropping_before_mask
         for k in shapes:
             mean = sum(updates[n].delta[k].astype(np.float64) for n in survivors) / 70
             assert np.abs(new[k] - base[k] - mean).max() <= bound + 1e-6
+        # The round's 100·99 relayed shares went in batches; none is left, nor any masked
+        # input (the blobs go last, after the shares).
+        assert masked_frames_left(server) == []
+        engine = sqlalchemy.create_engine(server.database_url)
+        with engine.connect() as connection:
+            left = connection.execute(sqlalchemy.text(
+                "SELECT count(*) FROM secagg_shares")).scalar_one()
+        engine.dispose()
+        assert left == 0

@@ -62,6 +62,12 @@ class ServerProcess:
             self.close()
             raise RuntimeError(f"/healthz answered {health.status}: {health.data!r}")
 
+    @property
+    def database_url(self) -> str:
+        """The server's SQLAlchemy URL (its SQLite file unless DATABASE_URL was given)."""
+        return self.settings.get("DATABASE_URL",
+                                 f"sqlite:///{self.data_dir / 'pocketrec.db'}")
+
     def request(self, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
         return self.http.request(method, self.url + path, **kwargs)
 
