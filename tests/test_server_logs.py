@@ -109,3 +109,20 @@ def test_create_app_installs_one_handler_and_honours_log_format(tmp_path):
                 logger.removeHandler(handler)
     with pytest.raises(ConfigError, match="LOG_FORMAT"):
         load_config({"DATA_DIR": tmp_path, "LOG_FORMAT": "xml"}, environ={})
+
+
+def test_a_root_handler_installed_later_does_not_print_our_records_twice(tmp_path):
+    """The publisher's export stack installs a root handler; our records still go out once."""
+    ours = logs.install("json", name="sync_server.test_once")
+    caught = io.StringIO()
+    root_handler = logging.StreamHandler(caught)
+    logging.getLogger().addHandler(root_handler)
+    stream = io.StringIO()
+    old_stream = ours.setStream(stream)
+    try:
+        logging.getLogger("sync_server.test_once.child").warning("once")
+    finally:
+        ours.setStream(old_stream)
+        logging.getLogger().removeHandler(root_handler)
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["once"]
+    assert caught.getvalue() == ""
