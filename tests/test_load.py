@@ -10,16 +10,26 @@ once and verifies every manifest with it, and every sealed upload is opened by w
 worker gets it, so a worker with other keys would show as refused requests. Checked: no 5xx,
 no connection error, no refusal at all, every request accounted for by type, the round
 published with received == selected == target, and afterwards every device holds the new
-version. The numbers it measures are printed, never asserted."""
+version. The numbers it measures are printed, never asserted.
 
+``test_a_gthread_worker_outlives_an_aggregation_longer_than_its_timeout``: the aggregation
+runs after the response, in the worker (``response.call_on_close``); a sync worker's
+heartbeat stops meanwhile and gunicorn kills it after ``--timeout`` (default 30 s, shorter
+than a real export), leaving the round ``aggregating`` until its lease passes. A gthread
+worker keeps its heartbeat: the same round publishes and no worker is replaced."""
+
+import base64
 import json
+import time
 
 import numpy as np
 from conftest import zip_bundle
 
 from trainer.simulation.load import (
+    bundle_shapes,
     format_table,
     publish_and_open_round,
+    random_update,
     run_load,
     summarize,
 )
@@ -74,3 +84,40 @@ def test_concurrent_devices_on_gunicorn(tmp_path, tiny_export, db_settings):
     assert all(s[1] in (200, 304) for s in result["final_samples"])
     assert [m["model_version"] for m in served["models"]] == [base, base + 1]
 
+
+def test_a_gthread_worker_outlives_an_aggregation_longer_than_its_timeout(
+    tmp_path, tiny_export, db_settings, monkeypatch
+):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_sdk.device_identity import DeviceIdentity
+    from device_sdk.sync_client import SyncClient
+
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
+    timeout_s = 2
+    settings = {**SETTINGS, "PUBLISHER": "tests.gated_publisher:publish"}
+    with GunicornServer(tmp_path / "server", workers=2, options=("--timeout", str(timeout_s)),
+                        **settings, **db_settings) as server:
+        workers = sorted(server.worker_pids())
+        round_id, base = publish_and_open_round(server, zip_bundle(tiny_export.bundle_dir), 1)
+        keys = json.loads(server.request("GET", "/v1/server-keys").data)
+        client = SyncClient(server.url, DeviceIdentity(Ed25519PrivateKey.generate()),
+                            server_signing_key=base64.b64decode(keys["signing_key"]),
+                            outbox_dir=tmp_path / "outbox", retries=0, timeout=30.0)
+        client.register()
+        manifest = client.fetch_manifest()
+        shapes = bundle_shapes(client.download_bundle(manifest.version), manifest.manifest_bytes)
+        task = client.checkin(manifest.version, num_examples=20)
+        assert task is not None and task.round_id == round_id
+        result = client.upload(task, random_update(task, shapes, np.random.default_rng(0)))
+        assert result["accepted"] is True  # answered; the aggregation is now held by the gate
+
+        time.sleep(2 * timeout_s + 2)  # well past the timeout (gunicorn checks each second)
+        assert server.round(round_id, settled=False)["state"] == "aggregating"
+        assert sorted(server.worker_pids()) == workers  # nobody was killed
+        gate.touch()
+        view = server.round(round_id)
+        assert (view["state"], view["published_version"]) == ("published", base + 1)
+        assert sorted(server.worker_pids()) == workers
+        assert "WORKER TIMEOUT" not in server.log_path.read_text()
