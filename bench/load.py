@@ -105,8 +105,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
     parser.add_argument("--database", default="postgresql", choices=["postgresql", "sqlite"])
     parser.add_argument("--processes", type=int, default=2, help="client processes (2)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="client connect/read timeout, seconds")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="client connect/read timeout, seconds (10: the SDK's default)")
     parser.add_argument("--rate-limit", type=int, default=100_000,
                         help="server RATE_LIMIT (per device, per worker, per minute)")
     parser.add_argument("--json", type=Path, help="write the summaries here")

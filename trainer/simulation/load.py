@@ -476,6 +476,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "devices": result["devices"], "iterations": result["iterations"],
         "client_processes": result["processes"], "wall_s": wall,
         "cpu_s": cpu, "cpu_cores": {k: v / wall for k, v in cpu.items()} if wall else {},
+        # Robust on a shared machine, unlike rates: CPU milliseconds per request served.
+        "cpu_ms_per_request": {k: 1000 * v / len(samples) for k, v in cpu.items()}
+        if samples else {},
         "rows": rows,
         "final": row(result["final_samples"]),
         "errors": result["errors"],
@@ -504,7 +507,9 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{summary['devices']} devices x {summary['iterations']} iterations in "
                  f"{summary['client_processes']} client processes: {summary['wall_s']:.1f} s; "
-                 "CPU cores busy: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
+                 "CPU cores busy: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
+                 + "; CPU ms per request: " + ", ".join(
+                     f"{k} {v:.1f}" for k, v in summary["cpu_ms_per_request"].items()))
     published = rnd["state"] == "published"
     lines.append(f"round: {rnd['state']}, selected {rnd['selected']}, received "
                  f"{rnd['received']} of target {rnd['target']} (received == selected: "
