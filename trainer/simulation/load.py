@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -269,11 +270,11 @@ def _client_main(pipe: _Pipe) -> None:
     from device_sdk.device_identity import DeviceIdentity
     from device_sdk.sync_client import SyncClient
 
+    outbox = tempfile.mkdtemp(prefix="load-outbox-")  # uploads the SDK queues; removed
     try:
         setup = pipe.receive()
         signing_key = base64.b64decode(setup["signing_key"])
         samples: list = []  # list.append is atomic: one list for every thread
-        outbox = tempfile.mkdtemp(prefix="load-outbox-")
         devices = []
         for i in setup["indices"]:
             pool = RecordingPool(samples, maxsize=1, block=False)
@@ -304,6 +305,8 @@ def _client_main(pipe: _Pipe) -> None:
         return
     except Exception:
         pipe.send({"crash": traceback.format_exc()})
+    finally:
+        shutil.rmtree(outbox, ignore_errors=True)
 
 
 class _ClientProcesses:
