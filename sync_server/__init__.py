@@ -9,8 +9,12 @@ Development::
 Production (configuration from ``POCKETREC_SERVER_CONFIG`` and ``POCKETREC_*`` variables,
 see ``sync_server.config``)::
 
-    gunicorn 'sync_server:create_app()' -w 4 -b 0.0.0.0:8080
+    gunicorn 'sync_server:create_app()' -k gthread --threads 8 -w 4 -b 0.0.0.0:8080
 
+gthread workers, not the default sync ones: a round is aggregated in the worker after the
+response that completed it, and a sync worker sends gunicorn no heartbeat meanwhile, so an
+aggregation (a real export) longer than ``--timeout`` gets it killed mid-round. Threads at
+most SQLAlchemy's pool size (5 + 10 overflow connections per worker).
 Each worker runs ``alembic upgrade head`` on start under a file lock, so workers on one host
 never migrate concurrently. The per-device rate limit is kept in process memory: with N
 workers a device may get up to N times RATE_LIMIT requests per minute."""

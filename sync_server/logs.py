@@ -70,9 +70,11 @@ def install(fmt: str = "json", name: str = LOGGER, level: int = logging.INFO) ->
         handler = logging.StreamHandler(sys.stderr)
         handler._pocketrec = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        # Our handler writes every record once; a root handler that some library installs
-        # later (the LiteRT export stack of the publisher does) must not print it again.
-        logger.propagate = False
+    # Ours is the output: nothing goes on to the root logger, which a library may configure
+    # mid-run (litert-torch's export logs through the root logger, whose first call installs
+    # a basicConfig handler on stderr), else every line would be printed twice there, the
+    # second copy not JSON.
+    logger.propagate = False
     handler.setFormatter(formatter(fmt))
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)

@@ -111,18 +111,26 @@ def test_create_app_installs_one_handler_and_honours_log_format(tmp_path):
         load_config({"DATA_DIR": tmp_path, "LOG_FORMAT": "xml"}, environ={})
 
 
-def test_a_root_handler_installed_later_does_not_print_our_records_twice(tmp_path):
-    """The publisher's export stack installs a root handler; our records still go out once."""
-    ours = logs.install("json", name="sync_server.test_once")
-    caught = io.StringIO()
-    root_handler = logging.StreamHandler(caught)
-    logging.getLogger().addHandler(root_handler)
-    stream = io.StringIO()
-    old_stream = ours.setStream(stream)
+def test_a_root_handler_installed_later_does_not_repeat_the_servers_lines():
+    """The real publisher's export (litert-torch) logs through the root logger, which then
+    gets logging's default stderr handler: the server's lines must not go there too."""
+    logger = logging.getLogger("sync_server")
+    before, propagate = list(logger.handlers), logger.propagate
+    root, root_stream, ours_stream = logging.getLogger(), io.StringIO(), io.StringIO()
+    # What logging.basicConfig() adds when a library logs through the root logger first.
+    root_handler = logging.StreamHandler(root_stream)
+    root_handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    handler = logs.install("json")
+    old_stream = handler.setStream(ours_stream)
     try:
-        logging.getLogger("sync_server.test_once.child").warning("once")
+        root.addHandler(root_handler)
+        logging.getLogger("sync_server.access").info("GET /healthz 200", extra={"status": 200})
+        [line] = ours_stream.getvalue().splitlines()
+        assert json.loads(line)["status"] == 200
+        assert root_stream.getvalue() == ""
     finally:
-        ours.setStream(old_stream)
-        logging.getLogger().removeHandler(root_handler)
-    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["once"]
-    assert caught.getvalue() == ""
+        root.removeHandler(root_handler)
+        handler.setStream(old_stream)
+        if handler not in before:
+            logger.removeHandler(handler)
+        logger.propagate = propagate

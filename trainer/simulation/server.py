@@ -25,6 +25,8 @@ import urllib3
 # in development, site-packages when installed): first on the child's path.
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
+# What sync_server.create_app logs when an app (one per gunicorn worker) is ready.
+READY_MESSAGE = "sync server ready"
 
 
 class ServerProcess:
@@ -108,3 +110,99 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GunicornServer(ServerProcess):
+    """The real sync server the production way: ``gunicorn 'sync_server:create_app()'`` with
+    several worker processes, on a free loopback port. Same interface as ``ServerProcess``
+    (``url``, ``request``, ``admin``, ``round``, ``close``; settings as POCKETREC_*).
+
+        with GunicornServer(tmp / "server", workers=4, ADMIN_TOKEN="s",
+                            DATABASE_URL=pg_url) as server: ...
+
+    Worker class ``gthread`` by default (``threads`` each): a sync worker serves one
+    connection at a time, closes it after every response (no keep-alive, so every device
+    request pays a new TCP connection) and is blocked by a slow client for as long as its
+    body takes to arrive; its heartbeat also stops while a request (or the aggregation that
+    runs after a response) computes, so one longer than ``--timeout`` gets the worker killed.
+    gthread workers keep connections alive, overlap database and disk waits in threads (the
+    app is thread-safe: the development server is threaded too) and keep their heartbeat
+    from the main thread. Keep ``threads`` at or below SQLAlchemy's pool (5 + 10 overflow
+    per process) and workers x 15 below PostgreSQL's ``max_connections``.
+
+    The listening socket is bound here and handed to gunicorn (``--bind fd://N``): the port
+    is known before the server starts, with no window for another process to take it.
+    The rate limiter is in process memory, so ``RATE_LIMIT`` applies per worker."""
+
+    def __init__(self, data_dir: str | Path, *, workers: int = 4, worker_class: str = "gthread",
+                 threads: int = 8, options: tuple[str, ...] = (), **settings: Any) -> None:
+        import socket
+
+        self.data_dir = Path(data_dir)
+        self.settings = {k: str(v) for k, v in settings.items()}
+        self.settings.setdefault("DATA_DIR", str(self.data_dir))
+        self.workers = workers
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETREC_")}
+        env.update({f"POCKETREC_{k}": v for k, v in self.settings.items()})
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
+        self._log = open(self.log_path, "w")  # noqa: SIM115
+        listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
+        port = listener.getsockname()[1]
+        command = [sys.executable, "-m", "gunicorn", "sync_server:create_app()",
+                   "--bind", f"fd://{listener.fileno()}", "--workers", str(workers),
+                   "--worker-class", worker_class]
+        if worker_class == "gthread":
+            command += ["--threads", str(threads)]
+        if "control_socket_disable" in gunicorn_settings():
+            # Recent gunicorn opens a control socket at ~/.gunicorn/gunicorn.ctl by default:
+            # one path for every instance on the host, so parallel servers would share it.
+            command.append("--no-control-socket")
+        command += list(options)  # more gunicorn flags, e.g. ("--timeout", "5")
+        try:
+            self.process = subprocess.Popen(
+                command, cwd=self.data_dir.parent, env=env, stdin=subprocess.DEVNULL,
+                stdout=self._log, stderr=self._log, pass_fds=(listener.fileno(),),
+                start_new_session=True,
+            )
+        finally:
+            listener.close()  # gunicorn holds its own copy
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = urllib3.PoolManager(retries=False,
+                                        timeout=urllib3.Timeout(connect=10.0, read=300.0))
+        # Connections queue on the bound socket until a worker is up: one /healthz answer
+        # (which pings the database) means a worker has created the app.
+        try:
+            health = self.http.request("GET", self.url + "/healthz",
+                                       timeout=urllib3.Timeout(connect=10.0,
+                                                               read=START_TIMEOUT_S))
+        except urllib3.exceptions.HTTPError as exc:
+            self.close()
+            raise RuntimeError(f"gunicorn did not answer: {exc}\n{self.log_path.read_text()}"
+                               ) from None
+        if health.status != 200:
+            self.close()
+            raise RuntimeError(f"/healthz answered {health.status}: {health.data!r}\n"
+                               f"{self.log_path.read_text()}")
+        # Workers create the app one after another (migrations under a file lock): wait
+        # until every one has said so, so a load starts on a fully booted server.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.log_path.read_text().count(READY_MESSAGE) < workers:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"not all {workers} gunicorn workers started:\n"
+                                   f"{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def worker_pids(self) -> list[int]:
+        """The pids of gunicorn's current worker processes (children of the arbiter)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def gunicorn_settings() -> set[str]:
+    """The names of the settings the installed gunicorn knows."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return {setting.name for setting in KNOWN_SETTINGS}
