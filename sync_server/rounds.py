@@ -258,6 +258,7 @@ class RoundService:
         self.metrics = metrics
         self.secagg = secure_aggregation.SecAggStages(db, blobs)
         self._local = threading.local()  # the current request's deferred aggregations
+        self._swept = False  # _sweep_ended_rounds ran in this process
 
     @property
     def publisher(self) -> Publisher:
@@ -570,6 +571,9 @@ class RoundService:
     def advance(self, round_id: str | None = None) -> None:
         """Move active rounds on: open -> collecting; collecting -> finish when full or past
         the deadline; aggregating with an expired lease -> taken over. Idempotent."""
+        if not self._swept:
+            self._swept = True
+            self._sweep_ended_rounds()
         now = utcnow()
         with self.db.session() as session:
             query = select(Round).where(Round.state.in_(ACTIVE))
@@ -722,6 +726,22 @@ class RoundService:
             log.warning("round %s failed: %s", row.id, reason,
                         extra={"round_id": row.id, "status": "failed", "reason": reason})
             self._drop_update_blobs(row.id)
+
+    def _sweep_ended_rounds(self) -> None:
+        """Once per process: the blobs a round drops when it ends are deleted after the commit
+        that ends it (a crash before the commit must keep them), so a process killed between
+        the two leaves them behind. Sweep the rounds that can be in that state: any ended
+        SecAgg+ round still naming a masked input, and the newest ended rounds (update rows
+        keep their digests as the round's record, so those are recognised by recency)."""
+        with self.db.session() as session:
+            ended = select(Round.id).where(Round.state.in_(("published", "failed")))
+            recent = session.scalars(ended.order_by(Round.finished_at.desc()).limit(8)).all()
+            unforgotten = session.scalars(
+                select(SecAggMember.round_id).distinct()
+                .where(SecAggMember.round_id.in_(ended),
+                       SecAggMember.masked_sha256.is_not(None))).all()
+        for round_id in sorted({*recent, *unforgotten}):
+            self._drop_update_blobs(round_id)
 
     def _drop_update_blobs(self, round_id: str) -> None:
         self.secagg.forget(round_id)

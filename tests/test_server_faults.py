@@ -75,12 +75,18 @@ class Harness:
         self.server = ServerProcess(self.data_dir, **self.settings)
         self.port = int(self.server.url.rsplit(":", 1)[1])
 
-    def kill_and_restart(self) -> None:
+    def kill(self) -> None:
         self.server.process.kill()  # SIGKILL: no shutdown code runs
         self.server.process.wait()
         self.server.close()
+
+    def restart(self) -> None:
         self.gate.touch()  # the restarted server's publisher is not held
         self.server = ServerProcess(self.data_dir, port=self.port, **self.settings)
+
+    def kill_and_restart(self) -> None:
+        self.kill()
+        self.restart()
 
     def query(self, sql: str, **params):
         engine = create_engine(self.database_url)
@@ -314,6 +320,34 @@ def test_kill_9_in_a_secagg_round(harness_for, tmp_path, kill_at):
     scale = float(tasks[0].secagg["scale"])
     check_published(harness, clients[0], round_id, updates, tolerance_per_coord=1 / scale)
     assert opened["config"]["upload_scheme"] == secagg.SCHEME
+
+
+def test_update_blobs_left_by_a_kill_after_the_publish_commit_are_deleted_at_restart(
+        harness_for, tmp_path):
+    """The publish commit comes before the update blobs are deleted (a crash before the
+    commit must keep them for the retry). A kill between the two leaves plaintext updates of
+    a published round on disk: exactly the files copied here while the aggregation was held
+    (the database then is the same as after the commit, the deletion touches files only). The
+    restarted server deletes them at its first request."""
+    harness = harness_for("before")
+    clients = [sync_client(harness.server, tmp_path, f"d{n}") for n in range(3)]
+    updates = make_updates(clients[0], 3, seed=3)
+    round_id = open_round(harness.server, target_clients=3,
+                          upload_scheme=SEALED_SCHEME)["round_id"]
+    for client, update in zip(clients, updates, strict=True):
+        assert SealedUpload().submit(client, client.checkin(1, 10), update)["accepted"]
+    harness.wait_reached()
+    frames = {path: path.read_bytes() for path in (harness.data_dir / "blobs").rglob("*")
+              if path.is_file() and path.read_bytes()[:4] == b"PRT1"}
+    assert len(frames) == 3
+    harness.gate.touch()
+    check_published(harness, clients[0], round_id, updates)
+    harness.kill()
+    for path, data in frames.items():
+        path.write_bytes(data)
+    harness.restart()
+    assert harness.server.round(round_id)["state"] == "published"  # any request sweeps
+    check_published(harness, clients[0], round_id, updates)
 
 
 def secagg_vector(update):
