@@ -669,6 +669,8 @@ class RoundService:
         except _LostClaim:
             log.warning("round %s: lost the claim; another worker finishes it", round_id,
                         extra={"round_id": round_id})
+        except secure_aggregation.SumAboveBound as exc:
+            self._fail(row, claim, str(exc))
         except Exception as exc:
             log.exception("round %s: aggregation failed", round_id,
                           extra={"round_id": round_id})
@@ -683,6 +685,7 @@ class RoundService:
         ring_sum, clients, secure_measurements = self.secagg.unmasked_sum(row)
         scale = float(secure_aggregation.task_params(config)["scale"])
         flat = secagg.dequantize(ring_sum, scale)
+        guard = secure_aggregation.check_sum_norm(config, flat, clients)  # before any noise
         total, offset = {}, 0
         for name in sorted(config["expected_shapes"]):
             shape = tuple(config["expected_shapes"][name])
@@ -700,6 +703,7 @@ class RoundService:
         else:
             result = strategy.aggregate_sum(weights, total, clients)
         result.measurements.update(secure_measurements)
+        result.measurements.update(guard)
         result.measurements["quantization_error_bound"] = clients / scale
         return result, clients, entry
 

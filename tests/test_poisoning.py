@@ -29,11 +29,12 @@ import pytest
 from conftest import zip_bundle
 from server_process import ServerProcess
 from test_secagg_rounds import weights_of
-from test_server_rounds import publish, sync_client
+from test_server_faults import drive
+from test_server_rounds import masked_frames_left, publish, sync_client
 
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
-from device_sdk.sync_client import SealedUpload
+from device_sdk.sync_client import SealedUpload, SecAggUpload
 
 C = 1.0
 SETTINGS = {"ADMIN_TOKEN": "admin-secret", "PUBLISHER": "sync_server.registry:republish_weights",
@@ -159,6 +160,82 @@ def test_sealed_path_refuses_oversized_updates_and_bounds_a_max_norm_attacker(
                honest_examples=honest_examples, attacker_examples=attacker_examples,
                bound=bound, moved=moved)
         version = view["published_version"]
+
+
+def test_secagg_guard_fails_an_unclipped_sum_and_lets_honest_max_norm_rounds_publish(
+        server, tmp_path):
+    """Four SecAgg+ rounds on one server: honest devices at exactly C, all aligned (the
+    longest honest sum) publish; a device masking 7.5 C on one coordinate (its own session,
+    bypassing the SDK's clipping) fails the round with nothing released; a device that knows
+    the honest sum and replaces it, staying inside the guard, shows the documented limit;
+    honest max-norm devices with distributed DP noise publish (the guard's noise allowance)."""
+    clients = [sync_client(server, tmp_path, f"d{n}") for n in range(4)]
+    shapes = {k: v.shape for k, v in weights_of(clients[0], 1).items()}
+    rng = np.random.default_rng(12)
+    version = 1
+    cases = ["honest_max_norm_aligned", "unclipped_one_coordinate", "within_guard_replace_sum",
+             "honest_max_norm_aligned_distributed_dp"]
+    for attack in cases:
+        distributed = attack.endswith("distributed_dp")
+        config = {"target_clients": 4, "min_clients": 3, "secagg_poll_s": 0.05,
+                  "secagg_stage_timeout_s": 60.0}
+        if distributed:
+            config.update(noise_multiplier=0.5, dp_mode="distributed")
+        opened = open_round(server, **config)
+        round_id = opened["round_id"]
+        tasks = [client.checkin(version, 10) for client in clients]
+        if attack.startswith("honest"):
+            direction = unit(shapes, rng)
+            inputs = [scaled(direction, C)] * 4
+        else:
+            inputs = [scaled(unit(shapes, rng), 0.9 * C) for _ in range(3)]
+            honest_sum = {k: sum(d[k] for d in inputs) for k in shapes}
+            bound = 4 * C  # |U3| C, what the server's guard allows (+ rounding slack)
+            if attack == "unclipped_one_coordinate":
+                inputs.append(one_coordinate(shapes, 7.5 * C))
+            else:  # cancel the honest sum, then put just under the bound on one coordinate
+                target = one_coordinate(shapes, 0.999 * bound)
+                inputs.append({k: target[k] - honest_sum[k] for k in shapes})
+        sessions = [SecAggUpload().session(client, task, flat(vector))
+                    for client, task, vector in zip(clients, tasks, inputs, strict=True)]
+        for session in sessions:
+            session.start()
+        drive(sessions, "unmask")
+        view = settled(server, round_id)
+        ledger = view["epsilon"]
+        if attack == "unclipped_one_coordinate":
+            assert view["state"] == "failed" and view["published_version"] is None
+            assert view["reason"].startswith("sum_norm_above_bound"), view["reason"]
+            assert ledger is None and masked_frames_left(server) == []
+            report(path="secagg", attack=attack, backend=server.backend, clip=C, clients=4,
+                   attacker_norm=7.5 * C, outcome="failed: sum_norm_above_bound")
+            continue
+        assert view["state"] == "published", view["reason"]
+        guard = view["measurements"]["sum_norm_bound"]
+        new_version = view["published_version"]
+        if attack.startswith("honest"):
+            without = {k: sum(d[k] for d in inputs) / 4 for k in shapes}
+            error = movement(clients[0], version, new_version, without)
+            if distributed:
+                assert ledger is not None and ledger > 0
+                assert guard > 4 * C
+            else:  # only stochastic rounding: < 1 unit per coordinate per device
+                scale = float(tasks[0].secagg["scale"])
+                d = sum(math.prod(s) for s in shapes.values())
+                assert error <= math.sqrt(d) / scale + 1e-5
+                assert guard == pytest.approx(4 * C, rel=1e-3)
+            report(path="secagg", attack=attack, backend=server.backend, clip=C, clients=4,
+                   sum_norm=4 * C, guard=guard, outcome="published")
+        else:
+            without = {k: honest_sum[k] / 4 for k in shapes}
+            moved = movement(clients[0], version, new_version, without)
+            limit = (guard + norm_of(honest_sum)) / 4
+            assert moved <= limit + 1e-5
+            assert ledger is None
+            report(path="secagg", attack=attack, backend=server.backend, clip=C, clients=4,
+                   honest_bound=C / 4, limit=limit, moved=moved, guard=guard,
+                   outcome="published (within the guard)")
+        version = new_version
 
 
 def flat(tensors):
