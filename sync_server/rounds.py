@@ -258,6 +258,7 @@ class RoundService:
         self.metrics = metrics
         self.secagg = secure_aggregation.SecAggStages(db, blobs)
         self._local = threading.local()  # the current request's deferred aggregations
+        self._swept = False  # _sweep_ended_rounds ran in this process
 
     @property
     def publisher(self) -> Publisher:
@@ -498,6 +499,12 @@ class RoundService:
         if meta["base_version"] != row.model_version:
             raise ProtocolError("update_rejected", f"update was trained on version "
                                 f"{meta['base_version']}, the round trains {row.model_version}")
+        examples, most = int(meta["num_examples"]), int(row.config["max_examples"])
+        if not 0 <= examples <= most:
+            # FedAvg weighs updates by this count: an unbounded claim would let one device
+            # outweigh every other update in the round.
+            raise ProtocolError("update_rejected", f"num_examples {examples} is outside "
+                                f"[0, max_examples {most}] of the task")
         shapes = {k: tuple(v) for k, v in row.config["expected_shapes"].items()}
         norm = validate_update(tensors, shapes, float(row.config["clip_norm"]))
         # Stored: the validated plaintext PRT1 frame, not the sealed bytes. Aggregation then
@@ -564,6 +571,9 @@ class RoundService:
     def advance(self, round_id: str | None = None) -> None:
         """Move active rounds on: open -> collecting; collecting -> finish when full or past
         the deadline; aggregating with an expired lease -> taken over. Idempotent."""
+        if not self._swept:
+            self._swept = True
+            self._sweep_ended_rounds()
         now = utcnow()
         with self.db.session() as session:
             query = select(Round).where(Round.state.in_(ACTIVE))
@@ -659,6 +669,8 @@ class RoundService:
         except _LostClaim:
             log.warning("round %s: lost the claim; another worker finishes it", round_id,
                         extra={"round_id": round_id})
+        except secure_aggregation.SumAboveBound as exc:
+            self._fail(row, claim, str(exc))
         except Exception as exc:
             log.exception("round %s: aggregation failed", round_id,
                           extra={"round_id": round_id})
@@ -673,6 +685,7 @@ class RoundService:
         ring_sum, clients, secure_measurements = self.secagg.unmasked_sum(row)
         scale = float(secure_aggregation.task_params(config)["scale"])
         flat = secagg.dequantize(ring_sum, scale)
+        guard = secure_aggregation.check_sum_norm(config, flat, clients)  # before any noise
         total, offset = {}, 0
         for name in sorted(config["expected_shapes"]):
             shape = tuple(config["expected_shapes"][name])
@@ -690,6 +703,7 @@ class RoundService:
         else:
             result = strategy.aggregate_sum(weights, total, clients)
         result.measurements.update(secure_measurements)
+        result.measurements.update(guard)
         result.measurements["quantization_error_bound"] = clients / scale
         return result, clients, entry
 
@@ -716,6 +730,22 @@ class RoundService:
             log.warning("round %s failed: %s", row.id, reason,
                         extra={"round_id": row.id, "status": "failed", "reason": reason})
             self._drop_update_blobs(row.id)
+
+    def _sweep_ended_rounds(self) -> None:
+        """Once per process: the blobs a round drops when it ends are deleted after the commit
+        that ends it (a crash before the commit must keep them), so a process killed between
+        the two leaves them behind. Sweep the rounds that can be in that state: any ended
+        SecAgg+ round still naming a masked input, and the newest ended rounds (update rows
+        keep their digests as the round's record, so those are recognised by recency)."""
+        with self.db.session() as session:
+            ended = select(Round.id).where(Round.state.in_(("published", "failed")))
+            recent = session.scalars(ended.order_by(Round.finished_at.desc()).limit(8)).all()
+            unforgotten = session.scalars(
+                select(SecAggMember.round_id).distinct()
+                .where(SecAggMember.round_id.in_(ended),
+                       SecAggMember.masked_sha256.is_not(None))).all()
+        for round_id in sorted({*recent, *unforgotten}):
+            self._drop_update_blobs(round_id)
 
     def _drop_update_blobs(self, round_id: str) -> None:
         self.secagg.forget(round_id)

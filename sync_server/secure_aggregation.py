@@ -94,6 +94,52 @@ def effective_noise_multiplier(config: Mapping[str, Any], survivors: int) -> flo
     return math.sqrt(survivors) * params["noise_std"] / sensitivity
 
 
+class SumAboveBound(Exception):
+    """The unmasked sum is longer than honest devices could have made it: some device
+    bypassed its clipping. The round fails (``sum_norm_above_bound``); nothing is noised,
+    released or accounted."""
+
+    code = "sum_norm_above_bound"
+
+
+def sum_norm_bound(config: Mapping[str, Any], clients: int) -> float:
+    """The largest L2 norm the dequantized sum of ``clients`` honest inputs can have: each
+    update clipped to C (with the protocol's 1e-6 slack), stochastic rounding < 1 unit per
+    coordinate per device (sqrt(d) clients / scale), and in distributed DP mode the devices'
+    discrete Gaussian noise: a sum of std sigma = sqrt(clients) noise_std / scale per
+    coordinate, sub-Gaussian, so its norm exceeds sigma (sqrt(d) + 10) with probability below
+    exp(-50)."""
+    params = task_params(config)
+    scale, d = float(params["scale"]), int(params["vector_length"])
+    bound = clients * float(config["clip_norm"]) * (1 + 1e-6) + math.sqrt(d) * clients / scale
+    if config["dp_mode"] == "distributed":
+        sigma = math.sqrt(clients) * float(params["noise_std"]) / scale
+        bound += sigma * (math.sqrt(d) + 10)
+    return bound
+
+
+def check_sum_norm(config: Mapping[str, Any], flat: np.ndarray, clients: int
+                   ) -> dict[str, float]:
+    """The norm guard on an unmasked, dequantized sum (before any server noise): raises
+    SumAboveBound above ``sum_norm_bound``; returns the bound as a measurement (not the
+    norm: in central DP mode that is a number of the sum before its noise).
+
+    SecAgg+ hides each input, so the server cannot refuse one unclipped update as it does on
+    the sealed path; a device that skips the SDK's clipping could otherwise move the sum by
+    up to the ring's range. The guard caps the whole sum instead: within it one malicious
+    device can still add any vector a with |honest sum + a| <= the bound (about |U3| C), far
+    more than the C of an honest device. A per-device bound needs the device to prove its
+    input's norm (e.g. zero-knowledge range proofs), which this protocol does not have."""
+    norm = float(np.linalg.norm(flat))
+    bound = sum_norm_bound(config, clients)
+    if not norm <= bound:
+        raise SumAboveBound(f"sum_norm_above_bound: the unmasked sum of {clients} inputs has "
+                            f"L2 norm {norm:.6g}, above the {bound:.6g} that inputs clipped "
+                            f"to {config['clip_norm']} can reach; some device did not clip. "
+                            "Nothing was released")
+    return {"sum_norm_bound": bound}
+
+
 @functools.lru_cache(maxsize=8)
 def _graph(participants: tuple[str, ...], degree: int, seed: str) -> dict[str, tuple[str, ...]]:
     return secagg.neighbour_graph(participants, degree, b64decode(seed))

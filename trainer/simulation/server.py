@@ -7,7 +7,9 @@
         server.admin(method, path, **kw)   an urllib3 request with the admin token
 
 Settings are passed as POCKETREC_* environment variables, the way an operator would. The
-server picks a free port (``--port 0``) and prints it; the helper waits for /healthz."""
+server picks a free port (``--port 0``) and prints it; the helper waits for /healthz. A
+``port`` binds that port instead: a server restarted after a crash comes back where its
+devices (and their in-flight SecAgg+ sessions) expect it."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ READY_MESSAGE = "sync server ready"
 
 
 class ServerProcess:
-    def __init__(self, data_dir: str | Path, **settings: Any) -> None:
+    def __init__(self, data_dir: str | Path, *, port: int = 0, **settings: Any) -> None:
         self.data_dir = Path(data_dir)
         self.settings = {k: str(v) for k, v in settings.items()}
         env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETREC_")}
@@ -43,7 +45,7 @@ class ServerProcess:
         # block the server.
         self._log = open(self.log_path, "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sync_server", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "sync_server", "--host", "127.0.0.1", "--port", str(int(port)),
              "--data-dir", str(self.data_dir)],
             cwd=self.data_dir.parent, env=env, stdout=subprocess.PIPE, stderr=self._log,
             text=True,
@@ -80,8 +82,9 @@ class ServerProcess:
 
     def round(self, round_id: str, *, settled: bool = True, timeout: float = 120.0
               ) -> dict[str, Any]:
-        """The admin view of a round. With ``settled``, waits while it is aggregating: the
-        server aggregates after the response that completed the round has been sent."""
+        """The admin view of a round. With ``settled``, waits while it is aggregating (or full
+        and about to): the server aggregates after the response that completed the round
+        has been sent."""
         deadline = time.monotonic() + timeout
         while True:
             response = self.admin("GET", f"/v1/admin/rounds/{round_id}")
@@ -89,7 +92,11 @@ class ServerProcess:
                 raise RuntimeError(f"GET round {round_id}: {response.status} "
                                    f"{response.data[:200]!r}")
             view = json.loads(response.data)
-            if not settled or view["state"] != "aggregating" or time.monotonic() > deadline:
+            # A full round still shows collecting until the aggregation that the completing
+            # request queued (it runs after that response was sent) has claimed it.
+            full = view["state"] == "collecting" and view["received"] >= view["target_clients"]
+            busy = view["state"] == "aggregating" or (full and view["secagg"] is None)
+            if not settled or not busy or time.monotonic() > deadline:
                 return view
             time.sleep(0.05)
 
