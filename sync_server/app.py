@@ -6,6 +6,7 @@ module-level app. Templates (``templates/``) and the dashboard's script and styl
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -119,7 +120,12 @@ def _defer_aggregations(app: Flask) -> None:
                         logging.getLogger("sync_server.rounds").exception(
                             "deferred aggregation failed; it resumes when its lease ends")
 
-            response.call_on_close(run)
+            # In a thread of its own, so the connection's next request (keep-alive) is not
+            # held behind the aggregation and the worker's main loop keeps its heartbeat. A
+            # daemon: a worker that exits mid-aggregation leaves a lease that a later request
+            # takes over, exactly like a crash.
+            response.call_on_close(lambda: threading.Thread(
+                target=run, name="pocketrec-aggregation", daemon=True).start())
         return response
 
     @app.teardown_request

@@ -631,15 +631,22 @@ class RoundService:
     def stop_deferring(self) -> None:
         self._local.jobs = None
 
-    def _finish_soon(self, round_id: str, **kwargs: Any) -> None:
+    def _finish_soon(self, round_id: str, *, takeover: bool, from_state: str = "collecting"
+                     ) -> None:
+        """Claim the round for aggregation now (so every read after this request sees it
+        ``aggregating``), and aggregate now or, while deferring, after the response."""
+        claim = self._claim(round_id, takeover=takeover, from_state=from_state)
+        if claim is None:
+            return  # another worker has it
         jobs = getattr(self._local, "jobs", None)
         if jobs is None:
-            self._finish(round_id, **kwargs)
+            self._finish(round_id, claim, takeover=takeover)
         else:
-            jobs.append(functools.partial(self._finish, round_id, **kwargs))
+            jobs.append(functools.partial(self._finish, round_id, claim, takeover=takeover))
 
-    def _finish(self, round_id: str, *, takeover: bool, from_state: str = "collecting"
-                ) -> None:
+    def _claim(self, round_id: str, *, takeover: bool, from_state: str) -> str | None:
+        """Move the round to ``aggregating`` under a fresh claim and lease, or None when
+        another worker holds it (one conditional UPDATE: atomic across workers)."""
         claim = secrets.token_hex(16)
         now = utcnow()
         condition = (Round.state == "aggregating") & (
@@ -651,8 +658,10 @@ class RoundService:
                 .values(state="aggregating", claim=claim,
                         lease_until=now + timedelta(seconds=self.lease_s))
             ).rowcount
-        if claimed != 1:
-            return  # another worker has it
+        return claim if claimed == 1 else None
+
+    def _finish(self, round_id: str, claim: str, *, takeover: bool) -> None:
+        """Aggregate and publish (or fail) a round we hold the claim of."""
         with self.db.session() as session:
             row = session.get(Round, round_id)
         if takeover:

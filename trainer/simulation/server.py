@@ -82,9 +82,9 @@ class ServerProcess:
 
     def round(self, round_id: str, *, settled: bool = True, timeout: float = 120.0
               ) -> dict[str, Any]:
-        """The admin view of a round. With ``settled``, waits while it is aggregating (or full
-        and about to): the server aggregates after the response that completed the round
-        has been sent."""
+        """The admin view of a round. With ``settled``, waits while it is aggregating: the
+        server aggregates after the response that completed the round has been sent (the
+        round is claimed, ``aggregating``, before that response)."""
         deadline = time.monotonic() + timeout
         while True:
             response = self.admin("GET", f"/v1/admin/rounds/{round_id}")
@@ -92,11 +92,7 @@ class ServerProcess:
                 raise RuntimeError(f"GET round {round_id}: {response.status} "
                                    f"{response.data[:200]!r}")
             view = json.loads(response.data)
-            # A full round still shows collecting until the aggregation that the completing
-            # request queued (it runs after that response was sent) has claimed it.
-            full = view["state"] == "collecting" and view["received"] >= view["target_clients"]
-            busy = view["state"] == "aggregating" or (full and view["secagg"] is None)
-            if not settled or not busy or time.monotonic() > deadline:
+            if not settled or view["state"] != "aggregating" or time.monotonic() > deadline:
                 return view
             time.sleep(0.05)
 
