@@ -131,9 +131,16 @@ class DeviceClient:
         rec = self._recommender
         return None if rec is None else rec.version
 
-    def install(self, source: bytes | str | Path, *, force: bool = False) -> InstallResult:
-        """Install a signed bundle (zip bytes, zip file or directory) and serve it."""
-        result = self.models.install(source, force=force)
+    def install(
+        self,
+        source: bytes | str | Path,
+        *,
+        force: bool = False,
+        expect_manifest: bytes | None = None,
+    ) -> InstallResult:
+        """Install a signed bundle (zip bytes, zip file or directory) and serve it
+        (``expect_manifest``: see ``ModelStore.install``)."""
+        result = self.models.install(source, force=force, expect_manifest=expect_manifest)
         self._recommender = self.models.open_recommender(self._num_threads)
         return result
 
@@ -251,7 +258,11 @@ class DeviceClient:
                     f"server offers version {manifest.version}, not newer than "
                     f"{self.models.highest_version}"
                 )
-            result = self.install(client.download_bundle(manifest.version))
+            # The download must be the very bundle the signed manifest answer described: a
+            # blob of another (say older) version under this name is broken, not stale, and
+            # is fetched again next time rather than remembered as refused.
+            result = self.install(client.download_bundle(manifest.version),
+                                  expect_manifest=manifest.manifest_bytes)
             report.installed = result.version
         except BundleError as exc:
             report.install_error = f"{exc.code}: {exc}"

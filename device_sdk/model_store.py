@@ -27,6 +27,7 @@ from pathlib import Path
 from device_sdk.bundle import (
     Bundle,
     BundleError,
+    BundleIntegrityError,
     GoldenCheckError,
     check_member_name,
     extract_bundle_zip,
@@ -105,15 +106,28 @@ class ModelStore:
         return load_bundle(self.root / "versions" / str(version), public_key=self.public_key)
 
     # -- install -------------------------------------------------------------------------
-    def install(self, source: bytes | str | Path, *, force: bool = False) -> InstallResult:
+    def install(
+        self,
+        source: bytes | str | Path,
+        *,
+        force: bool = False,
+        expect_manifest: bytes | None = None,
+    ) -> InstallResult:
         """Install a bundle given as zip bytes, a zip file or a bundle directory, and make it
-        current. Raises ``BundleError`` (``StaleVersionError``, ``BundleIntegrityError``,
-        ``GoldenCheckError``) and leaves the store untouched when anything is wrong."""
+        current. ``expect_manifest``: the exact (signed) manifest bytes the bundle must carry,
+        e.g. the one the server offered before the download. Raises ``BundleError``
+        (``StaleVersionError``, ``BundleIntegrityError``, ``GoldenCheckError``) and leaves
+        the store untouched when anything is wrong."""
         with self._lock:
             staged = Path(tempfile.mkdtemp(dir=self.root / "staging"))
             try:
                 self._unpack(source, staged)
                 bundle = load_bundle(staged, public_key=self.public_key)
+                if expect_manifest is not None and bundle.manifest_bytes != expect_manifest:
+                    raise BundleIntegrityError(
+                        f"the bundle carries the manifest of version {bundle.version}, not "
+                        "the one it was offered with"
+                    )
                 state = self._state()
                 highest = int(state["highest"] or 0)
                 if bundle.version <= highest and not force:
