@@ -272,11 +272,20 @@ class DeviceClient:
         self._write_state(state)
 
     def _read_state(self) -> dict[str, Any]:
+        """sync.json, or a fresh start ({}) when it is missing or not what this SDK wrote."""
         try:
             state = json.loads(self._state_path.read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return {}
-        return state if isinstance(state, dict) else {}
+        answered = state.get("answered", []) if isinstance(state, dict) else None
+        if (
+            not isinstance(answered, list)
+            or not all(isinstance(r, str) for r in answered)
+            or not isinstance(state.get("etag"), str | None)
+            or not isinstance(state.get("registered", False), bool)
+        ):
+            return {}
+        return state
 
     def _write_state(self, state: dict[str, Any]) -> None:
         atomic_write(self._state_path, json.dumps(state).encode())

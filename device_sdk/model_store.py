@@ -83,9 +83,13 @@ class ModelStore:
             state = json.loads((self.root / STATE).read_text())
         except FileNotFoundError:
             return {"current": None, "previous": None, "highest": 0}
-        except ValueError as exc:  # only a foreign writer can cause this: rename is atomic
+        except (ValueError, RecursionError) as exc:  # only a foreign writer: rename is atomic
             raise BundleError(f"model store state {self.root / STATE} is corrupt: {exc}") from None
-        return {k: state.get(k) for k in ("current", "previous", "highest")}
+        values = {k: state.get(k) for k in ("current", "previous", "highest")} if isinstance(
+            state, dict) else None
+        if values is None or not all(v is None or type(v) is int for v in values.values()):
+            raise BundleError(f"model store state {self.root / STATE} is corrupt: {state!r:.80}")
+        return values
 
     def _write_state(self, state: dict[str, int | None]) -> None:
         atomic_write(self.root / STATE, json.dumps(state, sort_keys=True).encode())
