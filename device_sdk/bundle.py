@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +80,24 @@ def save_weights(params: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+# What the stdlib zip reader (and np.load, which reads .npz through it) raises on corrupt
+# input besides BadZipFile: truncated or garbled members, bad seeks, unknown or encrypted
+# compression, broken deflate / bzip2 / lzma streams.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error,
+               lzma.LZMAError)
+
+
 def load_weights(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    """The float tensors of a weights.npz; anything else (never unpickled) is BundleError."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            weights = {k: npz[k] for k in npz.files}
+    except (*_ZIP_ERRORS, KeyError, TypeError, SyntaxError, MemoryError) as exc:
+        raise BundleError(f"{WEIGHTS} is not a readable npz of arrays: {exc}") from None
+    bad = sorted(k for k, v in weights.items() if v.dtype.kind != "f")
+    if bad:
+        raise BundleError(f"{WEIGHTS} holds non-float arrays {bad[:5]}")
+    return weights
 
 
 def write_bundle(
@@ -146,7 +163,10 @@ class Bundle:
         return load_weights(self.read(WEIGHTS))
 
     def items(self) -> ItemVocab:
-        return ItemVocab.from_json(self.read(ITEMS))
+        try:
+            return ItemVocab.from_json(self.read(ITEMS))
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
 
     def model(self, num_threads: int = 1) -> TopKModel:
         return TopKModel(self.read(MODEL), num_threads=num_threads)
@@ -166,7 +186,7 @@ def load_bundle(directory: str | Path, public_key: bytes | None = None) -> Bundl
         verify_signature(raw, signature, public_key)
     try:
         manifest = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise BundleError(f"{MANIFEST} is not JSON: {exc}") from None
     _check_manifest(manifest)
     bundle = Bundle(directory, manifest, raw, signature)
@@ -218,7 +238,7 @@ def extract_bundle_zip(data: bytes, dest: str | Path, max_bytes: int) -> None:
         raise BundleError(f"bundle archive is {len(data)} bytes (limit {max_bytes})")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+    except _ZIP_ERRORS as exc:
         raise BundleError(f"bundle archive is not a zip file: {exc}") from None
     with archive:
         members = archive.infolist()
@@ -236,7 +256,7 @@ def extract_bundle_zip(data: bytes, dest: str | Path, max_bytes: int) -> None:
             try:
                 with archive.open(member) as src:
                     content = src.read(max_bytes + 1)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            except _ZIP_ERRORS as exc:
                 raise BundleError(f"bundle member {member.filename} is corrupt: {exc}") from None
             if len(content) != member.file_size:
                 raise BundleError(f"bundle member {member.filename} has a wrong size")
@@ -303,14 +323,24 @@ def run_golden_check(model: TopKModel, golden: dict[str, Any]) -> float:
         expected_scores = np.asarray(golden["scores"], dtype=np.float32)
         k, min_overlap = int(golden["k"]), float(golden["min_overlap"])
         tolerance = float(golden["score_tolerance"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise GoldenCheckError(f"golden check record is malformed: {exc}") from None
-    if histories.ndim != 2 or histories.shape[1] != model.max_len or k > model.k:
+    if (
+        histories.ndim != 2
+        or histories.shape[1] != model.max_len
+        or not 1 <= k <= model.k
+        or expected_ids.shape != (len(histories), k)
+        or expected_scores.shape != (len(histories), k)
+    ):
         raise GoldenCheckError(
-            f"golden histories {histories.shape} / k={k} do not fit the model "
-            f"(L={model.max_len}, K={model.k})"
+            f"golden histories {histories.shape}, ids {expected_ids.shape}, scores "
+            f"{expected_scores.shape}, k={k} do not fit the model (L={model.max_len}, "
+            f"K={model.k})"
         )
-    ids, scores = model.topk_many(histories)
+    try:
+        ids, scores = model.topk_many(histories)
+    except (ValueError, RuntimeError) as exc:  # e.g. an id outside the embedding table
+        raise GoldenCheckError(f"the model cannot run the golden histories: {exc}") from None
     worst = 1.0
     for row in range(len(histories)):
         overlap = len(np.intersect1d(ids[row, :k], expected_ids[row])) / k

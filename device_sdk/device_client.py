@@ -131,9 +131,16 @@ class DeviceClient:
         rec = self._recommender
         return None if rec is None else rec.version
 
-    def install(self, source: bytes | str | Path, *, force: bool = False) -> InstallResult:
-        """Install a signed bundle (zip bytes, zip file or directory) and serve it."""
-        result = self.models.install(source, force=force)
+    def install(
+        self,
+        source: bytes | str | Path,
+        *,
+        force: bool = False,
+        expect_manifest: bytes | None = None,
+    ) -> InstallResult:
+        """Install a signed bundle (zip bytes, zip file or directory) and serve it
+        (``expect_manifest``: see ``ModelStore.install``)."""
+        result = self.models.install(source, force=force, expect_manifest=expect_manifest)
         self._recommender = self.models.open_recommender(self._num_threads)
         return result
 
@@ -251,7 +258,11 @@ class DeviceClient:
                     f"server offers version {manifest.version}, not newer than "
                     f"{self.models.highest_version}"
                 )
-            result = self.install(client.download_bundle(manifest.version))
+            # The download must be the very bundle the signed manifest answer described: a
+            # blob of another (say older) version under this name is broken, not stale, and
+            # is fetched again next time rather than remembered as refused.
+            result = self.install(client.download_bundle(manifest.version),
+                                  expect_manifest=manifest.manifest_bytes)
             report.installed = result.version
         except BundleError as exc:
             report.install_error = f"{exc.code}: {exc}"
@@ -261,11 +272,20 @@ class DeviceClient:
         self._write_state(state)
 
     def _read_state(self) -> dict[str, Any]:
+        """sync.json, or a fresh start ({}) when it is missing or not what this SDK wrote."""
         try:
             state = json.loads(self._state_path.read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return {}
-        return state if isinstance(state, dict) else {}
+        answered = state.get("answered", []) if isinstance(state, dict) else None
+        if (
+            not isinstance(answered, list)
+            or not all(isinstance(r, str) for r in answered)
+            or not isinstance(state.get("etag"), str | None)
+            or not isinstance(state.get("registered", False), bool)
+        ):
+            return {}
+        return state
 
     def _write_state(self, state: dict[str, Any]) -> None:
         atomic_write(self._state_path, json.dumps(state).encode())

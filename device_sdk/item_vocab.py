@@ -66,5 +66,5 @@ class ItemVocab:
         try:
             obj = json.loads(data)
             return cls(keys=[str(k) for k in obj["keys"]], popular=[int(i) for i in obj["popular"]])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"items.json is not a valid item vocabulary: {exc}") from exc
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise ValueError(f"items.json is not a valid item vocabulary: {exc}") from None

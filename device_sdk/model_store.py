@@ -27,6 +27,7 @@ from pathlib import Path
 from device_sdk.bundle import (
     Bundle,
     BundleError,
+    BundleIntegrityError,
     GoldenCheckError,
     check_member_name,
     extract_bundle_zip,
@@ -82,9 +83,13 @@ class ModelStore:
             state = json.loads((self.root / STATE).read_text())
         except FileNotFoundError:
             return {"current": None, "previous": None, "highest": 0}
-        except ValueError as exc:  # only a foreign writer can cause this: rename is atomic
+        except (ValueError, RecursionError) as exc:  # only a foreign writer: rename is atomic
             raise BundleError(f"model store state {self.root / STATE} is corrupt: {exc}") from None
-        return {k: state.get(k) for k in ("current", "previous", "highest")}
+        values = {k: state.get(k) for k in ("current", "previous", "highest")} if isinstance(
+            state, dict) else None
+        if values is None or not all(v is None or type(v) is int for v in values.values()):
+            raise BundleError(f"model store state {self.root / STATE} is corrupt: {state!r:.80}")
+        return values
 
     def _write_state(self, state: dict[str, int | None]) -> None:
         atomic_write(self.root / STATE, json.dumps(state, sort_keys=True).encode())
@@ -105,15 +110,28 @@ class ModelStore:
         return load_bundle(self.root / "versions" / str(version), public_key=self.public_key)
 
     # -- install -------------------------------------------------------------------------
-    def install(self, source: bytes | str | Path, *, force: bool = False) -> InstallResult:
+    def install(
+        self,
+        source: bytes | str | Path,
+        *,
+        force: bool = False,
+        expect_manifest: bytes | None = None,
+    ) -> InstallResult:
         """Install a bundle given as zip bytes, a zip file or a bundle directory, and make it
-        current. Raises ``BundleError`` (``StaleVersionError``, ``BundleIntegrityError``,
-        ``GoldenCheckError``) and leaves the store untouched when anything is wrong."""
+        current. ``expect_manifest``: the exact (signed) manifest bytes the bundle must carry,
+        e.g. the one the server offered before the download. Raises ``BundleError``
+        (``StaleVersionError``, ``BundleIntegrityError``, ``GoldenCheckError``) and leaves
+        the store untouched when anything is wrong."""
         with self._lock:
             staged = Path(tempfile.mkdtemp(dir=self.root / "staging"))
             try:
                 self._unpack(source, staged)
                 bundle = load_bundle(staged, public_key=self.public_key)
+                if expect_manifest is not None and bundle.manifest_bytes != expect_manifest:
+                    raise BundleIntegrityError(
+                        f"the bundle carries the manifest of version {bundle.version}, not "
+                        "the one it was offered with"
+                    )
                 state = self._state()
                 highest = int(state["highest"] or 0)
                 if bundle.version <= highest and not force:

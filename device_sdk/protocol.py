@@ -489,11 +489,20 @@ def validate_update(
 
 def _number(obj: Mapping[str, Any], key: str, *, minimum: float, exclusive: bool) -> float:
     value = obj.get(key)
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if type(value) not in (int, float) or not _finite(value):
         raise ProtocolError("bad_task", f"task field {key!r} must be a finite number")
     if value < minimum or (exclusive and value == minimum):
         raise ProtocolError("bad_task", f"task field {key!r} = {value} is out of range")
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite for JSON numbers: an int too large for a float (JSON has no limit) is
+    not a usable number either."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _integer(obj: Mapping[str, Any], key: str, *, minimum: int) -> int:

@@ -500,6 +500,10 @@ def _subset(ids: set[str], digests: np.ndarray) -> bool:
                                                     == mine))
 
 
+def _id_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, str) for i in value)
+
+
 def participant_index(participants: Sequence[str]) -> dict[str, int]:
     """Shamir x coordinate of each participant: 1 + its position in sorted U1."""
     return {u: i + 1 for i, u in enumerate(sorted(participants))}
@@ -633,9 +637,9 @@ class SecAggDevice:
         uint32 vector. A share that does not decrypt is dropped (its sender keeps one holder
         fewer); the device still masks with every neighbour in U2."""
         self._advance("masked_input", "unmasking")
-        if not isinstance(inbox, dict) or not isinstance(inbox.get("u2"), list) or \
+        if not isinstance(inbox, dict) or not _id_list(inbox.get("u2")) or \
                 not isinstance(inbox.get("shares"), dict):
-            raise _error("secagg_bad_message", "inbox needs u2 (a list) and shares")
+            raise _error("secagg_bad_message", "inbox needs u2 (a list of ids) and shares")
         u2 = set(inbox["u2"])
         if self.device_id not in u2 or not _subset(u2, self._u1):
             raise _error("secagg_refused", "U2 must contain this device and only participants")
@@ -669,8 +673,8 @@ class SecAggDevice:
         """``request``: {u3: [ids whose masked input arrived]}. Reveals, per neighbour in U2,
         the b share (survivor) or the c-key share (dropped); never both, and only once."""
         self._advance("unmasking", "done")
-        if not isinstance(request, dict) or not isinstance(request.get("u3"), list):
-            raise _error("secagg_bad_message", "unmask request needs u3 (a list)")
+        if not isinstance(request, dict) or not _id_list(request.get("u3")):
+            raise _error("secagg_bad_message", "unmask request needs u3 (a list of ids)")
         u3 = set(request["u3"])
         if self.device_id not in u3 or not _subset(u3, self._u2):
             raise _error("secagg_refused", "U3 must contain this device and only U2 members")

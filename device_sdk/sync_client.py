@@ -264,7 +264,7 @@ class SyncClient:
         try:
             error = jsonlib.loads(response.data)["error"]
             code, message = str(error["code"]), str(error.get("message", ""))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             pass
         retryable = response.status == 429 or response.status >= 500
         return SyncError(code, message, status=response.status, retryable=retryable)
@@ -274,7 +274,7 @@ class SyncClient:
             raise self.error_from(response)
         try:
             obj = jsonlib.loads(response.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
             raise SyncError("bad_response", "expected a JSON object", status=response.status)
@@ -341,7 +341,7 @@ class SyncClient:
             declared = jsonlib.loads(manifest_bytes)["model_version"]
         except BundleIntegrityError as exc:
             raise SyncError("bad_manifest_signature", str(exc)) from None
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
             raise SyncError("bad_response", f"manifest answer is malformed: {exc}") from None
         if declared != version:
             raise SyncError("bad_response", f"manifest is version {declared}, header says "
@@ -381,7 +381,7 @@ class SyncClient:
         task = obj.get("task")
         if task is None:
             retry_after = obj.get("retry_after")
-            valid = type(retry_after) in (int, float) and math.isfinite(retry_after)
+            valid = type(retry_after) in (int, float) and 0 <= retry_after < 2**31
             self.checkin_retry_after = float(retry_after) if valid else None
             return None
         try:
@@ -499,9 +499,11 @@ def _read_outbox_entry(entry: Path) -> tuple[str, str, float, bytes] | None:
     try:
         meta = jsonlib.loads(head)
         round_id, path, deadline = meta["round_id"], meta["path"], float(meta["deadline"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None
     if not sep or not isinstance(path, str) or not path.startswith("/v1/rounds/"):
+        return None
+    if not math.isfinite(deadline):  # a NaN deadline would never pass: the entry would stay
         return None
     return str(round_id), path, deadline, body
 
@@ -553,9 +555,13 @@ class SecAggSession:
                             "without its parameters")
         try:
             self.params = secagg.TaskParams.from_json(task.secagg)
-            self.stage_timeout = float(task.secagg.get("stage_timeout_s", 60.0))
-        except (ProtocolError, TypeError, ValueError) as exc:
+        except ProtocolError as exc:
             raise SyncError("bad_task", f"SecAgg+ parameters: {exc}") from None
+        timeout = task.secagg.get("stage_timeout_s", 60.0)
+        if type(timeout) not in (int, float) or not 0 < timeout < 2**31:  # NaN fails too
+            raise SyncError("bad_task", f"SecAgg+ stage_timeout_s {timeout!r} is not a "
+                            "positive number of seconds")
+        self.stage_timeout = float(timeout)
         self.client, self.task = client, task
         self.round_id = task.round_id
         self._base = f"/v1/rounds/{task.round_id}/secagg"
@@ -614,15 +620,15 @@ class SecAggSession:
         if action is None:
             raise RuntimeError("start() the session first")
         response = self.client.request("GET", self._base)
-        if response.status != 200:
-            raise SyncClient.error_from(response)
-        view = jsonlib.loads(response.data)
+        view = self.client._json(response, (200,))
         if view.get("action") != action:
             if view.get("dropped") or view.get("stage") in ("aggregating", "published"):
                 self.discard()
                 raise SyncError("secagg_dropped", f"round {view.get('round_id')} went on "
                                 f"without this device (at {view.get('stage')})")
-            self.retry_after = min(float(view.get("retry_after") or 1.0), MAX_BACKOFF_S)
+            retry_after = view.get("retry_after")
+            valid = type(retry_after) in (int, float) and 0 <= retry_after < 2**31
+            self.retry_after = min(float(retry_after) if valid else 1.0, MAX_BACKOFF_S)
             if time.time() + self.retry_after > self.give_up_at:
                 self.discard()
                 raise SyncError("secagg_dropped", f"gave up waiting for {action}: the round "

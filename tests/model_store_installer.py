@@ -4,7 +4,10 @@ version, in order, printing each version after its install returns. Run by test_
 import sys
 from pathlib import Path
 
-from device_sdk.model_store import ModelStore
+# This checkout first (not whatever copy of the package is installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from device_sdk.model_store import ModelStore  # noqa: E402
 
 
 def main(root: str, key_hex: str, zips: str) -> None:

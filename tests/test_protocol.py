@@ -259,47 +259,7 @@ def test_encoder_refuses_what_the_decoder_would():
         encode_tensors({"w": np.zeros(1, np.float32)}, {"x": float("nan")})
 
 
-def test_frames_never_raise_anything_but_protocol_error():
-    hypothesis = pytest.importorskip("hypothesis")
-    from hypothesis import strategies as st
-
-    @hypothesis.settings(max_examples=300, deadline=None)
-    @hypothesis.given(data=st.binary(max_size=200), cut=st.integers(0, len(VALID)),
-                      flip=st.integers(0, len(VALID) - 1), bit=st.integers(0, 7))
-    def check(data, cut, flip, bit):
-        mutated = bytearray(VALID)
-        mutated[flip] ^= 1 << bit
-        for candidate in (data, b"PRT1" + data, VALID[:cut], bytes(mutated)):
-            try:
-                tensors, meta = decode_tensors(candidate)
-            except ProtocolError as exc:
-                assert exc.code == "bad_frame"
-            else:
-                assert isinstance(tensors, dict) and isinstance(meta, dict)
-
-    check()
-
-
-def test_frame_round_trip_property():
-    hypothesis = pytest.importorskip("hypothesis")
-    from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
-
-    arrays = hnp.arrays(
-        dtype=st.sampled_from(["<f4", ">f8", "<i4", ">i8", "<u4", "<u8"]),
-        shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
-    )
-
-    @hypothesis.settings(max_examples=100, deadline=None)
-    @hypothesis.given(st.dictionaries(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,8}",
-                                                    fullmatch=True), arrays, max_size=4))
-    def check(tensors):
-        decoded, _ = decode_tensors(encode_tensors(tensors, {}))
-        assert list(decoded) == list(tensors)
-        for name, value in tensors.items():
-            np.testing.assert_array_equal(decoded[name], value)
-
-    check()
+# (Properties of the decoders, random and mutated input: test_decoder_properties.py.)
 
 
 # --- sealed updates ----------------------------------------------------------------------
