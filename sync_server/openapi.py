@@ -35,7 +35,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
 _SIGNED = [{"deviceSignature": []}]
 _ADMIN = [{"adminToken": []}]
 _VERSION_PARAM = {"name": "version", "in": "path", "required": True,
-                  "schema": {"type": "integer", "minimum": 0}}
+                  "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
 _ROUND_STATES = {"enum": ["open", "collecting", "share_keys", "masked_input", "unmasking",
                           "aggregating", "published", "failed"]}
 _MODEL_VERSION = {
@@ -267,7 +267,7 @@ def openapi_document() -> dict[str, Any]:
                     "202": _json({"type": "object", "properties": {
                         "accepted": {"const": True}, "round_id": {"type": "string"}}},
                         "accepted: durably recorded before this answer"),
-                    **_errors(400, 401, 403, 409, 413, 422, 429),
+                    **_errors(400, 401, 403, 404, 409, 413, 422, 429),
                 },
             }},
             "/v1/rounds/{round_id}/secagg": {"get": {

@@ -6,8 +6,32 @@ import json
 from typing import Any
 
 from flask import Blueprint, request
+from werkzeug.routing import BaseConverter, IntegerConverter, Map
 
+from device_sdk.protocol import NAME_PATTERN
 from sync_server.errors import ApiError
+
+# The largest model version: versions live in the database's INTEGER columns.
+MAX_VERSION = 2**31 - 1
+
+
+class NameConverter(BaseConverter):
+    """``<name:round_id>``: a round id (the protocol's name pattern). Anything else, such as
+    ``..``, a NUL byte or 200 characters, matches no route (404 ``not_found``) and never
+    reaches a view or the database."""
+
+    regex = NAME_PATTERN.pattern
+
+
+class VersionConverter(IntegerConverter):
+    """``<version:version>``: a model version, 0 .. MAX_VERSION; a larger number matches no
+    route (404) instead of overflowing the database's integer."""
+
+    def __init__(self, map: Map) -> None:
+        super().__init__(map, max=MAX_VERSION)
+
+
+CONVERTERS = {"name": NameConverter, "version": VersionConverter}
 
 
 def json_object() -> dict[str, Any]:
