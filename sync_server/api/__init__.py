@@ -35,10 +35,11 @@ CONVERTERS = {"name": NameConverter, "version": VersionConverter}
 
 
 def json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or 400 ``bad_request``."""
+    """The request body as a JSON object, or 400 ``bad_request`` (nesting too deep for the
+    parser included)."""
     try:
         obj = json.loads(request.get_data(cache=True))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         raise ApiError("bad_request", "body must be a JSON object", 400)
