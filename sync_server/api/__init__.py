@@ -35,8 +35,10 @@ CONVERTERS = {"name": NameConverter, "version": VersionConverter}
 
 
 def json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or 400 ``bad_request`` (nesting too deep for the
-    parser included)."""
+    """The request body as a JSON object: 415 ``unsupported_media_type`` unless it is sent as
+    application/json, 400 ``bad_request`` unless it is one (nesting too deep for the parser
+    included)."""
+    media_type("application/json")
     try:
         obj = json.loads(request.get_data(cache=True))
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -44,6 +46,21 @@ def json_object() -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ApiError("bad_request", "body must be a JSON object", 400)
     return obj
+
+
+def media_type(*accepted: str) -> None:
+    """415 ``unsupported_media_type`` unless the request's Content-Type (parameters such as
+    charset aside) is one of ``accepted``."""
+    if request.mimetype not in accepted:
+        given = request.mimetype or "none"
+        raise ApiError("unsupported_media_type", f"Content-Type must be "
+                       f"{' or '.join(accepted)}, got {given}", 415)
+
+
+def octet_stream() -> bytes:
+    """The raw body of a binary endpoint (a PRT1 frame, a sealed update)."""
+    media_type("application/octet-stream")
+    return request.get_data()
 
 
 def blueprints() -> list[Blueprint]:

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
-from sync_server.api import json_object
+from sync_server.api import json_object, media_type
 from sync_server.auth import admin_required
 from sync_server.db import get_db
 from sync_server.errors import ApiError
@@ -53,6 +53,7 @@ def publish() -> tuple[Response, int]:
     settings = current_app.config["POCKETREC"]
     # Bundles are far larger than anything a device sends: this endpoint has its own limit.
     request.max_content_length = settings["MAX_BUNDLE_BYTES"]
+    media_type("application/zip", "application/octet-stream")
     ext = current_app.extensions
     row = publish_bundle(
         request.get_data(), db=get_db(), blobs=ext["pocketrec_blobs"],

@@ -4,9 +4,9 @@ stages (poll, advertise, shares, masked, unmask). The state machine lives in
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify
 
-from sync_server.api import json_object
+from sync_server.api import json_object, octet_stream
 from sync_server.auth import device_required
 from sync_server.errors import ApiError
 from sync_server.rounds import RoundService
@@ -38,7 +38,7 @@ def checkin() -> Response:
 @bp.post("/v1/rounds/<name:round_id>/update")
 @device_required
 def upload(round_id: str) -> tuple[Response, int]:
-    return jsonify(service().accept_update(g.device_id, round_id, request.get_data())), 202
+    return jsonify(service().accept_update(g.device_id, round_id, octet_stream())), 202
 
 
 @bp.get("/v1/rounds/<name:round_id>/secagg")
@@ -66,7 +66,7 @@ def secagg_shares(round_id: str) -> tuple[Response, int]:
 @bp.post("/v1/rounds/<name:round_id>/secagg/masked")
 @device_required
 def secagg_masked(round_id: str) -> tuple[Response, int]:
-    return _answer(round_id, "masked", request.get_data())
+    return _answer(round_id, "masked", octet_stream())
 
 
 @bp.post("/v1/rounds/<name:round_id>/secagg/unmask")
