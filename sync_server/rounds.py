@@ -121,6 +121,9 @@ ROUND_DEFAULTS: dict[str, Any] = {
 }
 SCHEMES = (secagg.SCHEME, SEALED_SCHEME)
 STRATEGY_KEYS = ("server_lr", "momentum", "beta1", "beta2", "tau")
+# No number in a round config may exceed this (a count beyond the database's INTEGER, or a
+# deadline beyond the year 9999, would fail later, inside every request touching the round).
+MAX_NUMBER = 2**31 - 1
 
 
 def _bad(message: str) -> ApiError:
@@ -148,6 +151,9 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
         known = sorted({*ROUND_DEFAULTS, *STRATEGY_KEYS})
         raise _bad(f"unknown round setting(s) {unknown}; known: {known}")
     config = {**ROUND_DEFAULTS, **obj}
+    for key, value in config.items():  # counts go into INTEGER columns, seconds into dates
+        if type(value) in (int, float) and abs(value) > MAX_NUMBER:
+            raise _bad(f"{key} must be at most {MAX_NUMBER}, got {value!r}")
     _number(config, "target_clients", 1, integer=True, inclusive=True)
     if config["min_clients"] is None:  # SecAgg+ rounds survive the dropout they are built for
         config["min_clients"] = config["target_clients"] if (
