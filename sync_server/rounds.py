@@ -504,6 +504,10 @@ class RoundService:
         if meta["base_version"] != row.model_version:
             raise ProtocolError("update_rejected", f"update was trained on version "
                                 f"{meta['base_version']}, the round trains {row.model_version}")
+        examples, most = meta["num_examples"], int(row.config["max_examples"])
+        if not 0 <= examples <= most:  # FedAvg weighs updates by it: a lie is a lever
+            raise ProtocolError("update_rejected", f"num_examples {examples} is outside "
+                                f"[0, {most}] (the task's max_examples)")
         shapes = {k: tuple(v) for k, v in row.config["expected_shapes"].items()}
         norm = validate_update(tensors, shapes, float(row.config["clip_norm"]))
         # Stored: the validated plaintext PRT1 frame, not the sealed bytes. Aggregation then
