@@ -45,7 +45,7 @@ from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
 from sync_server.keys import ServerKeys
-from sync_server.models import ModelVersion
+from sync_server.models import ModelVersion, as_utc
 
 
 def version_json(
@@ -60,7 +60,7 @@ def version_json(
         "rollout_percent": row.rollout_percent,
         "blob_sha256": row.blob_sha256,
         "size": row.size,
-        "created_at": row.created_at.isoformat(),
+        "created_at": as_utc(row.created_at).isoformat(),
         "metrics": {source: dict(values) for source, values in (metrics or {}).items()},
     }
 
