@@ -97,6 +97,17 @@ def _graph(participants: tuple[str, ...], degree: int, seed: str) -> dict[str, t
     return secagg.neighbour_graph(participants, degree, b64decode(seed))
 
 
+def _is_base64(text: str) -> bool:
+    """Whether ``text`` is standard base64 (what a device's share ciphertext is); anything
+    else (a NUL byte, which PostgreSQL text cannot hold, or a lone surrogate included) would
+    only be relayed to a device that cannot open it."""
+    try:
+        b64decode(text)
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
 def _closed(row: Round, stage: str) -> ApiError:
     return ApiError("stage_closed", f"round {row.id} is at {row.state}, not {stage}; this "
                     "answer came too late (the device counts as dropped)", 409)
@@ -215,7 +226,7 @@ class SecAggStages:
         neighbours = set(self.graph(row, u1)[device_id])
         shares = obj.get("shares") if isinstance(obj, dict) else None
         if not isinstance(shares, dict) or set(shares) != neighbours or not all(
-                isinstance(c, str) and 0 < len(c) <= MAX_CIPHERTEXT_CHARS
+                isinstance(c, str) and 0 < len(c) <= MAX_CIPHERTEXT_CHARS and _is_base64(c)
                 for c in shares.values()):
             raise ApiError("secagg_bad_message", f"shares must map each of this device's "
                            f"{len(neighbours)} neighbours to one ciphertext (base64, at most "
