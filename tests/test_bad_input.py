@@ -552,6 +552,7 @@ ROUND_NAMES = [  # not round ids: each must be refused before it reaches anythin
     ("leading-dash", "-round-1"),
     ("space", "round%201"),
     ("backslash", "..%5c..%5ckeys"),
+    ("not-utf8", "round-%ff%fe"),
 ]
 VERSION_NAMES = [  # not versions
     ("dotdot", ".."),
@@ -1231,6 +1232,12 @@ def build_rows() -> list[Case]:
              shares(lambda w, o: {"shares": {**o["shares"], w.neighbours[0]: 7}})),
         Case("shares/ciphertext-empty", p, "POST", shr, 400, "secagg_bad_message", M,
              shares(lambda w, o: {"shares": {**o["shares"], w.neighbours[0]: ""}})),
+        Case("shares/ciphertext-not-base64", p, "POST", shr, 400, "secagg_bad_message", M,
+             shares(lambda w, o: {"shares": {**o["shares"], w.neighbours[0]: "%%%%"}})),
+        Case("shares/ciphertext-nul", p, "POST", shr, 400, "secagg_bad_message", M,
+             shares(lambda w, o: {"shares": {**o["shares"], w.neighbours[0]: "AAAA\0"}})),
+        Case("shares/ciphertext-lone-surrogate", p, "POST", shr, 400, "secagg_bad_message", M,
+             shares(lambda w, o: {"shares": {**o["shares"], w.neighbours[0]: "AA\ud800"}})),
         Case("shares/ciphertext-too-long", p, "POST", shr, 400, "secagg_bad_message", M,
              shares(lambda w, o: {"shares": {**o["shares"], w.neighbours[0]: "A" * 1028}})),
         Case("shares/not-a-participant", p, "POST", shr, 403, "not_a_participant", S,
