@@ -152,8 +152,8 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
         raise _bad(f"unknown round setting(s) {unknown}; known: {known}")
     config = {**ROUND_DEFAULTS, **obj}
     for key, value in config.items():  # counts go into INTEGER columns, seconds into dates
-        if type(value) in (int, float) and abs(value) > MAX_NUMBER:
-            raise _bad(f"{key} must be at most {MAX_NUMBER}, got {value!r}")
+        if type(value) in (int, float) and not abs(value) <= MAX_NUMBER:  # NaN included
+            raise _bad(f"{key} must be a finite number at most {MAX_NUMBER}, got {value!r}")
     _number(config, "target_clients", 1, integer=True, inclusive=True)
     if config["min_clients"] is None:  # SecAgg+ rounds survive the dropout they are built for
         config["min_clients"] = config["target_clients"] if (
