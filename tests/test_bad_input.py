@@ -854,6 +854,10 @@ NAN_CONFIGS = [  # JSON's non-standard constants, which Python's parser accepts
     ("delta-nan", b'{"delta": NaN}'),
     ("noise-nan", b'{"noise_multiplier": NaN}'),
     ("learning-rate-infinity", b'{"learning_rate": Infinity}'),
+    ("unused-momentum-nan", b'{"strategy": "fedavg", "momentum": NaN}'),
+    ("unused-beta1-nan", b'{"strategy": "fedavgm", "beta1": NaN}'),
+    ("tau-nan", b'{"strategy": "fedadam", "tau": NaN}'),
+    ("beta2-nan", b'{"strategy": "fedadam", "beta2": NaN}'),
 ]
 
 
