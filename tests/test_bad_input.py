@@ -710,6 +710,21 @@ def advert(mutate=None, *, round_id: str = SECURE, signer: str = "M"):
     return build
 
 
+def resigned_advert(**keys: bytes):
+    """M's advertisement with ``keys`` (c_pk / e_pk) replaced, validly signed by M."""
+    def build(w: World) -> bytes:
+        obj = {k: base64.b64decode(v) for k, v in json.loads(advert()(w)).items()}
+        obj.update(keys)
+        obj["sig"] = w.clients["M"].identity.sign(secagg.advert_message(
+            SECURE, w.id("M"), obj["c_pk"], obj["e_pk"], obj["b_commit"]))
+        return J({k: b64(v) for k, v in obj.items()})
+    return build
+
+
+# X25519 public keys of small order: every shared secret with them is all-zero (or fixed).
+LOW_ORDER = {"zero": bytes(32), "one": (1).to_bytes(32, "little")}
+
+
 def shares(mutate=None):
     """M's shares: one well-formed ciphertext per neighbour, then ``mutate``."""
     def build(w: World) -> bytes:
@@ -1191,6 +1206,9 @@ def build_rows() -> list[Case]:
              advert(lambda o: {**o, "e_pk": b64(bytes(31))})),
         Case("advertise/key-not-base64", p, "POST", adv, 400, "secagg_bad_message", M,
              advert(lambda o: {**o, "b_commit": "%%%"})),
+        *[Case(f"advertise/{key.replace('_', '-')}-low-order-{label}", p, "POST", adv, 400,
+               "secagg_bad_message", M, resigned_advert(**{key: point}))
+          for key in ("c_pk", "e_pk") for label, point in LOW_ORDER.items()],
         Case("advertise/zero-signature", p, "POST", adv, 401, "secagg_bad_signature", M,
              advert(lambda o: {**o, "sig": b64(bytes(64))})),
         Case("advertise/signed-for-another-round", p, "POST", adv, 401,
