@@ -603,7 +603,11 @@ def admin_auth_rows(phase: str, method: str, path: str, body: Body = b"",
         Case(f"{slug}/{method}/basic-malformed", phase, method, path, 401, "unauthorized",
              Auth("Basic !!!"), body),
     ]
-    if not basic_allowed:  # Basic is for the read-only dashboard only (no CSRF elsewhere)
+    if basic_allowed:
+        not_utf8 = base64.b64encode(b"operator:\xff\xfe").decode()
+        rows.append(Case(f"{slug}/{method}/basic-not-utf8", phase, method, path, 401,
+                         "unauthorized", Auth(f"Basic {not_utf8}"), body))
+    else:  # Basic is for the read-only dashboard only (no CSRF elsewhere)
         rows.append(Case(f"{slug}/{method}/basic-right-password", phase, method, path, 401,
                          "unauthorized", Auth(f"Basic {right}"), body))
     return rows
@@ -989,6 +993,8 @@ def build_rows() -> list[Case]:
              lambda w: sealed()(w)[:60]),
         Case("update/flipped-byte", p, "POST", update, 400, "bad_update", M,
              lambda w: (lambda d: d[:-1] + bytes([d[-1] ^ 1]))(sealed()(w))),
+        Case("update/ephemeral-key-low-order", p, "POST", update, 400, "bad_update", M,
+             lambda w: SEALED_MAGIC + bytes(32) + sealed()(w)[36:]),
         Case("update/sealed-for-another-round", p, "POST", update, 400, "bad_update", M,
              sealed(round_id="round-99")),
         Case("update/sealed-for-another-device", p, "POST", update, 400, "bad_update", M,

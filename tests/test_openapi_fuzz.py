@@ -39,6 +39,7 @@ from schemathesis.specs.openapi.checks import (
 from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
+from device_sdk.protocol import b64
 from device_sdk.sync_client import SyncClient
 from sync_server.openapi import openapi_document
 
@@ -116,6 +117,7 @@ class Fuzz:
         device_paths = {path for path, item in served["paths"].items()
                         for op in item.values() if {"deviceSignature": []} in op.get(
                             "security", [])}
+        self.public_key = b64(identity.public_key_raw)
         self.schema = schemathesis.openapi.from_url(server.url + "/v1/openapi.json")
         self.session = requests.Session()
         self.session.auth = SignAs(identity, device_paths)
@@ -147,6 +149,8 @@ def run_operation(fuzz: Fuzz, method: str, path: str, mode: GenerationMode) -> l
         if known and mode is GenerationMode.POSITIVE:
             for name in set(case.path_parameters or {}) & set(KNOWN):
                 case.path_parameters[name] = KNOWN[name]
+            if path == "/v1/devices":  # D's own key: a registration the server can verify
+                case.body["public_key"] = fuzz.public_key
         response = case.call(base_url=fuzz.server.url, session=fuzz.session, timeout=60)
         statuses.append(response.status_code)
         case.validate_response(response, checks=checks, additional_checks=[json_error_shape])
