@@ -526,7 +526,15 @@ class RoundService:
                 session.add(Update(round_id=round_id, device_id=device_id, blob_sha256=digest,
                                    num_examples=int(meta["num_examples"]), size=len(sealed),
                                    norm=norm))
-        except IntegrityError:
+        except (ApiError, IntegrityError) as exc:
+            # Refused after all (a simultaneous upload of this device won, or the round
+            # closed): its plaintext frame must not stay behind, unless an accepted update
+            # has the very same bytes.
+            with self.db.session() as session:
+                if session.scalar(select(Update.id).where(Update.blob_sha256 == digest)) is None:
+                    self.blobs.delete(digest)
+            if isinstance(exc, ApiError):
+                raise
             raise ApiError("duplicate_update", "this device already uploaded", 409) from None
         if self.metrics is not None:
             self.metrics.updates_accepted.inc()
