@@ -270,8 +270,15 @@ class SecAggStages:
                            f"'masked' of shape [{length}] with meta {{round_id: {row.id}}}",
                            400)
         digest = self.blobs.put(bytes(data))
-        self._record(row, device_id, "masked_input", SecAggMember.masked_at,
-                     masked_at=utcnow(), masked_sha256=digest)
+        try:
+            self._record(row, device_id, "masked_input", SecAggMember.masked_at,
+                         masked_at=utcnow(), masked_sha256=digest)
+        except ApiError:  # refused after all (a simultaneous answer won, the stage closed)
+            with self.db.session() as session:
+                if session.scalar(select(SecAggMember.device_id).where(
+                        SecAggMember.masked_sha256 == digest)) is None:
+                    self.blobs.delete(digest)
+            raise
 
     def post_unmask(self, row: Round, device_id: str, obj: Any) -> None:
         member = self._member(row, device_id, "unmasking")
