@@ -36,6 +36,7 @@ import json
 import math
 import os
 import struct
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -66,6 +67,7 @@ from device_sdk.protocol import (
     _sealed_key,
     b64,
     encode_tensors,
+    seal_update,
 )
 from device_sdk.sync_client import SecAggUpload, SyncClient
 
@@ -1425,3 +1427,100 @@ def test_the_secagg_round_continues_for_honest_devices(world):
                    for n in ("H0", "H1", "H2", "M")) / 4
         error = np.abs(new[name].astype(np.float64) - world.base2[name] - mean)
         assert error.max() <= bound + 1e-6 * (1 + np.abs(world.base2[name]).max())
+
+
+# --- the same answer many times at once ------------------------------------------------------
+
+
+def started_server(root: Path, db: dict[str, str], tiny_export, names: list[str]):
+    """A server with version 1 published and registered clients ``names``."""
+    server = ServerProcess(root / "server", **SETTINGS, **db)
+    response = server.admin("POST", "/v1/admin/models", body=zip_bundle(
+        tiny_export.bundle_dir), headers={"Content-Type": "application/zip"})
+    assert response.status == 201
+    keys = json.loads(server.request("GET", "/v1/server-keys").data)
+    clients = {}
+    for name in names:
+        clients[name] = SyncClient(server.url, DeviceIdentity.load_or_create(root / name),
+                                   server_signing_key=base64.b64decode(keys["signing_key"]),
+                                   outbox_dir=root / f"{name}.outbox", retries=0, timeout=60.0)
+        clients[name].register()
+    return server, clients, base64.b64decode(keys["transport_key"])
+
+
+def all_at_once(send, bodies: list[bytes]) -> list[int]:
+    """``send(body)`` for every body from its own thread, released together; the statuses."""
+    start, statuses = threading.Barrier(len(bodies)), []
+
+    def one(body: bytes) -> None:
+        start.wait()
+        statuses.append(send(body).status)
+
+    threads = [threading.Thread(target=one, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return sorted(statuses)
+
+
+def frames_in(server: ServerProcess) -> list[Path]:
+    return [p for p in (server.data_dir / "blobs").rglob("*")
+            if p.is_file() and p.read_bytes()[:4] == b"PRT1"]
+
+
+def test_simultaneous_updates_from_one_device_store_exactly_one(tmp_path, db_settings,
+                                                                 tiny_export):
+    """A device sending eight different valid updates at the same instant: one is accepted,
+    the others are refused as duplicates, and only the accepted one is left in the blob
+    store (a refused update's plaintext frame must not outlive the request)."""
+    server, clients, transport_key = started_server(tmp_path, db_settings, tiny_export, ["d"])
+    with server:
+        client = clients["d"]
+        opened = server.admin("POST", "/v1/admin/rounds", json={
+            "upload_scheme": SEALED_SCHEME, "target_clients": 2, "min_clients": 1})
+        assert opened.status == 201
+        task = client.checkin(1, 10)
+        weights = load_bundle(tiny_export.bundle_dir).weights()
+        shapes = {k: weights[k].shape for k in (task.trainable or weights)}
+        rng = np.random.default_rng(5)
+        bodies = [seal_update(random_update(shapes, rng, task.clip_norm, 1),
+                              round_id=task.round_id, device_id=client.identity.device_id,
+                              transport_public_key=transport_key) for _ in range(8)]
+        statuses = all_at_once(lambda body: client.request(
+            "POST", f"/v1/rounds/{task.round_id}/update", body=body), bodies)
+        assert statuses == [202] + [409] * 7
+        assert len(frames_in(server)) == 1
+        assert server.round(task.round_id, settled=False)["received"] == 1
+
+
+def test_simultaneous_masked_inputs_from_one_device_store_exactly_one(tmp_path, db_settings,
+                                                                      tiny_export):
+    """The same for SecAgg+ masked inputs: three devices reach masked_input, then one sends
+    eight different well-formed masked inputs at once: one counts, one blob is stored."""
+    server, clients, _ = started_server(tmp_path, db_settings, tiny_export, ["a", "b", "c"])
+    with server:
+        opened = server.admin("POST", "/v1/admin/rounds", json={
+            "target_clients": 3, "min_clients": 3, "secagg_poll_s": 0.05,
+            "secagg_stage_timeout_s": 3600.0})
+        assert opened.status == 201
+        weights = load_bundle(tiny_export.bundle_dir).weights()
+        sessions = {}
+        for name, client in clients.items():
+            task = client.checkin(1, 10)
+            shapes = {k: weights[k].shape for k in (task.trainable or weights)}
+            sessions[name] = SecAggUpload().begin(client, task, random_update(
+                shapes, np.random.default_rng(6), task.clip_norm, 1))
+        for session in sessions.values():  # collecting closed when all three advertised
+            session.step()
+            assert session.answered == "share_keys"
+        assert server.round(task.round_id, settled=False)["state"] == "masked_input"
+        rng = np.random.default_rng(7)
+        bodies = [encode_tensors({"masked": rng.integers(0, 2**32, task.secagg[
+            "vector_length"], dtype=np.uint32)}, {"round_id": task.round_id})
+            for _ in range(8)]
+        statuses = all_at_once(lambda body: clients["a"].request(
+            "POST", f"/v1/rounds/{task.round_id}/secagg/masked", body=body), bodies)
+        assert statuses == [202] + [409] * 7
+        assert len(frames_in(server)) == 1
+        assert server.round(task.round_id, settled=False)["secagg"]["masked"] == 1
