@@ -241,11 +241,21 @@ def publish_bundle(
             with db.transaction() as session:
                 session.add(row)
         except IntegrityError:
+            discard_unreferenced(db, blobs, row.blob_sha256)  # the other publish won
             raise ApiError("version_not_newer", f"version {row.version} was published "
                            "concurrently", 409) from None
         return row
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def discard_unreferenced(db: Database, blobs: BlobStore, digest: str) -> None:
+    """Delete a bundle blob written for a version that was then refused, unless some stored
+    version has the very same bytes."""
+    with db.session() as session:
+        if session.scalar(select(ModelVersion.version).where(
+                ModelVersion.blob_sha256 == digest)) is None:
+            blobs.delete(digest)
 
 
 def extract_version(zip_bytes: bytes, dest: str | Path) -> Bundle:
