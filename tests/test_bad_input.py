@@ -1524,3 +1524,33 @@ def test_simultaneous_masked_inputs_from_one_device_store_exactly_one(tmp_path, 
         assert statuses == [202] + [409] * 7
         assert len(frames_in(server)) == 1
         assert server.round(task.round_id, settled=False)["secagg"]["masked"] == 1
+
+
+def test_simultaneous_publishes_of_one_version_store_exactly_one(tmp_path, db_settings,
+                                                                 tiny_export):
+    """Four different bundles, all version 2, published at once: one is published, three are
+    refused (version_not_newer), and the blob store gains exactly the published zip. The
+    same for rollbacks racing for the next version number."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    server, _, _ = started_server(tmp_path, db_settings, tiny_export, [])
+    with server:
+        before = {p.name for p in (server.data_dir / "blobs").rglob("*") if p.is_file()}
+        bodies = [zip_bundle(resign_bundle(tiny_export.bundle_dir, tmp_path / f"v2-{n}",
+                                           Ed25519PrivateKey.generate(), model_version=2,
+                                           parent_version=1, provenance={"n": n}))
+                  for n in range(4)]
+        statuses = all_at_once(lambda body: server.admin(
+            "POST", "/v1/admin/models", body=body,
+            headers={"Content-Type": "application/zip"}), bodies)
+        assert statuses == [201, 409, 409, 409]
+        after = {p.name for p in (server.data_dir / "blobs").rglob("*") if p.is_file()}
+        models = json.loads(server.admin("GET", "/v1/admin/models").data)["models"]
+        assert after - before == {m["blob_sha256"] for m in models if m["model_version"] == 2}
+        # Rollbacks of version 2 at once: whichever win, every zip left is a version's.
+        statuses = all_at_once(lambda body: server.admin(
+            "POST", "/v1/admin/models/2/rollback"), [b""] * 4)
+        assert statuses[0] == 201 and set(statuses) <= {201, 409}
+        models = json.loads(server.admin("GET", "/v1/admin/models").data)["models"]
+        assert {p.name for p in (server.data_dir / "blobs").rglob("*") if p.is_file()} == {
+            m["blob_sha256"] for m in models}
