@@ -23,7 +23,11 @@ Devices: H0-H2 honest; M ("mallory") is selected into both rounds and sends the 
 messages (in the SecAgg+ round it finally answers each stage properly, so the stage rows
 see a real participant); O is registered but never selected; S is selected into the SecAgg+
 round but never advertises (not a participant); X is a key that was never registered; R is
-a fresh key used for registration rows only (never registered)."""
+a fresh key used for registration rows only (never registered).
+
+Last, duplicates sent at the same instant (each on its own server, both databases): eight
+sealed updates from one device, eight masked inputs from one device, four bundles of one
+version: exactly one is taken and exactly its blob is left in the store."""
 
 from __future__ import annotations
 
