@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from sync_server.api import blueprints
+from sync_server.api import CONVERTERS, blueprints
 from sync_server.auth import NonceStore
 from sync_server.blobs import BlobStore
 from sync_server.config import load_config
@@ -66,6 +66,9 @@ def create_app(
 
     _defer_aggregations(app)
     register_error_handlers(app)
+    app.url_map.converters.update(CONVERTERS)
+    # No 308 redirect (an HTML page) from "/v1//x" to "/v1/x": such a path is simply unknown.
+    app.url_map.merge_slashes = False
     for bp in blueprints():
         app.register_blueprint(bp)
     logging.getLogger(__name__).info("sync server ready: data in %s", data_dir,

@@ -26,7 +26,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
     text = {
         400: "bad_request / malformed input", 401: "bad_signature, stale_request, "
         "replayed_request, unknown_device, unauthorized", 403: "refused", 404: "not found",
-        409: "conflict", 413: "body_too_large", 422: "update_rejected",
+        409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
+        422: "update_rejected",
         429: "rate_limited (see Retry-After)",
     }
     return {str(s): _json(_ERROR, text[s]) for s in statuses}
@@ -35,7 +36,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
 _SIGNED = [{"deviceSignature": []}]
 _ADMIN = [{"adminToken": []}]
 _VERSION_PARAM = {"name": "version", "in": "path", "required": True,
-                  "schema": {"type": "integer", "minimum": 0}}
+                  "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
 _ROUND_STATES = {"enum": ["open", "collecting", "share_keys", "masked_input", "unmasking",
                           "aggregating", "published", "failed"]}
 _MODEL_VERSION = {
@@ -203,7 +204,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/DeviceId"}, "registered"),
                     "200": _json({"$ref": "#/components/schemas/DeviceId"}, "already known"),
-                    **_errors(400, 401, 403, 413, 429),
+                    **_errors(400, 401, 403, 413, 415, 429),
                 },
             }},
             "/v1/models/current": {"get": {
@@ -252,7 +253,7 @@ def openapi_document() -> dict[str, Any]:
                                            {"$ref": "#/components/schemas/RoundTask"}]},
                         "retry_after": {"type": "number"},
                     }}, "a task, or none and when to ask again"),
-                    **_errors(400, 401, 413, 429),
+                    **_errors(400, 401, 413, 415, 429),
                 },
             }},
             "/v1/rounds/{round_id}/update": {"post": {
@@ -267,7 +268,7 @@ def openapi_document() -> dict[str, Any]:
                     "202": _json({"type": "object", "properties": {
                         "accepted": {"const": True}, "round_id": {"type": "string"}}},
                         "accepted: durably recorded before this answer"),
-                    **_errors(400, 401, 403, 409, 413, 422, 429),
+                    **_errors(400, 401, 403, 404, 409, 413, 415, 422, 429),
                 },
             }},
             "/v1/rounds/{round_id}/secagg": {"get": {
@@ -302,7 +303,7 @@ def openapi_document() -> dict[str, Any]:
                     "202": _json({"type": "object", "properties": {
                         "accepted": {"const": True}, "round_id": {"type": "string"},
                         "stage": {"type": "string"}}}, "recorded before this answer"),
-                    **_errors(400, 401, 403, 404, 409, 413, 429),
+                    **_errors(400, 401, 403, 404, 409, 413, 415, 429),
                 },
             }} for stage, what, media in (
                 ("advertise", "{c_pk, e_pk, b_commit, sig} signed by the device identity",
@@ -332,7 +333,7 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": _ROUND_CONFIG}}},
                     "responses": {"201": _json(_ROUND, "opened"),
-                                  **_errors(400, 401, 403, 409)},
+                                  **_errors(400, 401, 403, 409, 413, 415)},
                 },
             },
             "/v1/admin/rounds/{round_id}": {"get": {
@@ -374,7 +375,7 @@ def openapi_document() -> dict[str, Any]:
                         "application/zip": {"schema": {"type": "string"}},
                         "application/octet-stream": {"schema": {"type": "string"}}}},
                     "responses": {"201": _json(_MODEL_VERSION, "published"),
-                                  **_errors(400, 401, 403, 409, 413)},
+                                  **_errors(400, 401, 403, 409, 413, 415)},
                 },
             },
             "/v1/admin/models/{version}/rollout": {"post": {
@@ -386,7 +387,7 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"type": "object", "required": ["percent"], "properties": {
                         "percent": {"type": "integer", "minimum": 0, "maximum": 100}}}}}},
                 "responses": {"200": _json(_MODEL_VERSION, "updated"),
-                              **_errors(400, 401, 403, 404)},
+                              **_errors(400, 401, 403, 404, 413, 415)},
             }},
             "/v1/admin/models/{version}/pause": {"post": {
                 "summary": "Never serve this version (devices that installed it keep it: "
@@ -427,7 +428,7 @@ def openapi_document() -> dict[str, Any]:
                     "schema": _METRICS_BODY}}},
                 "responses": {"201": _json(_MODEL_VERSION, "recorded: the version with all "
                                            "its metrics"),
-                              **_errors(400, 401, 403, 404, 409, 413)},
+                              **_errors(400, 401, 403, 404, 409, 413, 415)},
             }},
             "/v1/admin/dashboard": {"get": {
                 "summary": "What the operator dashboard (GET /dashboard, HTML) shows and polls: "

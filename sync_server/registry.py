@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
 from sync_server.keys import ServerKeys
-from sync_server.models import ModelVersion
+from sync_server.models import ModelVersion, as_utc
 
 
 def version_json(
@@ -60,21 +60,25 @@ def version_json(
         "rollout_percent": row.rollout_percent,
         "blob_sha256": row.blob_sha256,
         "size": row.size,
-        "created_at": row.created_at.isoformat(),
+        "created_at": as_utc(row.created_at).isoformat(),
         "metrics": {source: dict(values) for source, values in (metrics or {}).items()},
     }
 
 
-def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeys) -> ModelVersion:
+def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeys,
+                   check: Callable[[int], None] | None = None) -> ModelVersion:
     """Verify the bundle directory ``staged`` (integrity, no unlisted files), sign its exact
     manifest bytes with the server key (any signature present is discarded), store the flat
     zip as a blob. Returns the row, NOT yet added to a session: the caller inserts it in the
-    transaction that makes it current (and checks the version is the newest)."""
+    transaction that makes it current (and checks the version is the newest). ``check(version)``
+    runs before anything is stored and may refuse the bundle by raising."""
     try:
         (staged / SIGNATURE).unlink(missing_ok=True)
         bundle = load_bundle(staged, public_key=None)
     except BundleError as exc:
         raise ApiError("bad_bundle", f"{exc.code}: {exc}", 400) from None
+    if check is not None:
+        check(bundle.version)
     signature = keys.sign(bundle.manifest_bytes)
     (staged / SIGNATURE).write_bytes(signature)
     served = zip_bundle_dir(staged)
@@ -224,22 +228,34 @@ def publish_bundle(
             extract_bundle_zip(zip_bytes, staged, max_bytes)
         except BundleError as exc:
             raise ApiError("bad_bundle", f"{exc.code}: {exc}", 400) from None
-        row = sign_and_store(staged, blobs=blobs, keys=keys)
+        def newer(version: int) -> None:  # before the blob is stored: a refusal stores nothing
+            with db.session() as session:
+                highest = highest_version(session)
+            if highest is not None and version <= highest:
+                raise ApiError("version_not_newer", f"bundle is version {version}; versions "
+                               f"up to {highest} exist (devices refuse older ones)", 409)
+
+        row = sign_and_store(staged, blobs=blobs, keys=keys, check=newer)
         row.rollout_percent = percent
-        with db.session() as session:
-            highest = highest_version(session)
-        if highest is not None and row.version <= highest:
-            raise ApiError("version_not_newer", f"bundle is version {row.version}; "
-                           f"versions up to {highest} exist (devices refuse older ones)", 409)
         try:
             with db.transaction() as session:
                 session.add(row)
         except IntegrityError:
+            discard_unreferenced(db, blobs, row.blob_sha256)  # the other publish won
             raise ApiError("version_not_newer", f"version {row.version} was published "
                            "concurrently", 409) from None
         return row
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def discard_unreferenced(db: Database, blobs: BlobStore, digest: str) -> None:
+    """Delete a bundle blob written for a version that was then refused, unless some stored
+    version has the very same bytes."""
+    with db.session() as session:
+        if session.scalar(select(ModelVersion.version).where(
+                ModelVersion.blob_sha256 == digest)) is None:
+            blobs.delete(digest)
 
 
 def extract_version(zip_bytes: bytes, dest: str | Path) -> Bundle:

@@ -121,6 +121,9 @@ ROUND_DEFAULTS: dict[str, Any] = {
 }
 SCHEMES = (secagg.SCHEME, SEALED_SCHEME)
 STRATEGY_KEYS = ("server_lr", "momentum", "beta1", "beta2", "tau")
+# No number in a round config may exceed this (a count beyond the database's INTEGER, or a
+# deadline beyond the year 9999, would fail later, inside every request touching the round).
+MAX_NUMBER = 2**31 - 1
 
 
 def _bad(message: str) -> ApiError:
@@ -148,6 +151,9 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
         known = sorted({*ROUND_DEFAULTS, *STRATEGY_KEYS})
         raise _bad(f"unknown round setting(s) {unknown}; known: {known}")
     config = {**ROUND_DEFAULTS, **obj}
+    for key, value in config.items():  # counts go into INTEGER columns, seconds into dates
+        if type(value) in (int, float) and not abs(value) <= MAX_NUMBER:  # NaN included
+            raise _bad(f"{key} must be a finite number at most {MAX_NUMBER}, got {value!r}")
     _number(config, "target_clients", 1, integer=True, inclusive=True)
     if config["min_clients"] is None:  # SecAgg+ rounds survive the dropout they are built for
         config["min_clients"] = config["target_clients"] if (
@@ -523,7 +529,15 @@ class RoundService:
                 session.add(Update(round_id=round_id, device_id=device_id, blob_sha256=digest,
                                    num_examples=int(meta["num_examples"]), size=len(sealed),
                                    norm=norm))
-        except IntegrityError:
+        except (ApiError, IntegrityError) as exc:
+            # Refused after all (a simultaneous upload of this device won, or the round
+            # closed): its plaintext frame must not stay behind, unless an accepted update
+            # has the very same bytes.
+            with self.db.session() as session:
+                if session.scalar(select(Update.id).where(Update.blob_sha256 == digest)) is None:
+                    self.blobs.delete(digest)
+            if isinstance(exc, ApiError):
+                raise
             raise ApiError("duplicate_update", "this device already uploaded", 409) from None
         if self.metrics is not None:
             self.metrics.updates_accepted.inc()

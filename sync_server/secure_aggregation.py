@@ -145,6 +145,33 @@ def _graph(participants: tuple[str, ...], degree: int, seed: str) -> dict[str, t
     return secagg.neighbour_graph(participants, degree, b64decode(seed))
 
 
+def _is_base64(text: str) -> bool:
+    """Whether ``text`` is standard base64 (what a device's share ciphertext is); anything
+    else (a NUL byte, which PostgreSQL text cannot hold, or a lone surrogate included) would
+    only be relayed to a device that cannot open it."""
+    try:
+        b64decode(text)
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _usable_x25519(raw: bytes) -> bool:
+    """Whether a device can agree a key with ``raw``: a small-order point gives an all-zero
+    shared secret, which the cryptography library refuses (a ValueError the neighbours'
+    SDK does not expect: one such advert would break the round for every neighbour)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
+
+
 def _closed(row: Round, stage: str) -> ApiError:
     return ApiError("stage_closed", f"round {row.id} is at {row.state}, not {stage}; this "
                     "answer came too late (the device counts as dropped)", 409)
@@ -250,7 +277,11 @@ class SecAggStages:
             if session.get(SecAggMember, (row.id, device_id)) is not None:
                 raise ApiError("duplicate_answer", "this device already advertised keys", 409)
             identity = session.get(Device, device_id).public_key
-        secagg.verify_advert(advert, row.id, device_id, identity)
+        keys = secagg.verify_advert(advert, row.id, device_id, identity)
+        for name in ("c_pk", "e_pk"):
+            if not _usable_x25519(keys[name]):
+                raise ApiError("secagg_bad_message", f"{name} is a small-order X25519 point: "
+                               "every key agreement with it would fail or be known", 400)
         with self.db.transaction() as session:
             self._count_answer(session, row, "collecting")
             session.add(SecAggMember(round_id=row.id, device_id=device_id, advert=advert))
@@ -263,7 +294,7 @@ class SecAggStages:
         neighbours = set(self.graph(row, u1)[device_id])
         shares = obj.get("shares") if isinstance(obj, dict) else None
         if not isinstance(shares, dict) or set(shares) != neighbours or not all(
-                isinstance(c, str) and 0 < len(c) <= MAX_CIPHERTEXT_CHARS
+                isinstance(c, str) and 0 < len(c) <= MAX_CIPHERTEXT_CHARS and _is_base64(c)
                 for c in shares.values()):
             raise ApiError("secagg_bad_message", f"shares must map each of this device's "
                            f"{len(neighbours)} neighbours to one ciphertext (base64, at most "
@@ -287,8 +318,15 @@ class SecAggStages:
                            f"'masked' of shape [{length}] with meta {{round_id: {row.id}}}",
                            400)
         digest = self.blobs.put(bytes(data))
-        self._record(row, device_id, "masked_input", SecAggMember.masked_at,
-                     masked_at=utcnow(), masked_sha256=digest)
+        try:
+            self._record(row, device_id, "masked_input", SecAggMember.masked_at,
+                         masked_at=utcnow(), masked_sha256=digest)
+        except ApiError:  # refused after all (a simultaneous answer won, the stage closed)
+            with self.db.session() as session:
+                if session.scalar(select(SecAggMember.device_id).where(
+                        SecAggMember.masked_sha256 == digest)) is None:
+                    self.blobs.delete(digest)
+            raise
 
     def post_unmask(self, row: Round, device_id: str, obj: Any) -> None:
         member = self._member(row, device_id, "unmasking")

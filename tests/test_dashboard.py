@@ -133,43 +133,6 @@ def test_dashboard_is_disabled_without_an_admin_token(tmp_path):
 # --- metrics --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body,raw", [
-    ({"metrics": {"HR@10": 0.1}}, None),                     # upper case
-    ({"metrics": {"@10": 0.1}}, None),                       # must start with [a-z0-9]
-    ({"metrics": {"hr 10": 0.1}}, None),
-    ({"metrics": {"h" * 65: 0.1}}, None),                    # longer than 64
-    ({"metrics": {"hr@10": 0.1, "bad/name": 0.2}}, None),    # one bad name: nothing stored
-    (None, b'{"metrics": {"hr@10": NaN}}'),
-    (None, b'{"metrics": {"hr@10": Infinity}}'),
-    (None, b'{"metrics": {"hr@10": -Infinity}}'),
-    (None, b'{"metrics": {"hr@10": 1' + b"0" * 400 + b"}}"),  # overflows a float
-    ({"metrics": {"hr@10": "0.1"}}, None),
-    ({"metrics": {"hr@10": True}}, None),
-    ({"metrics": {"hr@10": None}}, None),
-    ({"metrics": {f"m{i}": 0.5 for i in range(33)}}, None),  # at most 32
-    ({"metrics": {}}, None),
-    ({"metrics": [0.1]}, None),
-    ({}, None),
-    ({"metrics": {"hr@10": 0.1}, "source": "Offline"}, None),
-    ({"metrics": {"hr@10": 0.1}, "source": "1st"}, None),
-    ({"metrics": {"hr@10": 0.1}, "source": "s" * 33}, None),
-    ({"metrics": {"hr@10": 0.1}, "source": 7}, None),
-    ({"metrics": {"hr@10": 0.1}, "extra": 1}, None),
-])
-def test_bad_metrics_are_refused_with_bad_metrics_and_nothing_is_stored(server, body, raw):
-    assert error_of(post_metrics(server, 1, body, raw)) == (400, "bad_metrics")
-    assert models(server)[1]["metrics"] == {}
-    assert dashboard(server)["models"][0]["metrics"] == {}
-
-
-def test_metrics_for_an_unknown_version_or_a_bad_body(server):
-    assert error_of(post_metrics(server, 99, {"metrics": {"hr@10": 0.1}})) == (
-        404, "not_found")
-    assert error_of(post_metrics(server, 1, None, b"[1, 2]")) == (400, "bad_request")
-    assert error_of(post_metrics(server, 1, None, b"{not json")) == (400, "bad_request")
-    assert all(m["metrics"] == {} for m in models(server).values())
-
-
 def test_metrics_are_stored_per_source_and_a_later_post_replaces_a_value(server):
     response = post_metrics(server, 1, {"metrics": {"hr@10": 0.1, "ndcg@10": 0.05}})
     assert response.status == 201

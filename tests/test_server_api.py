@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import stat
-import time
 import zipfile
 
 import numpy as np
@@ -17,7 +16,7 @@ from device_sdk.bundle import extract_bundle_zip, load_bundle, save_weights, wri
 from device_sdk.device_client import DeviceClient
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.item_vocab import ItemVocab
-from device_sdk.protocol import HEADER_SIGNATURE, b64
+from device_sdk.protocol import b64
 from device_sdk.sync_client import SyncClient, SyncError
 
 ADMIN = "admin-secret"
@@ -108,14 +107,6 @@ def test_registration_is_idempotent(server, tmp_path):
     assert client.register() == client.identity.device_id
 
 
-def test_registration_must_be_signed_by_the_registered_key(server, tmp_path):
-    client = sync_client(server, tmp_path)
-    other = DeviceIdentity.load_or_create(tmp_path / "other.key")
-    body = {"public_key": b64(other.public_key_raw)}
-    status, code = error_of(client.request("POST", "/v1/devices", json=body))
-    assert (status, code) == (401, "bad_signature")
-
-
 def test_enrollment_token_is_enforced_when_configured(tmp_path):
     with ServerProcess(tmp_path / "server", ENROLLMENT_TOKEN="join-me") as srv:
         with pytest.raises(SyncError) as refused:
@@ -173,31 +164,6 @@ def test_publish_fetch_etag_and_download_a_signed_bundle(server, client, tmp_pat
     assert blob.read_bytes() == data  # content-addressed on disk
 
 
-def test_publish_refuses_old_versions_and_broken_bundles(server, tmp_path):
-    assert publish(server, make_bundle_zip(tmp_path / "a", 3)).status == 201
-    assert error_of(publish(server, make_bundle_zip(tmp_path / "b", 3))) == (
-        409, "version_not_newer")
-    assert error_of(publish(server, make_bundle_zip(tmp_path / "c", 2))) == (
-        409, "version_not_newer")
-    assert error_of(publish(server, b"not a zip")) == (400, "bad_bundle")
-    extra = make_bundle_zip(tmp_path / "d", 4, extra_files={"notes.txt": b"unlisted"})
-    assert error_of(publish(server, extra)) == (400, "bad_bundle")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(make_bundle_zip(tmp_path / "e", 5))) as src, \
-            zipfile.ZipFile(buf, "w") as dst:
-        for name in src.namelist():
-            data = src.read(name)
-            dst.writestr(name, data + b"x" if name == "model.tflite" else data)
-    assert error_of(publish(server, buf.getvalue())) == (400, "bad_bundle")
-    listed = json.loads(server.admin("GET", "/v1/admin/models").data)["models"]
-    assert [m["model_version"] for m in listed] == [3]
-
-
-def test_unknown_bundle_version_is_404(client):
-    response = client.request("GET", "/v1/models/7/bundle")
-    assert error_of(response) == (404, "no_model")
-
-
 def test_publishing_the_real_export_lets_a_device_install_and_recommend(
     server, tmp_path, tiny_export
 ):
@@ -218,71 +184,16 @@ def test_publishing_the_real_export_lets_a_device_install_and_recommend(
 # --- refusals -----------------------------------------------------------------------------
 
 
-def test_unknown_routes_and_methods(server):
-    assert error_of(server.request("GET", "/v1/nothing-here")) == (404, "not_found")
-    assert error_of(server.request("DELETE", "/v1/server-keys")) == (405, "method_not_allowed")
-
-
-def test_bad_json_is_400(client):
-    response = client.request("POST", "/v1/rounds/checkin", body=b"{not json")
-    assert error_of(response) == (400, "bad_request")
-    response = client.request("POST", "/v1/rounds/checkin", json={"num_examples": -1})
-    assert error_of(response) == (400, "bad_request")
-
-
-def test_admin_needs_the_token(server):
-    assert error_of(server.request("GET", "/v1/admin/models")) == (401, "unauthorized")
-    wrong = server.request("GET", "/v1/admin/models", headers={"Authorization": "Bearer no"})
-    assert error_of(wrong) == (401, "unauthorized")
-    assert server.admin("GET", "/v1/admin/models").status == 200
-
-
 def test_admin_api_is_disabled_without_a_configured_token(tmp_path):
     with ServerProcess(tmp_path / "server") as srv:
         response = srv.request("GET", "/v1/admin/models", headers={"Authorization": "Bearer "})
         assert error_of(response) == (403, "admin_disabled")
 
 
-def _signed(client, method, path, body=b"", now=None):
-    return client.identity.headers(method, path, body, now=now)
-
-
-def test_replayed_nonce_is_refused(server, client):
-    headers = _signed(client, "POST", "/v1/rounds/checkin", b'{"num_examples":1}')
-    send = dict(headers, **{"Content-Type": "application/json"})
-    ok = server.request("POST", "/v1/rounds/checkin", headers=send, body=b'{"num_examples":1}')
-    assert ok.status == 200 and json.loads(ok.data)["task"] is None
-    again = server.request("POST", "/v1/rounds/checkin", headers=send, body=b'{"num_examples":1}')
-    assert error_of(again) == (401, "replayed_request")
-
-
-def test_stale_timestamp_and_tampered_body_are_refused(server, client):
-    path = "/v1/models/current"
-    stale = server.request("GET", path, headers=_signed(client, "GET", path,
-                                                        now=time.time() - 3600))
-    assert error_of(stale) == (401, "stale_request")
-    future = server.request("GET", path, headers=_signed(client, "GET", path,
-                                                         now=time.time() + 3600))
-    assert error_of(future) == (401, "stale_request")
-    headers = _signed(client, "POST", "/v1/rounds/checkin", b'{"num_examples":1}')
-    tampered = server.request("POST", "/v1/rounds/checkin", headers=headers,
-                              body=b'{"num_examples":2}')
-    assert error_of(tampered) == (401, "bad_signature")
-    elsewhere = _signed(client, "GET", "/v1/models/1/bundle")
-    assert error_of(server.request("GET", path, headers=elsewhere)) == (401, "bad_signature")
-    headers[HEADER_SIGNATURE] = "%%%"
-    assert error_of(server.request("GET", path, headers=headers)) == (401, "bad_signature")
-
-
 def test_signature_covers_the_raw_query_string(server, client, tmp_path):
     assert publish(server, make_bundle_zip(tmp_path, 1)).status == 201
     assert client.request("GET", "/v1/models/current?channel=beta&x=1").status == 200
     assert client.request("GET", "/v1/models/current").status == 200
-
-
-def test_body_too_large_is_413(client):
-    response = client.request("POST", "/v1/rounds/checkin", body=b"x" * (MAX_BODY + 1))
-    assert error_of(response) == (413, "body_too_large")
 
 
 def test_rate_limit_answers_429_with_retry_after(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
-from sync_server.api import json_object
+from sync_server.api import json_object, media_type
 from sync_server.auth import admin_required
 from sync_server.db import get_db
 from sync_server.errors import ApiError
@@ -53,6 +53,7 @@ def publish() -> tuple[Response, int]:
     settings = current_app.config["POCKETREC"]
     # Bundles are far larger than anything a device sends: this endpoint has its own limit.
     request.max_content_length = settings["MAX_BUNDLE_BYTES"]
+    media_type("application/zip", "application/octet-stream")
     ext = current_app.extensions
     row = publish_bundle(
         request.get_data(), db=get_db(), blobs=ext["pocketrec_blobs"],
@@ -63,7 +64,7 @@ def publish() -> tuple[Response, int]:
     return jsonify(_version_json(row)), 201
 
 
-@bp.post("/v1/admin/models/<int:version>/rollout")
+@bp.post("/v1/admin/models/<version:version>/rollout")
 @admin_required
 def rollout(version: int) -> Response:
     """Body: {"percent": 0-100}. Devices are chosen by a stable hash of version and device id,
@@ -75,7 +76,7 @@ def rollout(version: int) -> Response:
                                              percent=rollout_percent(obj["percent"]))))
 
 
-@bp.post("/v1/admin/models/<int:version>/pause")
+@bp.post("/v1/admin/models/<version:version>/pause")
 @admin_required
 def pause(version: int) -> Response:
     """Never serve this version again (until resumed). Devices that installed it keep it:
@@ -83,13 +84,13 @@ def pause(version: int) -> Response:
     return jsonify(_version_json(set_rollout(get_db(), version, status="paused")))
 
 
-@bp.post("/v1/admin/models/<int:version>/resume")
+@bp.post("/v1/admin/models/<version:version>/resume")
 @admin_required
 def resume(version: int) -> Response:
     return jsonify(_version_json(set_rollout(get_db(), version, status="published")))
 
 
-@bp.post("/v1/admin/models/<int:version>/rollback")
+@bp.post("/v1/admin/models/<version:version>/rollback")
 @admin_required
 def rollback(version: int) -> tuple[Response, int]:
     """Pause ``version`` and republish its parent's exact files as a new, higher version
@@ -110,7 +111,7 @@ def list_models() -> Response:
     return jsonify({"models": _versions_json(rows)})
 
 
-@bp.post("/v1/admin/models/<int:version>/metrics")
+@bp.post("/v1/admin/models/<version:version>/metrics")
 @admin_required
 def post_metrics(version: int) -> tuple[Response, int]:
     """Body: {"metrics": {name: number, ...}, "source": "offline" | "online" | ...}: an
@@ -137,7 +138,7 @@ def list_rounds() -> Response:
     return jsonify(current_app.extensions["pocketrec_rounds"].list_rounds())
 
 
-@bp.get("/v1/admin/rounds/<round_id>")
+@bp.get("/v1/admin/rounds/<name:round_id>")
 @admin_required
 def get_round(round_id: str) -> Response:
     rounds = current_app.extensions["pocketrec_rounds"]
@@ -145,7 +146,7 @@ def get_round(round_id: str) -> Response:
     return jsonify(rounds.view(round_id))
 
 
-@bp.post("/v1/admin/rounds/<round_id>/close-stage")
+@bp.post("/v1/admin/rounds/<name:round_id>/close-stage")
 @admin_required
 def close_stage(round_id: str) -> Response:
     """Stop waiting for the current stage: the round goes on with the devices that answered

@@ -43,7 +43,7 @@ def current() -> Response:
     })
 
 
-@bp.get("/v1/models/<int:version>/bundle")
+@bp.get("/v1/models/<version:version>/bundle")
 @device_required
 def bundle(version: int) -> Response:
     with get_db().session() as session:

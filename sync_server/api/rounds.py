@@ -4,9 +4,9 @@ stages (poll, advertise, shares, masked, unmask). The state machine lives in
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify
 
-from sync_server.api import json_object
+from sync_server.api import json_object, octet_stream
 from sync_server.auth import device_required
 from sync_server.errors import ApiError
 from sync_server.rounds import RoundService
@@ -35,13 +35,13 @@ def checkin() -> Response:
     return jsonify({"task": task})
 
 
-@bp.post("/v1/rounds/<round_id>/update")
+@bp.post("/v1/rounds/<name:round_id>/update")
 @device_required
 def upload(round_id: str) -> tuple[Response, int]:
-    return jsonify(service().accept_update(g.device_id, round_id, request.get_data())), 202
+    return jsonify(service().accept_update(g.device_id, round_id, octet_stream())), 202
 
 
-@bp.get("/v1/rounds/<round_id>/secagg")
+@bp.get("/v1/rounds/<name:round_id>/secagg")
 @device_required
 def secagg_poll(round_id: str) -> Response:
     return jsonify(service().secagg_poll(g.device_id, round_id))
@@ -51,25 +51,25 @@ def _answer(round_id: str, stage: str, body: object) -> tuple[Response, int]:
     return jsonify(service().secagg_answer(g.device_id, round_id, stage, body)), 202
 
 
-@bp.post("/v1/rounds/<round_id>/secagg/advertise")
+@bp.post("/v1/rounds/<name:round_id>/secagg/advertise")
 @device_required
 def secagg_advertise(round_id: str) -> tuple[Response, int]:
     return _answer(round_id, "advertise", json_object())
 
 
-@bp.post("/v1/rounds/<round_id>/secagg/shares")
+@bp.post("/v1/rounds/<name:round_id>/secagg/shares")
 @device_required
 def secagg_shares(round_id: str) -> tuple[Response, int]:
     return _answer(round_id, "shares", json_object())
 
 
-@bp.post("/v1/rounds/<round_id>/secagg/masked")
+@bp.post("/v1/rounds/<name:round_id>/secagg/masked")
 @device_required
 def secagg_masked(round_id: str) -> tuple[Response, int]:
-    return _answer(round_id, "masked", request.get_data())
+    return _answer(round_id, "masked", octet_stream())
 
 
-@bp.post("/v1/rounds/<round_id>/secagg/unmask")
+@bp.post("/v1/rounds/<name:round_id>/secagg/unmask")
 @device_required
 def secagg_unmask(round_id: str) -> tuple[Response, int]:
     return _answer(round_id, "unmask", json_object())
