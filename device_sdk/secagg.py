@@ -471,7 +471,25 @@ def verify_advert(advert: Any, round_id: str, device_id: str, identity_public: b
     except (InvalidSignature, ValueError):
         raise _error("secagg_bad_signature", f"advertisement of {device_id} is not signed by "
                      "its identity key for this round") from None
+    for name in ("c_pk", "e_pk"):
+        if not _usable_x25519(fields[name]):
+            raise _error("secagg_bad_message", f"{name} of {device_id} is a small-order X25519 "
+                         "point: every key agreement with it would fail or be known")
     return fields
+
+
+def _usable_x25519(raw: bytes) -> bool:
+    """Whether a key can be agreed with ``raw``: a small-order point gives an all-zero shared
+    secret, which the cryptography library refuses. Checked on every advert, by the server
+    when it arrives and by each neighbour when it is relayed, so one such key can neither
+    break its neighbours' round nor be slipped in by a server."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    try:
+        X25519PrivateKey.generate().exchange(_x25519_public(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def _share_key(e_private: bytes | Any, peer_e_public: bytes, round_id: str, sender: str,

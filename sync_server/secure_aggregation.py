@@ -156,22 +156,6 @@ def _is_base64(text: str) -> bool:
     return True
 
 
-def _usable_x25519(raw: bytes) -> bool:
-    """Whether a device can agree a key with ``raw``: a small-order point gives an all-zero
-    shared secret, which the cryptography library refuses (a ValueError the neighbours'
-    SDK does not expect: one such advert would break the round for every neighbour)."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import (
-        X25519PrivateKey,
-        X25519PublicKey,
-    )
-
-    try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
-    except ValueError:
-        return False
-    return True
-
-
 def _closed(row: Round, stage: str) -> ApiError:
     return ApiError("stage_closed", f"round {row.id} is at {row.state}, not {stage}; this "
                     "answer came too late (the device counts as dropped)", 409)
@@ -277,11 +261,7 @@ class SecAggStages:
             if session.get(SecAggMember, (row.id, device_id)) is not None:
                 raise ApiError("duplicate_answer", "this device already advertised keys", 409)
             identity = session.get(Device, device_id).public_key
-        keys = secagg.verify_advert(advert, row.id, device_id, identity)
-        for name in ("c_pk", "e_pk"):
-            if not _usable_x25519(keys[name]):
-                raise ApiError("secagg_bad_message", f"{name} is a small-order X25519 point: "
-                               "every key agreement with it would fail or be known", 400)
+        secagg.verify_advert(advert, row.id, device_id, identity)  # small-order keys too
         with self.db.transaction() as session:
             self._count_answer(session, row, "collecting")
             session.add(SecAggMember(round_id=row.id, device_id=device_id, advert=advert))

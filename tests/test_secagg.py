@@ -355,6 +355,15 @@ def test_devices_refuse_forged_replayed_and_unsafe_rosters():
     swapped = r.roster(u)
     swapped["adverts"][v]["identity"] = swapped["adverts"][u]["identity"]
     refused(swapped, "secagg_bad_signature")
+    # A validly signed advert with a small-order key (a server relaying one, or a neighbour
+    # advertising one): refused as a message, not a ValueError from the key agreement.
+    small_order = r.roster(u)
+    advert = dict(r.adverts[v])
+    advert["e_pk"] = b64(bytes(32))
+    advert["sig"] = b64(r.devices[v]._identity.sign(secagg.advert_message(
+        ROUND, v, b64decode(advert["c_pk"]), bytes(32), b64decode(advert["b_commit"]))))
+    small_order["adverts"][v]["advert"] = advert
+    refused(small_order, "secagg_bad_message")
     refused({**r.roster(u), "threshold": 2}, "secagg_unsafe")
     refused({**r.roster(u), "participants": r.u1[:2]}, "secagg_refused")
 
