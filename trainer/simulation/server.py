@@ -35,15 +35,7 @@ class ServerProcess:
     def __init__(self, data_dir: str | Path, *, port: int = 0, **settings: Any) -> None:
         self.data_dir = Path(data_dir)
         self.settings = {k: str(v) for k, v in settings.items()}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETREC_")}
-        env.update({f"POCKETREC_{k}": v for k, v in self.settings.items()})
-        # This checkout's packages first on the path, whatever else is installed.
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
-        # A file, not a pipe: nobody reads stderr while tests run, and a full pipe would
-        # block the server.
-        self._log = open(self.log_path, "w")  # noqa: SIM115
+        env = self._prepare()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sync_server", "--host", "127.0.0.1", "--port", str(int(port)),
              "--data-dir", str(self.data_dir)],
@@ -65,6 +57,20 @@ class ServerProcess:
         if health.status != 200:
             self.close()
             raise RuntimeError(f"/healthz answered {health.status}: {health.data!r}")
+
+    def _prepare(self) -> dict[str, str]:
+        """The child's environment (settings as POCKETREC_* variables, this checkout first on
+        the path) and its log file beside DATA_DIR."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETREC_")}
+        env.update({f"POCKETREC_{k}": v for k, v in self.settings.items()})
+        # This checkout's packages first on the path, whatever else is installed.
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
+        # A file, not a pipe: nobody reads stderr while tests run, and a full pipe would
+        # block the server.
+        self._log = open(self.log_path, "w")  # noqa: SIM115
+        return env
 
     @property
     def database_url(self) -> str:
@@ -145,12 +151,7 @@ class GunicornServer(ServerProcess):
         self.settings = {k: str(v) for k, v in settings.items()}
         self.settings.setdefault("DATA_DIR", str(self.data_dir))
         self.workers = workers
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETREC_")}
-        env.update({f"POCKETREC_{k}": v for k, v in self.settings.items()})
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
-        self._log = open(self.log_path, "w")  # noqa: SIM115
+        env = self._prepare()
         listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
         port = listener.getsockname()[1]
         command = [sys.executable, "-m", "gunicorn", "sync_server:create_app()",
