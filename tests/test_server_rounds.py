@@ -67,10 +67,19 @@ def masked_frames_left(server, wait_s=10.0):
     deadline = time.monotonic() + wait_s
     while True:
         frames = [p for p in (server.data_dir / "blobs").rglob("*")
-                  if p.is_file() and p.read_bytes()[:4] == b"PRT1"]
+                  if p.is_file() and _head(p) == b"PRT1"]
         if not frames or time.monotonic() > deadline:
             return frames
         time.sleep(0.1)
+
+
+def _head(path):
+    """A blob's first 4 bytes, or b"" when the server deleted it meanwhile."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except FileNotFoundError:
+        return b""
 
 
 def error_of(response):
