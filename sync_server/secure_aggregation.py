@@ -133,9 +133,11 @@ def check_sum_norm(config: Mapping[str, Any], flat: np.ndarray, clients: int
     norm = float(np.linalg.norm(flat))
     bound = sum_norm_bound(config, clients)
     if not norm <= bound:
-        raise SumAboveBound(f"sum_norm_above_bound: the unmasked sum of {clients} inputs has "
-                            f"L2 norm {norm:.6g}, above the {bound:.6g} that inputs clipped "
-                            f"to {config['clip_norm']} can reach; some device did not clip. "
+        # The norm itself stays out of the reason: it is a statistic of the noiseless sum,
+        # and a failed round releases nothing and enters no ledger.
+        raise SumAboveBound(f"sum_norm_above_bound: the unmasked sum of {clients} inputs is "
+                            f"longer than the {bound:.6g} that inputs clipped to "
+                            f"{config['clip_norm']} can reach; some device did not clip. "
                             "Nothing was released")
     return {"sum_norm_bound": bound}
 
