@@ -11,10 +11,11 @@ see ``sync_server.config``)::
 
     gunicorn 'sync_server:create_app()' -k gthread --threads 8 -w 4 -b 0.0.0.0:8080
 
-gthread workers, not the default sync ones: a round is aggregated in the worker after the
-response that completed it, and a sync worker sends gunicorn no heartbeat meanwhile, so an
-aggregation (a real export) longer than ``--timeout`` gets it killed mid-round. Threads at
-most SQLAlchemy's pool size (5 + 10 overflow connections per worker).
+gthread workers, not the default sync ones: keep-alive and database waits that overlap in
+threads (README, "Reliability"); a round is aggregated in a thread of the worker after the
+response that completed it, and tests/test_load.py checks that a gthread worker outlives an
+aggregation longer than ``--timeout``. Threads at most SQLAlchemy's pool size (5 + 10
+overflow connections per worker).
 Each worker runs ``alembic upgrade head`` on start under a file lock, so workers on one host
 never migrate concurrently. The per-device rate limit is kept in process memory: with N
 workers a device may get up to N times RATE_LIMIT requests per minute."""

@@ -124,9 +124,9 @@ def _defer_aggregations(app: Flask) -> None:
                             "deferred aggregation failed; it resumes when its lease ends")
 
             # In a thread of its own, so the connection's next request (keep-alive) is not
-            # held behind the aggregation and the worker's main loop keeps its heartbeat. A
-            # daemon: a worker that exits mid-aggregation leaves a lease that a later request
-            # takes over, exactly like a crash.
+            # held behind the aggregation nor the request thread tied up by it. A daemon: a
+            # worker that exits mid-aggregation leaves a lease that a later request takes
+            # over, exactly like a crash.
             response.call_on_close(lambda: threading.Thread(
                 target=run, name="pocketrec-aggregation", daemon=True).start())
         return response

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import zip_bundle
+from conftest import REQUIRE_POSTGRES, zip_bundle
 from postgres import PostgresServer, find_bindir
 from server_process import ServerProcess
 from test_server_rounds import (
@@ -24,8 +24,8 @@ from test_server_rounds import (
 from device_sdk.device_client import DeviceClient
 from device_sdk.sync_client import SyncError
 
-pytestmark = pytest.mark.skipif(find_bindir() is None and not __import__("conftest")
-                                .REQUIRE_POSTGRES, reason="PostgreSQL not installed")
+pytestmark = pytest.mark.skipif(find_bindir() is None and not REQUIRE_POSTGRES,
+                                reason="PostgreSQL not installed")
 
 
 @pytest.fixture
