@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,11 @@ from device_sdk.topk_model import ModelLoadError
 
 STATE = "state.json"
 MAX_BUNDLE_BYTES = 64 << 20
+# The steps of an install, in order, as reported to ``ModelStore.on_step``: the bundle is
+# unpacked into staging, verified (signature, digests, anti-rollback), golden-checked,
+# fsynced, renamed into versions/, and made current by replacing state.json.
+INSTALL_STEPS = ("unpacked", "verified", "golden_checked", "synced", "renamed",
+                 "state_swapped")
 
 
 class StaleVersionError(BundleError):
@@ -65,6 +71,7 @@ class ModelStore:
         *,
         policy: HistoryPolicy | None = None,
         max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
         if len(public_key) != 32:
             raise ValueError("public_key must be the raw 32-byte Ed25519 server key")
@@ -72,6 +79,9 @@ class ModelStore:
         self.public_key = bytes(public_key)
         self.policy = policy
         self.max_bundle_bytes = max_bundle_bytes
+        # Called with each INSTALL_STEPS name as an install passes it (progress for an app;
+        # the kill tests stop the process right after a chosen step).
+        self.on_step = on_step
         self._lock = threading.Lock()
         (self.root / "versions").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.root / "staging", ignore_errors=True)
@@ -126,6 +136,7 @@ class ModelStore:
             staged = Path(tempfile.mkdtemp(dir=self.root / "staging"))
             try:
                 self._unpack(source, staged)
+                self._step("unpacked")
                 bundle = load_bundle(staged, public_key=self.public_key)
                 if expect_manifest is not None and bundle.manifest_bytes != expect_manifest:
                     raise BundleIntegrityError(
@@ -139,13 +150,17 @@ class ModelStore:
                         f"bundle version {bundle.version} is not newer than version {highest} "
                         "already installed (pass force=True to reinstall or downgrade)"
                     )
+                self._step("verified")
                 overlap = _golden(bundle)
+                self._step("golden_checked")
                 fsync_tree(staged)
+                self._step("synced")
                 final = self.root / "versions" / str(bundle.version)
                 if final.exists():  # a forced reinstall of a kept version
                     shutil.rmtree(final)
                 os.rename(staged, final)
                 fsync_dir(final.parent)
+                self._step("renamed")
                 previous = state["current"] if state["current"] != bundle.version else None
                 self._write_state(
                     {
@@ -154,10 +169,15 @@ class ModelStore:
                         "highest": max(highest, bundle.version),
                     }
                 )
+                self._step("state_swapped")
                 self._prune()
                 return InstallResult(bundle.version, previous, overlap)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+
+    def _step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(name)
 
     def _unpack(self, source: bytes | str | Path, dest: Path) -> None:
         if isinstance(source, str | Path) and Path(source).is_dir():

@@ -1,15 +1,17 @@
 """Device kill -9 faults, with real processes, real SQLite files and the real sync server:
 
-- event writes: a writer process (tests/event_log_writer.py) SIGKILLed at random moments,
+- event writes: a writer process (tests/event_log_writer.py) SIGKILLed after a random number
+  of reported commits,
   25 times on one database file; after EVERY kill the file passes integrity_check, every
   event reported committed is there exactly once and no batch is half stored;
 - model download: a DeviceClient process syncing from the real server, SIGKILLed while the
   bundle body is in flight (a loopback proxy holds the body back halfway) -> the old model
   serves, and the next sync completes and installs the new version;
-- model install: the same process SIGKILLed at random moments after the bundle has fully
-  arrived, i.e. inside ``DeviceClient.sync``'s verify + install, over many iterations -> the
-  device always opens on the old or the new version (never anything in between) and serves
-  it; leftovers of the killed install are swept; the next sync completes.
+- model install: the same process SIGKILLed inside ``DeviceClient.sync``'s install, right
+  after each of its steps in turn (the runner pauses there until killed, so the kill lands
+  where the test chose whatever the machine's speed) -> the device opens on the old version,
+  or on the new one once state.json was replaced, never anything in between, and serves it;
+  leftovers of the killed install are swept; the next sync completes.
 
 The proxy is test infrastructure (it only forwards bytes and holds some back), not a
 stand-in for any of our components."""
@@ -37,6 +39,7 @@ from server_process import ServerProcess
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient
 from device_sdk.event_log import EventLog
+from device_sdk.model_store import INSTALL_STEPS
 from sync_server.registry import republish_weights
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
@@ -51,14 +54,15 @@ GUARD_S = 60  # a guard against a hung child, not a measurement
 # ---------------------------------------------------------------------------- event writes
 
 
-def _wait_ready(out_path: Path, proc: subprocess.Popen) -> None:
+def _wait_lines(out_path: Path, proc: subprocess.Popen, lines: int) -> None:
+    """Until the writer has printed ``lines`` complete lines ("ready" and then one a commit)."""
     deadline = time.monotonic() + GUARD_S
-    while not out_path.read_text().startswith("ready\n"):
+    while out_path.read_text().count("\n") < lines:
         if proc.poll() is not None:
             pytest.fail(f"writer exited early: {proc.stderr.read().decode()}")
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("writer never became ready")
+            pytest.fail(f"writer never printed {lines} lines")
         time.sleep(0.005)
 
 
@@ -91,8 +95,9 @@ def _check_log_file(db: Path, reported: set[int]) -> int:
 
 
 def test_kill_9_during_event_writes_loses_no_committed_event(tmp_path):
-    """25 writer processes in turn on ONE database file, each SIGKILLed at a random moment
-    while logging (single events and log_many batches); checked after every kill."""
+    """25 writer processes in turn on ONE database file, each SIGKILLed while logging
+    (single events and log_many batches) once it has reported a random number of commits,
+    i.e. at a random point of its work, not of the clock; checked after every kill."""
     db = tmp_path / "kill.db"
     rng = random.Random(20240611)
     reported: set[int] = set()
@@ -107,8 +112,7 @@ def test_kill_9_during_event_writes_loses_no_committed_event(tmp_path):
                 stdout=out, stderr=subprocess.PIPE,
             )
         try:
-            _wait_ready(out_path, proc)
-            time.sleep(rng.uniform(0.02, 0.3))
+            _wait_lines(out_path, proc, 1 + rng.randint(1, 60))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -138,9 +142,7 @@ class BundleStallProxy:
     """A loopback TCP proxy to ``target_url``. Everything is forwarded both ways, except in
     a response whose Content-Type is application/zip (a bundle download): there only the
     headers and the first ``fraction`` of the body go through, then that connection stops
-    forwarding (what the server sends is read and held back) and ``cut`` is set. With
-    ``fraction`` 1.0 the whole body goes through and ``cut`` is set once its last byte has
-    been handed to the client."""
+    forwarding (what the server sends is read and held back) and ``cut`` is set."""
 
     def __init__(self, target_url: str, fraction: float) -> None:
         host, port = target_url.removeprefix("http://").split(":")
@@ -194,7 +196,7 @@ class BundleStallProxy:
                 seen += chunk
                 if cut is None:
                     cut = self._cut_at(seen)
-                end = len(seen) if cut is None or self.fraction >= 1 else min(len(seen), cut)
+                end = len(seen) if cut is None else min(len(seen), cut)
                 if end > sent:
                     client.sendall(seen[sent:end])
                     sent = end
@@ -236,9 +238,11 @@ def _version_zip(bundle_dir: Path, scratch: Path, version: int) -> bytes:
     return zip_bundle(republish_weights(weights, base, version, {"note": f"v{version}"}))
 
 
-def _start_runner(data_dir: Path, key: bytes, url: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(RUNNER), str(data_dir), key.hex(), url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_runner(data_dir: Path, key: bytes, url: str, pause_step: str = ""
+                  ) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(RUNNER), str(data_dir), key.hex(), url,
+                             pause_step], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if line != "ready\n":
         proc.kill()
@@ -314,54 +318,37 @@ def test_kill_9_during_bundle_download_keeps_the_old_model(server, tiny_export, 
 
 def test_kill_9_during_install_inside_sync_keeps_a_serving_model(server, tiny_export,
                                                                  tmp_path):
-    """After the bundle has fully arrived, the runner verifies, golden-checks and installs
-    it inside sync(); it is SIGKILLed a random moment after the last byte was handed over,
-    over many iterations. A kill "inside install" is one after which the install's traces
-    are on disk (a staged directory, or the new version's directory while state.json still
-    names the old one)."""
+    """Once the bundle has arrived, sync() verifies, golden-checks and installs it; the
+    runner is SIGKILLed right after each install step in turn (it pauses there until
+    killed), twice round. Each kill leaves the old version current, or the new one once
+    state.json was replaced; the install's traces are on disk where the step says; a new
+    DeviceClient sweeps them and serves exactly what state.json names."""
     key = _signing_key(server)
-    zips = {v: _version_zip(tiny_export.bundle_dir, tmp_path, v) for v in range(1, 3)}
-    _publish(server, zips[1])
+    _publish(server, _version_zip(tiny_export.bundle_dir, tmp_path, 1))
     device_dir = tmp_path / "device"
     assert _shopper(device_dir, key, server.url) == 1
-    proxy = BundleStallProxy(server.url, fraction=1.0)
-    rng = random.Random(7)
-    try:
-        # One uninterrupted sync through the proxy sets the kill window: the time from the
-        # last bundle byte to the end of sync(), with some margin (a schedule, not a check).
-        latest = _publish(server, zips[2])
-        proc = _start_runner(device_dir, key, proxy.url)
-        assert proxy.cut.wait(GUARD_S)
-        start = time.monotonic()
-        assert proc.stdout.readline().split()[:3] == ["synced", "2", "2"]
-        window = 1.5 * (time.monotonic() - start)
-        proc.communicate()
-        kills = inside = 0
-        while inside < 6 and kills < 40:
-            old = _state(device_dir)["current"]
-            if old == latest:  # the last kill came too late: offer a newer version
-                latest = _publish(server, _version_zip(tiny_export.bundle_dir, tmp_path,
-                                                       latest + 1))
-            proxy.cut.clear()
-            proc = _start_runner(device_dir, key, proxy.url)
-            assert proxy.cut.wait(GUARD_S)
-            time.sleep(rng.uniform(0.0, window))
-            printed = _kill(proc)
-            kills += 1
-            models = device_dir / "models"
-            state = _state(device_dir)
-            staged = list((models / "staging").iterdir())
-            kept = {p.name for p in (models / "versions").iterdir()}
-            assert state["current"] in (old, latest)
-            if printed:  # sync() returned before the kill: the new version is in
-                assert state["current"] == latest
-            inside += bool(staged) or (state["current"] == old and str(latest) in kept)
-            # a new DeviceClient serves exactly what state.json names; leftovers are swept
-            assert _serves(device_dir, key, server.url) == state["current"]
-        print(f"\ninstall kills: {kills}, inside install: {inside}, window {window:.3f} s")
-        assert inside >= 6, f"only {inside} of {kills} kills landed inside install"
-    finally:
-        proxy.close()
+    models = device_dir / "models"
+    latest = 1
+    for kill in range(2 * len(INSTALL_STEPS)):
+        step = INSTALL_STEPS[kill % len(INSTALL_STEPS)]
+        old = _state(device_dir)["current"]
+        if old == latest:  # the last kill came after the swap: offer a newer version
+            latest = _publish(server, _version_zip(tiny_export.bundle_dir, tmp_path,
+                                                   latest + 1))
+        proc = _start_runner(device_dir, key, server.url, step)
+        line = proc.stdout.readline()
+        assert line == f"paused {step}\n", (line, proc.communicate())
+        assert _kill(proc) == ""  # sync() never returned
+        state = _state(device_dir)
+        assert state["current"] == (latest if step == "state_swapped" else old), step
+        staged = list((models / "staging").iterdir())
+        kept = {p.name for p in (models / "versions").iterdir()}
+        # the killed install's traces: staged until the rename, then the new version's
+        # directory (beside the old one until the next open prunes)
+        assert bool(staged) == (INSTALL_STEPS.index(step) < INSTALL_STEPS.index("renamed"))
+        assert (str(latest) in kept) == (not staged), (step, kept)
+        # a new DeviceClient serves exactly what state.json names; leftovers are swept
+        assert _serves(device_dir, key, server.url) == state["current"]
     with DeviceClient(device_dir, server_key=key, server_url=server.url) as device:
         report = device.sync(train=False)
         assert report.install_error is None and report.model_version == latest

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from conftest import REPO, public_raw, resign_bundle, zip_bundle
 
 from device_sdk.bundle import MODEL, BundleError, GoldenCheckError
-from device_sdk.model_store import ModelStore, StaleVersionError
+from device_sdk.model_store import INSTALL_STEPS, ModelStore, StaleVersionError
 
 
 @pytest.fixture
@@ -107,36 +106,49 @@ def test_explicit_rollback(store, signed_bundles):
 
 
 def test_kill_during_install_leaves_a_serving_model(store, signed_bundles, server_key, tmp_path):
-    """A subprocess installs v2..v25 in turn and is SIGKILLed at random moments; after every
-    kill the store opens on a version the installer had reached and serves it."""
+    """A subprocess installs v2..v25 in turn and is SIGKILLed right after a chosen step of
+    its first or second install (every step of INSTALL_STEPS in rotation: the installer
+    pauses there until killed, so where the kill lands does not depend on the machine's
+    speed); after every kill the store opens on exactly the version that step implies and
+    serves it."""
     store.install(signed_bundles[1])
     zips = tmp_path / "zips"
     zips.mkdir()
     for v in range(2, 26):
         b = resign_bundle(signed_bundles[1], tmp_path / f"b{v}", server_key, model_version=v)
         (zips / f"v{v}.zip").write_bytes(zip_bundle(b))
-    rng = np.random.default_rng(3)
-    installed = 1
-    kills = interrupted = 0
-    while installed < 25 and kills < 60:
+    installed, kills, killed_after = 1, 0, set()
+    while installed < 25:
+        step = INSTALL_STEPS[kills % len(INSTALL_STEPS)]
+        nth = 1 + (kills // len(INSTALL_STEPS)) % 2  # kill in the 1st or the 2nd install
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "model_store_installer.py"), str(store.root),
-             public_raw(server_key).hex(), str(zips)],
-            stdout=subprocess.PIPE, text=True, cwd=REPO,
+             public_raw(server_key).hex(), str(zips), step, str(nth)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         )
-        # wait until it is inside its install loop, then kill it a random moment later
-        first = proc.stdout.readline()
-        time.sleep(float(rng.uniform(0.0, 0.08)))
+        lines = []
+        while not (lines and lines[-1].startswith("paused")):
+            line = proc.stdout.readline()
+            if not line:  # fewer than nth installs were left: it finished them all
+                break
+            lines.append(line)
         proc.send_signal(signal.SIGKILL)
-        reported = [int(line) for line in (first + proc.communicate()[0]).split()]
+        lines += proc.communicate()[0].splitlines()
+        reported = [int(line) for line in lines if not line.startswith("paused")]
+        paused = [line.split() for line in lines if line.startswith("paused")]
         kills += 1
         reopened = ModelStore(store.root, store.public_key)
         current = reopened.current_version
-        # everything reported installed is installed; at most one more finished unreported
-        assert current >= max(reported, default=installed)
-        assert current <= max(reported, default=installed) + 1
+        # every reported install is in; the paused one is in exactly when state.json was
+        # already replaced (it was killed before install() could return and report it)
+        expected = max(reported, default=installed)
+        if paused:
+            assert paused == [["paused", step, str(expected + 1)]]
+            expected += step == "state_swapped"
+            killed_after.add(step)
+        assert current == expected, (step, nth, lines)
         assert reopened.open_recommender().version == current
-        interrupted += current < 25
+        assert not any((store.root / "staging").iterdir())  # a killed install is swept
         installed = current
     assert installed == 25
-    assert interrupted >= 3  # the kills really landed before the installer finished
+    assert killed_after == set(INSTALL_STEPS)  # a kill landed after every step
