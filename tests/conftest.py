@@ -159,3 +159,26 @@ def db_settings(request) -> dict[str, str]:
 def module_db_settings(request) -> dict[str, str]:
     """``db_settings`` for a server shared by a module's tests."""
     return _db_settings(request)
+
+
+def pass_deadline(database_url: str, round_id: str, column: str = "deadline") -> None:
+    """Move a round's ``deadline`` (or ``stage_deadline``) a second into the past in the
+    server's database, as if the clock had run on: the server meets it at its next request
+    by its own clock comparison. Tests use this instead of a short deadline that their own
+    steps would have to beat, so the outcome does not depend on how fast the machine is."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import DateTime, bindparam, create_engine, text
+
+    assert column in ("deadline", "stage_deadline"), column
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            changed = connection.execute(
+                text(f"UPDATE rounds SET {column} = :past WHERE id = :round_id").bindparams(
+                    bindparam("past", type_=DateTime(timezone=True))),
+                {"past": past, "round_id": round_id}).rowcount
+    finally:
+        engine.dispose()
+    assert changed == 1, f"no round {round_id}"

@@ -4,6 +4,7 @@ matrix at every stage, refused protocol messages, central and distributed DP, an
 below its threshold. Devices run in threads because SecAgg+ stages are synchronous.
 The math in one process: test_secagg.py."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 import sqlalchemy
-from conftest import zip_bundle
+from conftest import pass_deadline, zip_bundle
 from server_process import ServerProcess
 from test_server_rounds import (
     SETTINGS,
@@ -32,8 +33,16 @@ from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import RoundTask
 from device_sdk.sync_client import SecAggSession, SecAggUpload, SyncError
 
-FAST = {"secagg_poll_s": 0.1, "secagg_stage_timeout_s": 4.0, "strategy": "fedavg",
+# Stage timeouts and deadlines are guards here, never waited for: a stage that some device
+# drops out of is ended by ``stage_closer`` as soon as every other device has answered it.
+FAST = {"secagg_poll_s": 0.1, "secagg_stage_timeout_s": 600.0, "strategy": "fedavg",
         "server_lr": 1.0, "clip_norm": 1.0}
+# DropAt's stage (the request a device does not send) -> the round's state while that stage
+# waits, the view's count of its answers, and the column holding its deadline.
+STAGE_WAIT = {"advertise": ("collecting", "advertised", "deadline"),
+              "shares": ("share_keys", "shared", "stage_deadline"),
+              "masked": ("masked_input", "masked", "stage_deadline"),
+              "unmask": ("unmasking", "unmasked", "stage_deadline")}
 
 
 class Dropped(Exception):
@@ -45,17 +54,52 @@ class DropAt(SecAggUpload):
 
     def __init__(self, stage):
         self.stage = stage
+        self.dropped = threading.Event()  # set when it has dropped out
 
     def session(self, client, task, vector):
-        stage = self.stage
+        stage, dropped = self.stage, self.dropped
 
         class DroppingSession(SecAggSession):
             def _post(self, path, **kwargs):
                 if path.endswith("/" + stage):
+                    dropped.set()
                     raise Dropped(stage)
                 super()._post(path, **kwargs)
 
         return DroppingSession(client, task, vector)
+
+
+@contextlib.contextmanager
+def stage_closer(server, round_id, stage, answers, droppers):
+    """Once every one of ``droppers`` (DropAt schemes) has dropped out of ``stage`` and the
+    other ``answers`` devices have answered it (it then still waits for the dropped ones),
+    move its deadline into the past, so the round goes on with those devices at once, as at
+    a deadline, however long they took to get there. Runs beside the block and is waited for
+    at its end (a guard of 120 s)."""
+    state, count, column = STAGE_WAIT[stage]
+    done = threading.Event()
+    closed = []
+
+    def watch():
+        while not done.is_set():
+            view = round_view(server, round_id)
+            if (view["state"] == state and all(d.dropped.is_set() for d in droppers)
+                    and (view.get("secagg") or {}).get(count, 0) >= answers):
+                pass_deadline(server.database_url, round_id, column)
+                closed.append(view["secagg"][count])
+                return
+            if view["state"] in ("published", "failed"):
+                return
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield closed
+        watcher.join(120)  # the devices answering unmask return before it closes
+    finally:
+        done.set()
+        watcher.join(60)
 
 
 def open_round(server, **config):
@@ -141,9 +185,13 @@ def test_dropout_matrix_over_http_publishes_the_survivors_mean(fleet, stage, rat
     dropping = set(rng.choice(sorted(clients), size=round(rate * len(clients)),
                               replace=False).tolist())
     schemes = {n: DropAt(stage) if n in dropping else SecAggUpload() for n in clients}
-    opened = open_round(server, target_clients=10, min_clients=5,
-                        deadline_s=8.0 if stage == "advertise" and rate else 60.0)
-    outcomes, _ = run_devices(clients, base_version, updates, schemes)
+    opened = open_round(server, target_clients=10, min_clients=5)
+    closer = (stage_closer(server, opened["round_id"], stage, 10 - len(dropping),
+                           [schemes[n] for n in dropping])
+              if dropping else contextlib.nullcontext([]))  # nobody to wait for
+    with closer as closed:
+        outcomes, _ = run_devices(clients, base_version, updates, schemes)
+    assert closed == ([10 - len(dropping)] if dropping else [])
 
     view = finished_view(server, opened["round_id"])
     assert view["state"] == "published", view["reason"]
@@ -262,9 +310,11 @@ def test_a_hundred_devices_over_http_survive_thirty_percent_dropping_before_mask
         updates = {n: random_update(shapes, rng) for n in clients}
         dropping = set(rng.choice(100, size=30, replace=False).tolist())
         schemes = {n: DropAt("masked") if n in dropping else SecAggUpload() for n in clients}
-        opened = open_round(server, target_clients=100, min_clients=60,
-                            secagg_poll_s=0.5, secagg_stage_timeout_s=20.0)
-        outcomes, _ = run_devices(clients, 1, updates, schemes)
+        opened = open_round(server, target_clients=100, min_clients=60, secagg_poll_s=0.5)
+        with stage_closer(server, opened["round_id"], "masked", 70,
+                          [schemes[n] for n in dropping]) as closed:
+            outcomes, _ = run_devices(clients, 1, updates, schemes)
+        assert closed == [70]
         view = finished_view(server, opened["round_id"], wait_s=60.0)
         assert view["state"] == "published", view["reason"]
         assert (view["secagg"]["degree"], view["secagg"]["masked"]) == (99, 70)

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from device_sdk.files import atomic_write
 from trainer.simulation.run import RoundRecord
 
 CSV_FIELDS = [f for f in RoundRecord.__dataclass_fields__ if f != "phases"] + ["phases"]
@@ -56,9 +57,11 @@ def write_report(out: str | Path, runs: Mapping[str, Sequence[RoundRecord]],
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(runs)
     table = summary(runs, central)
-    (out / "rounds.json").write_text(json.dumps(
+    # Replaced atomically: it is rewritten after every round while others may read it.
+    atomic_write(out / "rounds.json", (json.dumps(
         {"meta": dict(meta or {}), "summary": table, "central": central,
-         "runs": {k: [r.to_json() for r in v] for k, v in runs.items()}}, indent=1) + "\n")
+         "runs": {k: [r.to_json() for r in v] for k, v in runs.items()}}, indent=1)
+        + "\n").encode(), mode=0o644)
     with open(out / "rounds.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
