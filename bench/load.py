@@ -54,13 +54,13 @@ def tiny_bundle(out: Path) -> Path:
     from trainer.checkpoint import Checkpoint
     from trainer.data.dataset import DataSpec, prepare
     from trainer.export import export_bundle
-    from trainer.train import TrainConfig, train
+    from trainer.train import TrainConfig, init_module, train
 
     spec = DataSpec(synthetic_users=300, synthetic_items=120, seed=7)
     prepared = prepare(spec, max_len=12)
     arch = model_zoo.get("dual_encoder")
     config = arch.config(n_items=len(prepared.vocab), dim=16, hidden=16, max_len=12, top_k=20)
-    result = train(arch.torch_module(config), prepared.split,
+    result = train(init_module(arch, config, 0), prepared.split,
                    TrainConfig(epochs=2, batch_size=256), progress=False)
     ckpt = Checkpoint("dual_encoder", config.to_dict(), result.params, prepared.vocab,
                       {"data": spec.to_dict()})

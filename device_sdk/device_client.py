@@ -78,9 +78,14 @@ class DeviceClient:
         extra_kinds: tuple[str, ...] = (),
         num_threads: int = 1,
         http_pool: Any = None,
+        training_seed: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Local training's shuffle is drawn from sha256(training_seed/round id); a real device
+        # leaves it None (its device id stands in), a simulator passes its seed and user so
+        # that a rerun trains exactly the same.
+        self.training_seed = training_seed
         self.policy = policy or HistoryPolicy()
         self.events = EventLog(
             self.data_dir / "events.db",
@@ -221,7 +226,8 @@ class DeviceClient:
                 return report
             trainer = LocalTrainer(self.models.bundle(task.model_version), self.policy)
             seed = int.from_bytes(
-                hashlib.sha256(f"{client.identity.device_id}/{task.round_id}".encode()).digest()[:8]
+                hashlib.sha256(f"{self.training_seed or client.identity.device_id}/"
+                               f"{task.round_id}".encode()).digest()[:8]
             )
             update = trainer.train(
                 self.events.events(),

@@ -5,6 +5,7 @@ sync server subprocess over HTTP, with SecAgg+ and central DP; the report; Ctrl-
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -201,3 +203,59 @@ def test_ctrl_c_stops_cleanly_and_the_report_covers_the_rounds_completed(fleet, 
             break
         time.sleep(0.2)
     assert leftover == ""
+
+
+def _published(root: Path, version: int) -> tuple[dict[str, np.ndarray], float]:
+    """Version ``version``'s float weights as the server published them, and the SecAgg+
+    quantization error bound of the mean its round released (bound on the sum / updates)."""
+    with sqlite3.connect(root / "server" / "pocketrec.db") as db:
+        digest = db.execute("SELECT blob_sha256 FROM model_versions WHERE version = ?",
+                            (version,)).fetchone()[0]
+        measured = json.loads(db.execute("SELECT measurements FROM rounds WHERE "
+                                         "published_version = ?", (version,)).fetchone()[0])
+    data = (root / "server" / "blobs" / digest[:2] / digest).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf, \
+            np.load(io.BytesIO(zf.read("weights.npz"))) as npz:
+        weights = {k: npz[k] for k in npz.files}
+    return weights, measured["quantization_error_bound"] / measured["updates"]
+
+
+def test_one_seed_decides_the_public_slice_the_starting_model_and_the_rounds(fleet, tmp_path):
+    """The same seed twice: the same public slice, bit-identical pretrained weights and
+    starting-model metrics, the same devices training bit-identical updates; the published
+    round then differs only by SecAgg+'s stochastic rounding, which is drawn from the OS on
+    purpose (at most the round's quantization bound, twice over). Another seed: another
+    public slice."""
+    population, bundle = fleet
+    again = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=3)
+    other = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=4)
+    assert again.public_users == population.public_users
+    assert other.public_users != population.public_users
+    first, first_best = train_central(population, "pretrain", MODEL, progress=False)
+    second, second_best = train_central(again, "pretrain", MODEL, progress=False)
+    assert first.params.keys() == second.params.keys()
+    assert all(np.array_equal(first.params[k], second.params[k]) for k in first.params)
+    assert first_best == second_best
+    reseeded, _ = train_central(population, "pretrain", replace(MODEL, seed=1), progress=False)
+    assert not np.array_equal(reseeded.params["item_emb.weight"],
+                              first.params["item_emb.weight"])
+
+    # Deadlines far off (guards): every sampled device is in, however busy the machine.
+    config = SimulationConfig(rounds=1, clients_per_round=16, workers=2, seed=5,
+                              deadline_s=600.0, stage_timeout_s=600.0, label="federated")
+    runs = []
+    for n in range(2):
+        records, interrupted = simulate_one(population, bundle, tmp_path / f"run{n}", config,
+                                            progress=False)
+        assert not interrupted and [r.state for r in records[1:]] == ["published"]
+        runs.append(records)
+    start = [(r[0].hr10, r[0].ndcg10, r[0].online_hr10) for r in runs]
+    assert start[0] == start[1] and start[0][0] is not None
+    (w0, bound0), (w1, bound1) = (_published(tmp_path / f"run{n}", 2) for n in range(2))
+    with np.load(bundle / "weights.npz") as npz:
+        base = {k: npz[k] for k in npz.files}
+    moved = max(float(np.abs(w0[k] - base[k]).max()) for k in base)
+    for k in base:
+        assert np.abs(w0[k].astype(np.float64) - w1[k]).max() <= bound0 + bound1 + 1e-6, k
+    assert moved > 10 * (bound0 + bound1)  # the round really moved the model
+

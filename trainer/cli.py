@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     import model_zoo
     from trainer.checkpoint import Checkpoint
     from trainer.data.dataset import prepare
-    from trainer.train import DPConfig, TrainConfig, predicts_every_position, train
+    from trainer.train import DPConfig, TrainConfig, init_module, predicts_every_position, train
 
     spec = _data_spec(args)
     print(f"loading {spec.name} ...", flush=True)
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
         raise SystemExit("error: --noise-multiplier/--target-epsilon need --dp")
     arch = model_zoo.get(args.arch)
     config = arch.config(n_items=len(prepared.vocab), **_model_options(args, arch))
-    module = arch.torch_module(config)
+    module = init_module(arch, config, args.seed)
     if args.batch_size is None:
         args.batch_size = 128 if predicts_every_position(module) else 512
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -53,6 +53,14 @@ class TrainConfig:
             raise ValueError("DP-SGD supports the full softmax only (per-sample gradients)")
 
 
+def init_module(arch, config, seed: int) -> nn.Module:
+    """``arch``'s torch module for ``config`` with its initial weights drawn from ``seed``
+    (torch's global generator is seeded first: an unseeded init made the same command give
+    a different model on every run)."""
+    torch.manual_seed(seed)
+    return arch.torch_module(config)
+
+
 @dataclass
 class TrainResult:
     params: dict[str, np.ndarray]

@@ -95,13 +95,15 @@ class CountingPool(urllib3.PoolManager):
 
 class DeviceWorker:
     """``config``: root (directory for device directories), server_url, server_key (hex of
-    the pinned Ed25519 key), exclude_kinds (the shop's recommendation filter)."""
+    the pinned Ed25519 key), exclude_kinds (the shop's recommendation filter), seed (the
+    simulation's; each device's local training is drawn from it and its user)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.root = Path(config["root"])
         self.root.mkdir(parents=True, exist_ok=True)
         self.server_url = config["server_url"]
         self.server_key = bytes.fromhex(config["server_key"])
+        self.seed = int(config.get("seed", 0))  # the simulation's: local training draws
         self.policy = HistoryPolicy(exclude_kinds=tuple(config.get("exclude_kinds",
                                                                    ("dismiss",))))
         self.streams: dict[str, DeviceStream] = {}
@@ -136,7 +138,7 @@ class DeviceWorker:
     def _device(self, user: str) -> DeviceClient:
         return DeviceClient(self.root / device_dir_name(user), server_key=self.server_key,
                             server_url=self.server_url, policy=self.policy,
-                            http_pool=self.pool)
+                            http_pool=self.pool, training_seed=f"{self.seed}/{user}")
 
     def begin(self, users: list[str], now: int, drop: dict[str, str] | None = None,
               late: dict[str, bool] | None = None) -> list[dict[str, Any]]:

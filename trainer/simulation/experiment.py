@@ -41,12 +41,12 @@ def train_central(population: Population, which: str, model: ModelSpec,
     user's training data (``"central"``); returns (Checkpoint, best validation metrics)."""
     import model_zoo
     from trainer.checkpoint import Checkpoint
-    from trainer.train import TrainConfig, predicts_every_position, train
+    from trainer.train import TrainConfig, init_module, predicts_every_position, train
 
     split = population.pretrain if which == "pretrain" else population.central
     arch = model_zoo.get(model.arch)
     config = arch.config(n_items=len(population.vocab), **model.options)
-    module = arch.torch_module(config)
+    module = init_module(arch, config, model.seed)
     batch = model.batch_size or (128 if predicts_every_position(module) else 512)
     cfg = TrainConfig(epochs=model.epochs, batch_size=batch, lr=model.lr,
                       patience=model.patience, seed=model.seed)

@@ -228,7 +228,8 @@ class Simulation:
     def run(self, base_version: int) -> list[RoundRecord]:
         config = self.config
         worker_config = {"root": str(self.root / "devices"), "server_url": self.server.url,
-                         "server_key": self.server_key.hex(), "exclude_kinds": ["dismiss"]}
+                         "server_key": self.server_key.hex(), "exclude_kinds": ["dismiss"],
+                         "seed": self.config.seed}
         self.backend = make_backend(config.backend, config.workers, worker_config,
                                     config.ray_address)
         try:
