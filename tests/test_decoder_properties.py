@@ -415,7 +415,7 @@ def canned(tmp_path_factory):
     root = tmp_path_factory.mktemp("canned")
     client = SyncClient(server.url, DeviceIdentity.load_or_create(root / "key"),
                         server_signing_key=PINNED_PUB, outbox_dir=root / "outbox", retries=0,
-                        timeout=5.0)
+                        timeout=60.0)  # a guard: the server answers at once
     yield server, client
     server.close()
 

@@ -38,7 +38,7 @@ def make_client(server, tmp_path):
         kwargs.setdefault("server_signing_key", server.signing_public_key)
         identity = DeviceIdentity.load_or_create(tmp_path / key_name)
         return SyncClient(server.url, identity, outbox_dir=tmp_path / f"{key_name}.outbox",
-                          retries=retries, backoff_factor=0.001, timeout=5.0, **kwargs)
+                          retries=retries, backoff_factor=0.001, timeout=60.0, **kwargs)
 
     return make
 
