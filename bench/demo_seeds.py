@@ -59,7 +59,7 @@ def main() -> int:
     for seed, r in results:
         print(f"| {seed} | " + " | ".join(f"{r[c]:.4f}" if c != "epsilon" else f"{r[c]:.2f}"
                                           for c in COLUMNS) + " |")
-    distinct = {seed: r for seed, r in results}  # a repeated seed counts once
+    distinct = {seed: r for seed, r in results}  # a repeated seed counts once (its last run)
     if len(distinct) > 1:
         cells = []
         for c in COLUMNS:
