@@ -103,7 +103,7 @@ class DeviceWorker:
         self.root.mkdir(parents=True, exist_ok=True)
         self.server_url = config["server_url"]
         self.server_key = bytes.fromhex(config["server_key"])
-        self.seed = int(config.get("seed", 0))  # the simulation's: local training draws
+        self.seed = int(config.get("seed", 0))  # local training is drawn from it + the user
         self.policy = HistoryPolicy(exclude_kinds=tuple(config.get("exclude_kinds",
                                                                    ("dismiss",))))
         self.streams: dict[str, DeviceStream] = {}
