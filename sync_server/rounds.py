@@ -27,11 +27,10 @@ States (``rounds.state``)::
 - ``failed``: fewer than ``min_clients`` updates at the deadline, or the aggregation raised;
   ``reason`` says which.
 
-There is no background thread: ``advance`` runs at every check-in, upload and admin read,
-and at the upload that completes the round. Inside a request (``defer_aggregations``) the
-aggregation
-it starts runs after that request's response has been sent, in the same worker, so no
-device waits (or times out) on an export.
+No timer drives a round: ``advance`` runs at every check-in, upload and admin read, and at
+the upload that completes the round. Inside a request (``defer_aggregations``) the
+aggregation it starts runs after that request's response has been sent, in a thread of its
+own in the same worker (``app.py``), so no device waits (or times out) on an export.
 
 Publishing: the server never imports ``trainer`` (export needs torch). A *publisher* is a
 callable ``(weights, base_bundle_dir, version, provenance) -> Path`` of a new unsigned

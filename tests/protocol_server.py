@@ -2,7 +2,7 @@
 
 It speaks the documented protocol over real HTTP and checks requests with
 ``device_sdk.protocol`` (``verify_request``, ``open_update``, ``validate_update``): the same
-code the Flask sync server will use. State lives in memory.
+code the Flask sync server (``sync_server``) uses. State lives in memory.
 
     with ProtocolServer(expected_shapes={"out.weight": (8, 4)}) as server:
         server.url                   base URL, http://127.0.0.1:<port>

@@ -1,4 +1,4 @@
-"""HTTP resources, one blueprint per file; ``BLUEPRINTS`` is what the app registers."""
+"""HTTP resources, one blueprint per file; ``blueprints()`` is what the app registers."""
 
 from __future__ import annotations
 
