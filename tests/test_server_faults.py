@@ -84,10 +84,6 @@ class Harness:
         self.gate.touch()  # the restarted server's publisher is not held
         self.server = ServerProcess(self.data_dir, port=self.port, **self.settings)
 
-    def kill_and_restart(self) -> None:
-        self.kill()
-        self.restart()
-
     def query(self, sql: str, **params):
         engine = create_engine(self.database_url)
         try:
