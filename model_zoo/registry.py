@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +16,16 @@ class Architecture:
 
     ``config_cls`` is a dataclass with ``to_dict``/``from_dict``; ``numpy_cls(config, params)``
     is the device-side twin; ``torch_path`` ("module:Class") names the torch module, imported
-    only when asked for so that device code never loads torch.
+    only when asked for so that device code never loads torch. ``serving_constants(config,
+    params)`` lists every array the exported LiteRT graph may store (``model_zoo.tensor_map``),
+    so a publisher can write new weights into a base file; None means "always re-export".
     """
 
     name: str
     config_cls: type
     numpy_cls: type
     torch_path: str
+    serving_constants: Callable[[Any, Mapping[str, Any]], dict] | None = None
 
     def config(self, **overrides: Any) -> Any:
         return self.config_cls(**overrides)

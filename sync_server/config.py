@@ -11,7 +11,9 @@ Keys:
     RATE_LIMIT        requests per minute per device (token bucket, burst = the same number)
     CHECKIN_RETRY_AFTER  seconds a device is told to wait when no task is offered
     PUBLISHER         "module:function" turning a round's new float weights into a bundle
-                      directory (see ``sync_server.rounds``); imported on first use
+                      directory (see ``sync_server.rounds``); imported on first use. Default
+                      ``sync_server.publisher:patch_or_export``: new weights written into
+                      the base's LiteRT file, the full export only when that cannot be done
     AGGREGATION_LEASE_S  seconds a worker's claim on an aggregating round lasts (default
                       120); a round whose worker died (or whose server was killed) is taken
                       over by the first request after that. The holder renews it before each
@@ -40,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BUNDLE_BYTES": 256 * 2**20,
     "RATE_LIMIT": 120,
     "CHECKIN_RETRY_AFTER": 60,
-    "PUBLISHER": "trainer.publish:export_weights",
+    "PUBLISHER": "sync_server.publisher:patch_or_export",
     "AGGREGATION_LEASE_S": 120,
     "LOG_FORMAT": "json",
 }

@@ -35,8 +35,10 @@ own in the same worker (``app.py``), so no device waits (or times out) on an exp
 Publishing: the server never imports ``trainer`` (export needs torch). A *publisher* is a
 callable ``(weights, base_bundle_dir, version, provenance) -> Path`` of a new unsigned
 bundle directory; ``create_app(publisher=...)`` passes one, or the ``PUBLISHER`` setting
-names one as "module:function" (imported on first use). ``trainer.publish:export_weights``
-re-runs the real export; ``sync_server.registry:republish_weights`` replaces weights.npz
+names one as "module:function" (imported on first use). The default,
+``sync_server.publisher:patch_or_export``, writes the weights into the base's LiteRT file
+(milliseconds, no torch) and falls back to ``trainer.publish:export_weights`` (the real
+export) when it cannot; ``sync_server.registry:republish_weights`` replaces weights.npz
 only. Whatever the publisher wrote, the server sets the manifest's ``model_version``,
 ``parent_version``, ``provenance`` and ``privacy`` itself, then signs and stores it.
 """

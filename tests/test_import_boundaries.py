@@ -24,6 +24,7 @@ def test_sync_server_never_imports_trainer_or_torch():
     """The server reaches the exporter only through the PUBLISHER name, on first use."""
     code = (
         "import sys, sync_server, sync_server.rounds, sync_server.api.admin\n"
+        "import sync_server.publisher\n"
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

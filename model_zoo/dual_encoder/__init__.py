@@ -2,7 +2,7 @@
 against a separate (untied) output item table."""
 
 from model_zoo.dual_encoder.config import DualEncoderConfig
-from model_zoo.dual_encoder.numpy_twin import DualEncoderNumpy
+from model_zoo.dual_encoder.numpy_twin import DualEncoderNumpy, serving_constants
 from model_zoo.registry import Architecture, register
 
 ARCHITECTURE = register(
@@ -10,6 +10,7 @@ ARCHITECTURE = register(
         name="dual_encoder",
         config_cls=DualEncoderConfig,
         numpy_cls=DualEncoderNumpy,
+        serving_constants=serving_constants,
         torch_path="model_zoo.dual_encoder.torch_module:DualEncoder",
     )
 )

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from model_zoo.dual_encoder.config import DualEncoderConfig
-from model_zoo.softmax_head import SoftmaxHead, check_batch, loss_and_head_grads
+from model_zoo.softmax_head import PAD_LOGIT, SoftmaxHead, check_batch, loss_and_head_grads
 
 
 def recency_weights(config: DualEncoderConfig) -> np.ndarray:
@@ -69,3 +69,13 @@ class DualEncoderNumpy(SoftmaxHead):
         d_emb[0] = 0.0  # the padding row never trains (torch: padding_idx=0)
         grads["item_emb.weight"] = d_emb
         return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}
+
+
+def serving_constants(config: DualEncoderConfig, params) -> dict:
+    """Every array the exported graph stores (``model_zoo.tensor_map``): each parameter as
+    it is, and the output bias with the padding column's logit folded in."""
+    out = {name: (np.asarray(params[name], np.float32), (name,)) for name in config.param_shapes()}
+    bias = np.asarray(params["out.bias"], np.float32).copy()
+    bias[0] = bias[0] + np.float32(PAD_LOGIT)
+    out["out.bias+pad_logit"] = (bias, ("out.bias",))
+    return out

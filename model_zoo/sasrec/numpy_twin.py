@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from model_zoo.sasrec.config import SasRecConfig
-from model_zoo.softmax_head import SoftmaxHead, check_batch, loss_and_head_grads
+from model_zoo.softmax_head import PAD_LOGIT, SoftmaxHead, check_batch, loss_and_head_grads
 
 # Additive attention bias of a masked (future or padding) key.
 MASK_VALUE = -1e9
@@ -193,3 +193,25 @@ class SasRecNumpy(SoftmaxHead):
             grads["item_emb.weight"] = d_emb
             grads["pos_emb.weight"] = dx.sum(axis=0)
         return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}
+
+
+def serving_constants(config: SasRecConfig, params) -> dict:
+    """Every array the exported graph stores (``model_zoo.tensor_map``): each parameter as
+    it is, the output bias with the padding logit folded in, and, for every projection that
+    reads a LayerNorm's output (q, k, v after ln1; ff1 after ln2), the converter's fold of
+    that norm's gain and shift into it: ``W * g`` and ``b + W @ beta``. Which of the two forms
+    a file holds depends on the graph (the last block computes q for one position only, so
+    its q stays unfolded); ``tensor_map.locate`` finds out."""
+    p = {name: np.asarray(params[name], np.float32) for name in config.param_shapes()}
+    out = {name: (value, (name,)) for name, value in p.items()}
+    bias = p["out.bias"].copy()
+    bias[0] = bias[0] + np.float32(PAD_LOGIT)
+    out["out.bias+pad_logit"] = (bias, ("out.bias",))
+    for b in range(config.blocks):
+        for ln, projs in (("ln1", ("q", "k", "v")), ("ln2", ("ff1",))):
+            g, beta = f"blocks.{b}.{ln}.weight", f"blocks.{b}.{ln}.bias"
+            for proj in projs:
+                w, bb = f"blocks.{b}.{proj}.weight", f"blocks.{b}.{proj}.bias"
+                out[f"{w}*{ln}"] = (p[w] * p[g][None, :], (w, g))
+                out[f"{bb}+{ln}"] = (p[bb] + p[w] @ p[beta], (bb, w, beta))
+    return out
