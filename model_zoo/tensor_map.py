@@ -131,18 +131,42 @@ def _stored(model_bytes: bytes, slot: Slot) -> np.ndarray:
     return np.frombuffer(raw, dtype).reshape(slot.shape)
 
 
-def _holds(model_bytes: bytes, slot: Slot, value: np.ndarray) -> bool:
-    """Does ``slot`` store ``value`` (reshaped to its shape) as the export would?"""
-    if value.size != int(np.prod(slot.shape, dtype=np.int64)):
-        return False
-    value = np.asarray(value, np.float32).reshape(slot.shape)
+class _Candidates:
+    """The serving constants by element count, each float32-reshaped and int8-quantized at
+    most once per layout (a file has dozens of same-shaped tensors)."""
+
+    def __init__(self, constants: ServingConstants) -> None:
+        self.constants = constants
+        self.by_size: dict[int, list[str]] = {}
+        for label, (value, _) in constants.items():
+            self.by_size.setdefault(int(np.size(value)), []).append(label)
+        self._q: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def value(self, label: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(self.constants[label][0], np.float32).reshape(shape)
+
+    def quantized(self, label: str, slot: Slot) -> tuple[np.ndarray, np.ndarray]:
+        key = (label, slot.shape, slot.quant_dim, slot.n_scales)
+        if key not in self._q:
+            self._q[key] = quantize_int8(self.value(label, slot.shape), slot.quant_dim,
+                                         slot.n_scales)
+        return self._q[key]
+
+
+def _holds(model_bytes: bytes, slot: Slot, label: str, candidates: _Candidates) -> bool:
+    """Does ``slot`` store serving constant ``label`` as the export would?"""
     stored = _stored(model_bytes, slot)
     if slot.dtype == FLOAT32:
-        spread = float(np.abs(value).max()) if value.size else 0.0
-        return bool(np.all(np.abs(stored - value) <= FLOAT_RTOL * max(spread, 1e-12)))
-    q, scale = quantize_int8(value, slot.quant_dim, slot.n_scales)
+        value = candidates.value(label, slot.shape)
+        spread = max(float(np.abs(value).max()) if value.size else 0.0, 1e-12)
+        if abs(float(stored.flat[0]) - float(value.flat[0])) > FLOAT_RTOL * spread:
+            return False  # the cheap test first: most candidates differ at once
+        return bool(np.all(np.abs(stored - value) <= FLOAT_RTOL * spread))
+    q, scale = candidates.quantized(label, slot)
     stored_scale = np.frombuffer(model_bytes, "<f4", slot.n_scales, slot.scale_start)
-    if not np.allclose(scale, stored_scale, rtol=FLOAT_RTOL, atol=0):
+    if abs(float(scale[0]) - float(stored_scale[0])) > FLOAT_RTOL * float(scale[0]):
+        return False
+    if not np.all(np.abs(scale - stored_scale) <= FLOAT_RTOL * scale):
         return False
     diff = np.abs(q.astype(np.int16) - stored.astype(np.int16))
     return bool(diff.max(initial=0) <= 1 and np.mean(diff != 0) <= INT8_MISMATCH)
@@ -151,15 +175,16 @@ def _holds(model_bytes: bytes, slot: Slot, value: np.ndarray) -> bool:
 def locate(model_bytes: bytes, constants: ServingConstants) -> list[Slot]:
     """The slots of ``model_bytes`` that hold serving constants, found on the base weights
     (see the module docstring for what makes it refuse)."""
+    candidates = _Candidates(constants)
     slots: list[Slot] = []
     for slot in _constant_tensors(model_bytes):
-        hits = [label for label, (value, _) in constants.items()
-                if _holds(model_bytes, slot, value)]
-        distinct = {label: constants[label][0] for label in hits}
+        size = int(np.prod(slot.shape, dtype=np.int64))
+        hits = [label for label in candidates.by_size.get(size, ())
+                if _holds(model_bytes, slot, label, candidates)]
         if len(hits) > 1:
-            first = np.asarray(distinct[hits[0]], np.float32).ravel()
-            if any(not np.array_equal(first, np.asarray(v, np.float32).ravel())
-                   for v in distinct.values()) or len({constants[h][1] for h in hits}) > 1:
+            first = candidates.value(hits[0], slot.shape)
+            if any(not np.array_equal(first, candidates.value(h, slot.shape)) for h in hits) \
+                    or len({constants[h][1] for h in hits}) > 1:
                 raise Unpatchable(f"tensor {slot.tensor} {slot.shape} matches several serving "
                                   f"constants {sorted(hits)}; cannot tell which it holds")
         if hits:

@@ -32,12 +32,15 @@ READY_MESSAGE = "sync server ready"
 
 
 class ServerProcess:
-    def __init__(self, data_dir: str | Path, *, port: int = 0, **settings: Any) -> None:
+    def __init__(self, data_dir: str | Path, *, port: int = 0,
+                 python: str | Path = sys.executable, **settings: Any) -> None:
+        """``python``: the interpreter to run the server with (default this one; a test runs
+        it from a venv with the ``server`` extra only)."""
         self.data_dir = Path(data_dir)
         self.settings = {k: str(v) for k, v in settings.items()}
         env = self._prepare()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sync_server", "--host", "127.0.0.1", "--port", str(int(port)),
+            [str(python), "-m", "sync_server", "--host", "127.0.0.1", "--port", str(int(port)),
              "--data-dir", str(self.data_dir)],
             cwd=self.data_dir.parent, env=env, stdout=subprocess.PIPE, stderr=self._log,
             text=True,
