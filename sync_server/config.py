@@ -17,6 +17,9 @@ Keys:
                       over by the first request after that. The holder renews it before each
                       long step, so it must outlast the longest one (the publisher's export)
     LOG_FORMAT        "json" (default: one JSON object per line on stderr) or "text"
+    DETERMINISTIC_SEED  simulations and tests only: when set, selection coins and DP noise
+                      are derived from it (reproducible, so predictable by whoever knows
+                      it: no privacy against them); unset (the default) = the OS CSPRNG
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISHER": "trainer.publish:export_weights",
     "AGGREGATION_LEASE_S": 120,
     "LOG_FORMAT": "json",
+    "DETERMINISTIC_SEED": None,
 }
 _INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
              "AGGREGATION_LEASE_S"}
@@ -89,8 +93,10 @@ def load_config(
             raise ConfigError(f"{key} must be an integer, got {config[key]!r}") from None
         if config[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {config[key]}")
-    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL"):
+    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL", "DETERMINISTIC_SEED"):
         config[key] = config[key] or None  # an empty variable means unset
+    if config["DETERMINISTIC_SEED"] is not None:
+        config["DETERMINISTIC_SEED"] = str(config["DETERMINISTIC_SEED"])
     config["LOG_FORMAT"] = str(config["LOG_FORMAT"] or "json").lower()
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {config['LOG_FORMAT']!r}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -133,6 +134,20 @@ class Selection(Base):
     round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
     selected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SelectionCoin(Base):
+    """The coin flipped for a device that checked in for a round (``sync_server.selection``):
+    one row per device per round, so checking in again never flips another. ``selected``
+    is the outcome; ``model_version`` the base version the device reported holding."""
+
+    __tablename__ = "selection_coins"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    selected: Mapped[bool] = mapped_column(Boolean)
+    model_version: Mapped[int] = mapped_column(Integer)
+    flipped_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Update(Base):
