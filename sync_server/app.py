@@ -61,7 +61,7 @@ def create_app(
         db=db, blobs=app.extensions["pocketrec_blobs"], keys=app.extensions["pocketrec_keys"],
         scratch_dir=data_dir / "tmp", publisher=publisher or settings["PUBLISHER"],
         lease_s=settings["AGGREGATION_LEASE_S"], metrics=metrics,
-        seed=settings["DETERMINISTIC_SEED"],
+        seed=settings["DETERMINISTIC_SEED"], accountant=settings["DP_ACCOUNTANT"],
     )
     if settings["DETERMINISTIC_SEED"] is not None:
         logging.getLogger(__name__).warning(

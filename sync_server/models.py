@@ -182,6 +182,12 @@ class PrivacyLedger(Base):
     # "central": the server noised the sum; "distributed": devices added discrete Gaussian
     # noise inside secure aggregation (noise_multiplier is then the effective one).
     mode: Mapped[str] = mapped_column(String(16), default="central", server_default="central")
+    # What the accountant composed for this round ("poisson_sampled_gaussian", or "gaussian"
+    # when q = 1) and which accountant computed ``epsilon`` ("pld" | "rdp"; rows written
+    # before revision 0007 were opacus' RDP).
+    mechanism: Mapped[str] = mapped_column(String(32), default="poisson_sampled_gaussian",
+                                           server_default="poisson_sampled_gaussian")
+    accountant: Mapped[str] = mapped_column(String(16), default="pld", server_default="rdp")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

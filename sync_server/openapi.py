@@ -86,6 +86,8 @@ _DASHBOARD_ROUND = {
         "secagg": {"type": ["object", "null"], "description": "SecAgg+ rounds: answers per "
                    "stage {advertised, shared, masked, unmasked}"},
         "epsilon": {"type": ["number", "null"]},
+        "delta": {"type": ["number", "null"], "description": "of epsilon (DP rounds)"},
+        "sampling_rate": {"type": ["number", "null"], "description": "q of the round"},
         "epsilon_budget": {"type": ["number", "null"]},
         "created_at": {"type": "string", "format": "date-time"},
         "deadline": {"type": "number", "description": "Unix seconds"},
@@ -115,6 +117,10 @@ _DASHBOARD = {
         "privacy": {"type": "object", "properties": {
             "epsilon": {"type": "number", "description": "cumulative, from the ledger"},
             "delta": {"type": ["number", "null"]},
+            "accountant": {"type": ["string", "null"], "description": "pld | rdp: what "
+                           "computed epsilon (dp_accounting)"},
+            "mechanism": {"type": ["string", "null"], "description": "what the newest "
+                          "ledger row composed, e.g. poisson_sampled_gaussian"},
             "budget": {"type": ["number", "null"],
                        "description": "the newest round's epsilon_budget"},
             "budget_left": {"type": ["number", "null"]}}},

@@ -92,7 +92,7 @@ from sync_server.models import (
     as_utc,
     utcnow,
 )
-from sync_server.privacy import BudgetExceeded, LedgerEntry
+from sync_server.privacy import DEFAULT_ACCOUNTANT, DESCRIPTIONS, BudgetExceeded, LedgerEntry
 from sync_server.privacy import PrivacyLedger as Ledger
 from sync_server.registry import (
     extract_version,
@@ -271,12 +271,13 @@ class RoundService:
 
     def __init__(self, *, db: Database, blobs: BlobStore, keys: ServerKeys, scratch_dir: Path,
                  publisher: Publisher | str, lease_s: int, metrics: Any = None,
-                 seed: str | None = None) -> None:
+                 seed: str | None = None, accountant: str = DEFAULT_ACCOUNTANT) -> None:
         self.db, self.blobs, self.keys = db, blobs, keys
         self.scratch_dir = Path(scratch_dir)
         self._publisher = publisher
         self.lease_s = lease_s
         self.seed = seed  # DETERMINISTIC_SEED: reproducible coins and noise (not private)
+        self.accountant = accountant  # DP_ACCOUNTANT: "pld" | "rdp" (sync_server.privacy)
         self.metrics = metrics
         self.secagg = secure_aggregation.SecAggStages(db, blobs)
         self._local = threading.local()  # the current request's deferred aggregations
@@ -336,7 +337,8 @@ class RoundService:
         config["selection"] = "seeded" if self.seed is not None else "csprng"
         round_id = f"round-{n_rounds + 1}"
         if config["noise_multiplier"] is not None:
-            ledger = Ledger(config["delta"], config["epsilon_budget"], entries)
+            ledger = Ledger(config["delta"], config["epsilon_budget"], entries,
+                            accountant=self.accountant)
             z = float(config["noise_multiplier"])
             if config["dp_mode"] == "distributed":  # the least noise that can reach the sum
                 z = secure_aggregation.effective_noise_multiplier(config,
@@ -815,11 +817,12 @@ class RoundService:
                                             u.num_examples) for u in updates])
                 clients, examples = len(updates), sum(u.num_examples for u in updates)
             aggregate_s = time.perf_counter() - started
-            epsilon = None
+            epsilon, computed_by = None, None
             if dp:
                 entry = entry or LedgerEntry(row.id, float(config["noise_multiplier"]),
                                              float(row.sampling_rate))
-                epsilon = Ledger(config["delta"], None, entries).record(entry)
+                ledger = Ledger(config["delta"], None, entries, accountant=self.accountant)
+                epsilon, computed_by = ledger.record(entry), ledger.computed_by
             with self.db.session() as session:
                 version = (highest_version(session) or 0) + 1
             base_provenance = base.manifest.get("provenance") or {}
@@ -843,7 +846,10 @@ class RoundService:
                 privacy={"epsilon": epsilon, "delta": config["delta"] if dp else None,
                          "unit": "device" if dp else None,
                          "mode": entry.mode if dp else None,
-                         "accountant": "rdp (opacus), user-level, all rounds" if dp else None},
+                         "mechanism": entry.mechanism if dp else None,
+                         "sampling_rate": entry.sampling_rate if dp else None,
+                         "selection": config.get("selection") if dp else None,
+                         "accountant": DESCRIPTIONS[computed_by] if dp else None},
             )
             (new_dir / MANIFEST).write_bytes(encode_manifest(manifest))
             version_row = sign_and_store(new_dir, blobs=self.blobs, keys=self.keys)
@@ -870,7 +876,8 @@ class RoundService:
                 session.add(PrivacyLedger(
                     round_id=row.id, noise_multiplier=entry.noise_multiplier,
                     sampling_rate=entry.sampling_rate, steps=1, epsilon=epsilon,
-                    delta=float(config["delta"]), mode=entry.mode))
+                    delta=float(config["delta"]), mode=entry.mode,
+                    mechanism=entry.mechanism, accountant=computed_by))
         if self.metrics is not None:
             self.metrics.aggregation_seconds.observe(seconds)
         log.info("round %s published version %d (%d updates, epsilon %s, %.2f s)", row.id,

@@ -9,19 +9,23 @@ import json
 import tempfile
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 import urllib3
 from conftest import zip_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dp_accounting import pld
 from scipy.stats import binom
 from server_process import ServerProcess
+from sqlalchemy import create_engine, text
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SyncClient
+from sync_server.privacy import PLD_DISCRETIZATION
 
 ADMIN = "admin-secret"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
@@ -150,3 +154,31 @@ def test_registering_many_devices_leaves_projected_and_final_epsilon_unchanged(
     assert view["state"] == "published", view["reason"]
     assert view["received"] == len(uploads)
     assert view["epsilon"] == pytest.approx(projected, rel=1e-12)
+
+    # The ledger row says what was composed and by which accountant; its epsilon is
+    # dp_accounting's own for that step; the manifest and /metrics say the same.
+    engine = create_engine(server.database_url)
+    try:
+        with engine.connect() as db:
+            row = db.execute(text("SELECT noise_multiplier, sampling_rate, epsilon, delta, "
+                                  "mechanism, accountant FROM privacy_ledger")).one()
+            manifest = json.loads(db.execute(text(
+                "SELECT manifest FROM model_versions WHERE version = :v"),
+                {"v": view["published_version"]}).scalar_one())
+    finally:
+        engine.dispose()
+    assert (row.noise_multiplier, row.sampling_rate, row.delta) == (1.0, 0.5, 1e-5)
+    assert (row.mechanism, row.accountant) == ("poisson_sampled_gaussian", "pld")
+    reference = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    reference.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(
+        1.0)))
+    assert row.epsilon == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    privacy = manifest["privacy"]
+    assert (privacy["epsilon"], privacy["delta"], privacy["mechanism"],
+            privacy["sampling_rate"], privacy["selection"]) == (
+        pytest.approx(row.epsilon), 1e-5, "poisson_sampled_gaussian", 0.5, "csprng")
+    assert privacy["accountant"].startswith("pld")
+    metrics = server.request("GET", "/metrics").data.decode()
+    assert "pocketrec_epsilon_delta 1e-05" in metrics
+    assert ('pocketrec_epsilon_accountant{accountant="pld",mechanism='
+            '"poisson_sampled_gaussian"} 1.0') in metrics
