@@ -61,7 +61,12 @@ def create_app(
         db=db, blobs=app.extensions["pocketrec_blobs"], keys=app.extensions["pocketrec_keys"],
         scratch_dir=data_dir / "tmp", publisher=publisher or settings["PUBLISHER"],
         lease_s=settings["AGGREGATION_LEASE_S"], metrics=metrics,
+        seed=settings["DETERMINISTIC_SEED"], accountant=settings["DP_ACCOUNTANT"],
     )
+    if settings["DETERMINISTIC_SEED"] is not None:
+        logging.getLogger(__name__).warning(
+            "DETERMINISTIC_SEED is set: selection coins and DP noise are reproducible from "
+            "it, so they protect nobody from whoever knows it; for simulations and tests only")
     app.extensions["pocketrec_dashboard"] = Dashboard(db, app.extensions["pocketrec_rounds"])
 
     _defer_aggregations(app)

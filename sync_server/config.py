@@ -19,6 +19,12 @@ Keys:
                       over by the first request after that. The holder renews it before each
                       long step, so it must outlast the longest one (the publisher's export)
     LOG_FORMAT        "json" (default: one JSON object per line on stderr) or "text"
+    DP_ACCOUNTANT     "pld" (default: privacy loss distributions, tight) or "rdp" (Renyi DP),
+                      both from Google's dp_accounting; the ledger's epsilon, every row
+                      records which one computed it
+    DETERMINISTIC_SEED  simulations and tests only: when set, selection coins and DP noise
+                      are derived from it (reproducible, so predictable by whoever knows
+                      it: no privacy against them); unset (the default) = the OS CSPRNG
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISHER": "sync_server.publisher:patch_or_export",
     "AGGREGATION_LEASE_S": 120,
     "LOG_FORMAT": "json",
+    "DETERMINISTIC_SEED": None,
+    "DP_ACCOUNTANT": "pld",
 }
 _INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
              "AGGREGATION_LEASE_S"}
@@ -91,8 +99,14 @@ def load_config(
             raise ConfigError(f"{key} must be an integer, got {config[key]!r}") from None
         if config[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {config[key]}")
-    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL"):
+    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL", "DETERMINISTIC_SEED"):
         config[key] = config[key] or None  # an empty variable means unset
+    if config["DETERMINISTIC_SEED"] is not None:
+        config["DETERMINISTIC_SEED"] = str(config["DETERMINISTIC_SEED"])
+    config["DP_ACCOUNTANT"] = str(config["DP_ACCOUNTANT"] or "pld").lower()
+    if config["DP_ACCOUNTANT"] not in ("pld", "rdp"):
+        raise ConfigError(f"DP_ACCOUNTANT must be 'pld' or 'rdp', got "
+                          f"{config['DP_ACCOUNTANT']!r}")
     config["LOG_FORMAT"] = str(config["LOG_FORMAT"] or "json").lower()
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {config['LOG_FORMAT']!r}")

@@ -58,6 +58,8 @@ def _round_row(view: dict[str, Any]) -> dict[str, Any]:
         "received": view["received"],
         "secagg": counts,
         "epsilon": view["epsilon"],
+        "delta": view["delta"] if config.get("noise_multiplier") is not None else None,
+        "sampling_rate": view["sampling_rate"],
         "epsilon_budget": config.get("epsilon_budget"),
         "created_at": view["created_at"],
         "deadline": view["deadline"],
@@ -93,7 +95,8 @@ class Dashboard:
         rounds = self._recent_rounds()
         models = self._models()
         with self.db.session() as session:
-            spent = session.execute(select(PrivacyLedger.epsilon, PrivacyLedger.delta)
+            spent = session.execute(select(PrivacyLedger.epsilon, PrivacyLedger.delta,
+                                           PrivacyLedger.accountant, PrivacyLedger.mechanism)
                                     .order_by(PrivacyLedger.id.desc()).limit(1)).first()
         epsilon = spent.epsilon if spent is not None else 0.0
         budget = rounds[0]["epsilon_budget"] if rounds else None
@@ -103,6 +106,8 @@ class Dashboard:
             "privacy": {
                 "epsilon": epsilon,
                 "delta": spent.delta if spent is not None else None,
+                "accountant": spent.accountant if spent is not None else None,
+                "mechanism": spent.mechanism if spent is not None else None,
                 "budget": budget,
                 "budget_left": None if budget is None else budget - epsilon,
             },

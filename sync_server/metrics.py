@@ -34,8 +34,8 @@ class _RoundCollector(Collector):
                 Round.state.in_(("open", "collecting", "aggregating")))).first()
             updates, size = session.execute(
                 select(func.count(Update.id), func.coalesce(func.sum(Update.size), 0))).one()
-            epsilon = session.scalars(select(PrivacyLedger.epsilon)
-                                      .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+            spent = session.scalars(select(PrivacyLedger)
+                                    .order_by(PrivacyLedger.id.desc()).limit(1)).first()
             last = session.scalars(select(Round.measurements)
                                    .where(Round.state == "published")
                                    .order_by(Round.finished_at.desc()).limit(1)).first()
@@ -58,7 +58,17 @@ class _RoundCollector(Collector):
         yield CounterMetricFamily("pocketrec_update_bytes", "sealed bytes of accepted updates",
                                   value=size)
         yield GaugeMetricFamily("pocketrec_epsilon_spent", "cumulative user-level epsilon of "
-                                "all published DP rounds", value=epsilon or 0.0)
+                                "all published DP rounds, at pocketrec_epsilon_delta",
+                                value=spent.epsilon if spent else 0.0)
+        yield GaugeMetricFamily("pocketrec_epsilon_delta", "the delta of "
+                                "pocketrec_epsilon_spent (0: no DP round yet)",
+                                value=spent.delta if spent else 0.0)
+        accountant = GaugeMetricFamily(
+            "pocketrec_epsilon_accountant", "1 for the accountant and mechanism of the newest "
+            "ledger row", labels=["accountant", "mechanism"])
+        if spent is not None:
+            accountant.add_metric([spent.accountant, spent.mechanism], 1)
+        yield accountant
         yield GaugeMetricFamily(
             "pocketrec_last_aggregation_seconds", "load + aggregate + publish time of the "
             "last published round", value=(last or {}).get("total_seconds", 0.0))

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -135,6 +136,20 @@ class Selection(Base):
     selected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class SelectionCoin(Base):
+    """The coin flipped for a device that checked in for a round (``sync_server.selection``):
+    one row per device per round, so checking in again never flips another. ``selected``
+    is the outcome; ``model_version`` the base version the device reported holding."""
+
+    __tablename__ = "selection_coins"
+
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    selected: Mapped[bool] = mapped_column(Boolean)
+    model_version: Mapped[int] = mapped_column(Integer)
+    flipped_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Update(Base):
     """An accepted, validated update: its plaintext PRT1 frame is a blob (see
     ``sync_server.rounds.accept_update`` for why plaintext), one per device per round."""
@@ -167,6 +182,12 @@ class PrivacyLedger(Base):
     # "central": the server noised the sum; "distributed": devices added discrete Gaussian
     # noise inside secure aggregation (noise_multiplier is then the effective one).
     mode: Mapped[str] = mapped_column(String(16), default="central", server_default="central")
+    # What the accountant composed for this round ("poisson_sampled_gaussian", or "gaussian"
+    # when q = 1) and which accountant computed ``epsilon`` ("pld" | "rdp"; rows written
+    # before revision 0007 were opacus' RDP).
+    mechanism: Mapped[str] = mapped_column(String(32), default="poisson_sampled_gaussian",
+                                           server_default="poisson_sampled_gaussian")
+    accountant: Mapped[str] = mapped_column(String(16), default="pld", server_default="rdp")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

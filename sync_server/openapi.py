@@ -86,6 +86,8 @@ _DASHBOARD_ROUND = {
         "secagg": {"type": ["object", "null"], "description": "SecAgg+ rounds: answers per "
                    "stage {advertised, shared, masked, unmasked}"},
         "epsilon": {"type": ["number", "null"]},
+        "delta": {"type": ["number", "null"], "description": "of epsilon (DP rounds)"},
+        "sampling_rate": {"type": ["number", "null"], "description": "q of the round"},
         "epsilon_budget": {"type": ["number", "null"]},
         "created_at": {"type": "string", "format": "date-time"},
         "deadline": {"type": "number", "description": "Unix seconds"},
@@ -115,6 +117,10 @@ _DASHBOARD = {
         "privacy": {"type": "object", "properties": {
             "epsilon": {"type": "number", "description": "cumulative, from the ledger"},
             "delta": {"type": ["number", "null"]},
+            "accountant": {"type": ["string", "null"], "description": "pld | rdp: what "
+                           "computed epsilon (dp_accounting)"},
+            "mechanism": {"type": ["string", "null"], "description": "what the newest "
+                          "ledger row composed, e.g. poisson_sampled_gaussian"},
             "budget": {"type": ["number", "null"],
                        "description": "the newest round's epsilon_budget"},
             "budget_left": {"type": ["number", "null"]}}},
@@ -140,9 +146,12 @@ _ROUND = {
         "deadline": {"type": "number", "description": "Unix seconds"},
         "target_clients": {"type": "integer"},
         "min_clients": {"type": "integer"},
-        "selected": {"type": "integer"},
+        "checked_in": {"type": "integer", "description": "devices that got a selection "
+                       "coin (checked in holding the base version)"},
+        "selected": {"type": "integer", "description": "devices whose coin selected them"},
         "received": {"type": "integer"},
-        "sampling_rate": {"type": ["number", "null"]},
+        "sampling_rate": {"type": ["number", "null"], "description": "q: each device that "
+                          "checks in is selected with this probability (one stored coin)"},
         "epsilon": {"type": ["number", "null"],
                     "description": "cumulative epsilon after this round (once published)"},
         "delta": {"type": "number"},
@@ -158,8 +167,11 @@ _ROUND_CONFIG = {
     "type": "object",
     "description": "every key optional: strategy (fedavg|fedavgm|fedadam), server_lr, "
     "momentum, beta1, beta2, tau, target_clients, min_clients, deadline_s, clip_norm, "
-    "noise_multiplier (null: no DP), delta, epsilon_budget, population (sampling-rate "
-    "denominator; default: registered devices), model_version (default: current), "
+    "noise_multiplier (null: no DP), delta, epsilon_budget, sampling_rate (q: each device "
+    "checking in is selected with probability q), population (the eligible population the "
+    "operator vouches for: q = target_clients / population when sampling_rate is unset; "
+    "neither: q = 1, first come up to target_clients), max_clients (largest cohort the "
+    "SecAgg+ ring holds; larger: the round fails), model_version (default: current), "
     "local_epochs, learning_rate, batch_size, proximal_mu, max_examples, trainable, "
     "upload_scheme (secagg+-v1 default | sealed-x25519-v1), dp_mode (central | distributed), "
     "secagg_degree, secagg_threshold (null: the safe defaults), secagg_stage_timeout_s, "
@@ -244,7 +256,9 @@ def openapi_document() -> dict[str, Any]:
                 "security": _SIGNED,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["num_examples"],
-                    "properties": {"model_version": {"type": ["integer", "null"]},
+                    "properties": {"model_version": {
+                        "type": ["integer", "null"], "description": "the version the device "
+                        "holds: only a device holding the round's base version gets a coin"},
                                    "num_examples": {"type": "integer", "minimum": 0}},
                 }}}},
                 "responses": {

@@ -1,19 +1,35 @@
-"""User-level privacy accounting for federated rounds, on opacus' RDP accountant.
+"""User-level privacy accounting for federated rounds, on Google's ``dp_accounting``.
 
 The privacy unit is a device (one user): each device's whole round contribution is clipped
-to C, the server adds Gaussian noise with std = z x C to the sum, and devices are sampled
-with rate q = clients per round / population. One round is then one step of the sampled
-Gaussian mechanism with (z, q), exactly what opacus accounts for DP-SGD. Rounds with
-different (z, q) compose; the ledger keeps one entry per round so epsilon can be recomputed
-after a restart, and a budget refuses rounds that would overspend it.
+to C, Gaussian noise with std = z x C lands on the sum, and each device that checks in is
+selected by its own coin of probability q (``sync_server.selection``). One round is then
+one step of the Poisson-subsampled Gaussian mechanism with (z, q); with q = 1, of the plain
+Gaussian mechanism. Rounds with different (z, q) compose; the ledger keeps one entry per
+round so epsilon can be recomputed after a restart, and a budget refuses rounds that
+would overspend it.
 
-(Uniform sampling of a fixed number of clients is accounted as Poisson sampling at the same
-rate, the usual approximation in federated DP; the docs say so.)"""
+Accountants (a registry, ``ACCOUNTANTS``): ``pld`` (privacy loss distributions: tight,
+the default) and ``rdp`` (Rényi DP: looser, a cross-check; it equals opacus' RDP). Both
+are pure Python: this module never imports torch or opacus, and imports ``dp_accounting``
+on first use only. Distributed DP (each device adds discrete Gaussian noise inside secure
+aggregation) is accounted as the Gaussian of the summed variance with its effective z."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_ACCOUNTANT = "pld"
+# PLD discretization of the privacy loss. dp_accounting's discretization is pessimistic,
+# so the epsilon stays an upper bound; 1e-3 instead of its default 1e-4 is ~10x faster and
+# moved the demo's 24-round epsilon (4.7317) in the sixth digit.
+PLD_DISCRETIZATION = 1e-3
+# PLD's grid grows with the privacy loss it has to cover: at z = 0.001 one step asked for
+# 7.6 GiB. Beyond this RDP epsilon (itself a valid upper bound) the ledger reports RDP's
+# figure and says so (``computed_by``) rather than building that grid.
+PLD_MAX_EPSILON = 500.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,21 @@ class LedgerEntry:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
 
+    @property
+    def mechanism(self) -> str:
+        """What the accountant composes for this entry."""
+        return "gaussian" if self.sampling_rate >= 1 else "poisson_sampled_gaussian"
+
+    def dp_event(self) -> Any:
+        """The entry as a ``dp_accounting`` event (its ``steps`` self-composed)."""
+        import dp_accounting
+
+        event = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        if self.sampling_rate < 1:
+            event = dp_accounting.PoissonSampledDpEvent(self.sampling_rate, event)
+        return event if self.steps == 1 else dp_accounting.SelfComposedDpEvent(event,
+                                                                                self.steps)
+
 
 class BudgetExceeded(RuntimeError):
     """Running the round would push epsilon past the configured budget."""
@@ -41,27 +72,70 @@ class BudgetExceeded(RuntimeError):
     code = "privacy_budget_exhausted"
 
 
+def _pld() -> Any:
+    from dp_accounting import pld
+
+    return pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+
+
+def _rdp() -> Any:
+    from dp_accounting import rdp
+
+    return rdp.RdpAccountant()
+
+
+ACCOUNTANTS: dict[str, Callable[[], Any]] = {"pld": _pld, "rdp": _rdp}
+DESCRIPTIONS = {
+    "pld": "pld (dp_accounting privacy loss distributions), user-level, all rounds",
+    "rdp": "rdp (dp_accounting Renyi DP), user-level, all rounds",
+}
+
+
+def dp_event(entries: Iterable[LedgerEntry]) -> Any:
+    """All entries as one composed ``dp_accounting`` event; entries of equal (z, q, steps)
+    are grouped into one self-composition (far faster for PLD, and the same result)."""
+    import dp_accounting
+
+    groups = Counter((e.noise_multiplier, e.sampling_rate, e.steps) for e in entries)
+    events = [LedgerEntry("", z, q, steps * count).dp_event()
+              for (z, q, steps), count in sorted(groups.items())]
+    return dp_accounting.ComposedDpEvent(events)
+
+
 class PrivacyLedger:
-    """Cumulative (epsilon, delta) over ledger entries, via opacus' RDPAccountant."""
+    """Cumulative (epsilon, delta) over ledger entries, via the named accountant."""
 
     def __init__(
-        self, delta: float, budget: float | None = None, entries: Iterable[LedgerEntry] = ()
+        self, delta: float, budget: float | None = None, entries: Iterable[LedgerEntry] = (),
+        accountant: str = DEFAULT_ACCOUNTANT,
     ) -> None:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, "
+                             f"got {accountant!r}")
         self.delta = delta
         self.budget = budget
+        self.accountant = accountant
+        self.computed_by = accountant  # which accountant gave the last epsilon
         self.entries: list[LedgerEntry] = list(entries)
 
     def epsilon(self, extra: Iterable[LedgerEntry] = ()) -> float:
         """Epsilon at ``delta`` after every entry (plus ``extra``, hypothetically)."""
-        from opacus.accountants import RDPAccountant
-
         entries = [*self.entries, *extra]
+        self.computed_by = self.accountant
         if not entries:
             return 0.0
-        accountant = RDPAccountant()
-        accountant.history = [(e.noise_multiplier, e.sampling_rate, e.steps) for e in entries]
+        event = dp_event(entries)
+        if self.accountant == "pld":
+            bound = ACCOUNTANTS["rdp"]()
+            bound.compose(event)
+            loose = float(bound.get_epsilon(self.delta))
+            if not loose <= PLD_MAX_EPSILON:  # NaN / inf included
+                self.computed_by = "rdp"
+                return loose
+        accountant = ACCOUNTANTS[self.accountant]()
+        accountant.compose(event)
         return float(accountant.get_epsilon(self.delta))
 
     def check(self, entry: LedgerEntry) -> float:

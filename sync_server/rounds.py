@@ -7,9 +7,11 @@ States (``rounds.state``)::
 
 - ``open``: the row exists (config checked, budget checked); it becomes ``collecting`` in the
   next transaction (a crash in between is repaired by ``advance``).
-- ``collecting``: devices checking in with the round's base version are selected while
-  ``selected_count < target_clients`` (uniform: every check-in is taken while slots remain);
-  selected devices upload once, before the deadline.
+- ``collecting``: each device checking in with the round's base version gets one stored
+  coin of probability q (``sync_server.selection``: Poisson sampling; q = 1 takes every
+  device, first come, up to target_clients); selected devices upload once, before the
+  deadline. With q < 1 collecting ends at the deadline (or the operator's close-stage) and
+  never early, so no device's selection depends on the others'.
 - ``aggregating``: claimed by one worker through a conditional UPDATE (state + a random claim
   token + a lease), so two workers never both aggregate; the worker that publishes must still
   hold the claim. A claim whose lease (``AGGREGATION_LEASE_S``, default 120 s) ran out is
@@ -76,23 +78,23 @@ from device_sdk.protocol import (
     open_update,
     validate_update,
 )
-from sync_server import secure_aggregation, strategies
+from sync_server import secure_aggregation, selection, strategies
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
 from sync_server.keys import ServerKeys
 from sync_server.models import (
-    Device,
     ModelVersion,
     PrivacyLedger,
     Round,
     SecAggMember,
     Selection,
+    SelectionCoin,
     Update,
     as_utc,
     utcnow,
 )
-from sync_server.privacy import BudgetExceeded, LedgerEntry
+from sync_server.privacy import DEFAULT_ACCOUNTANT, DESCRIPTIONS, BudgetExceeded, LedgerEntry
 from sync_server.privacy import PrivacyLedger as Ledger
 from sync_server.registry import (
     extract_version,
@@ -116,6 +118,7 @@ TASK_DEFAULTS: dict[str, Any] = {
 ROUND_DEFAULTS: dict[str, Any] = {
     "strategy": "fedavg", "target_clients": 10, "min_clients": None, "deadline_s": 3600.0,
     "noise_multiplier": None, "delta": 1e-5, "epsilon_budget": None, "population": None,
+    "sampling_rate": None, "max_clients": None,
     "model_version": None, "upload_scheme": secagg.SCHEME, "dp_mode": "central",
     "secagg_degree": None, "secagg_threshold": None, "secagg_stage_timeout_s": 60.0,
     "secagg_poll_s": 1.0, **TASK_DEFAULTS,
@@ -156,6 +159,19 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
         if type(value) in (int, float) and not abs(value) <= MAX_NUMBER:  # NaN included
             raise _bad(f"{key} must be a finite number at most {MAX_NUMBER}, got {value!r}")
     _number(config, "target_clients", 1, integer=True, inclusive=True)
+    _number(config, "population", 1, allow_none=True, integer=True, inclusive=True)
+    _number(config, "max_clients", 1, allow_none=True, integer=True, inclusive=True)
+    if config["sampling_rate"] is not None and config["population"] is not None and (
+        "target_clients" not in obj
+    ):
+        raise _bad("with sampling_rate and population, set target_clients too (the expected "
+                   "cohort, q x population): it is the mean's denominator")
+    selection.resolve(config)
+    if config["min_clients"] is None and not selection.capped(config):
+        # A Poisson cohort is random: waiting for all of target_clients would fail half the
+        # rounds. Half the expected cohort falls short with small probability.
+        floor = 3 if config["upload_scheme"] == secagg.SCHEME else 1
+        config["min_clients"] = max(floor, math.ceil(config["target_clients"] / 2))
     if config["min_clients"] is None:  # SecAgg+ rounds survive the dropout they are built for
         config["min_clients"] = config["target_clients"] if (
             config["upload_scheme"] != secagg.SCHEME or config["target_clients"] < 3
@@ -166,7 +182,6 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
     _number(config, "deadline_s", 0)
     _number(config, "noise_multiplier", 0, allow_none=True)
     _number(config, "epsilon_budget", 0, allow_none=True)
-    _number(config, "population", 1, allow_none=True, integer=True, inclusive=True)
     _number(config, "model_version", 0, allow_none=True, integer=True, inclusive=True)
     if type(config["delta"]) not in (int, float) or not 0 < config["delta"] < 1:
         raise _bad(f"delta must be in (0, 1), got {config['delta']!r}")
@@ -257,11 +272,14 @@ class RoundService:
     """Rounds on one app's database, blob store and keys (``app.extensions``)."""
 
     def __init__(self, *, db: Database, blobs: BlobStore, keys: ServerKeys, scratch_dir: Path,
-                 publisher: Publisher | str, lease_s: int, metrics: Any = None) -> None:
+                 publisher: Publisher | str, lease_s: int, metrics: Any = None,
+                 seed: str | None = None, accountant: str = DEFAULT_ACCOUNTANT) -> None:
         self.db, self.blobs, self.keys = db, blobs, keys
         self.scratch_dir = Path(scratch_dir)
         self._publisher = publisher
         self.lease_s = lease_s
+        self.seed = seed  # DETERMINISTIC_SEED: reproducible coins and noise (not private)
+        self.accountant = accountant  # DP_ACCOUNTANT: "pld" | "rdp" (sync_server.privacy)
         self.metrics = metrics
         self.secagg = secure_aggregation.SecAggStages(db, blobs)
         self._local = threading.local()  # the current request's deferred aggregations
@@ -297,7 +315,6 @@ class RoundService:
                 which = ("no published, fully rolled-out version" if version is None
                          else f"there is no published version {version}")
                 raise ApiError("no_model", f"a round trains a published model; {which}", 409)
-            registered = session.scalar(select(func.count()).select_from(Device)) or 0
             n_rounds = session.scalar(select(func.count()).select_from(Round)) or 0
             entries = self._ledger_entries(session)
         if config["noise_multiplier"] is None and (
@@ -318,15 +335,12 @@ class RoundService:
                 secure_aggregation.task_params(config)
             except secagg.SecAggError as exc:
                 raise _bad(exc.message) from None
-        population = config["population"] or registered
-        if population < 1:
-            raise _bad("no device is registered: set population (the sampling rate's "
-                       "denominator) explicitly")
-        config["population"] = population
-        sampling_rate = min(1.0, config["target_clients"] / population)
+        sampling_rate = float(config["sampling_rate"])  # never from a count of keys
+        config["selection"] = "seeded" if self.seed is not None else "csprng"
         round_id = f"round-{n_rounds + 1}"
         if config["noise_multiplier"] is not None:
-            ledger = Ledger(config["delta"], config["epsilon_budget"], entries)
+            ledger = Ledger(config["delta"], config["epsilon_budget"], entries,
+                            accountant=self.accountant)
             z = float(config["noise_multiplier"])
             if config["dp_mode"] == "distributed":  # the least noise that can reach the sum
                 z = secure_aggregation.effective_noise_multiplier(config,
@@ -414,6 +428,8 @@ class RoundService:
                 raise ApiError("not_found", f"no round {round_id}", 404)
             ledger = session.scalars(select(PrivacyLedger)
                                      .where(PrivacyLedger.round_id == round_id)).first()
+            checked_in = session.scalar(select(func.count()).select_from(SelectionCoin)
+                                        .where(SelectionCoin.round_id == round_id))
         config = {k: v for k, v in row.config.items() if k != "expected_shapes"}
         return {
             "round_id": row.id,
@@ -424,6 +440,7 @@ class RoundService:
             "deadline": as_utc(row.deadline).timestamp(),
             "target_clients": config["target_clients"],
             "min_clients": config["min_clients"],
+            "checked_in": checked_in,  # devices that got a coin
             "selected": row.selected_count,
             "received": row.received_count,
             "sampling_rate": row.sampling_rate,
@@ -448,8 +465,9 @@ class RoundService:
     # --- devices -------------------------------------------------------------------------
 
     def checkin(self, device_id: str, model_version: int | None) -> dict[str, Any] | None:
-        """The task for this device, or None. A device already selected (and not yet
-        uploaded) gets its task again: check-in is idempotent."""
+        """The task for this device, or None. Only a device reporting the round's base
+        version gets a coin; its coin is stored, so check-in is idempotent: a selected
+        device (not yet uploaded) gets its task again, an unselected one never does."""
         self.advance()
         with self.db.session() as session:
             row = session.scalars(select(Round).where(Round.state == "collecting")).first()
@@ -463,24 +481,9 @@ class RoundService:
                 session.get(SecAggMember, (row.id, device_id)) is not None)
         if uploaded:
             return None
-        if selected:
+        if selected or selection.draw(self.db, row, device_id, self.seed):
             return task_json(row)
-        try:
-            with self.db.transaction() as session:
-                # One statement: atomic on SQLite and PostgreSQL, so concurrent check-ins
-                # never take more than target_clients slots.
-                taken = session.execute(
-                    update(Round)
-                    .where(Round.id == row.id, Round.state == "collecting",
-                           Round.selected_count < int(row.config["target_clients"]))
-                    .values(selected_count=Round.selected_count + 1)
-                ).rowcount
-                if taken != 1:
-                    return None
-                session.add(Selection(round_id=row.id, device_id=device_id))
-        except IntegrityError:
-            pass  # this device was selected by a concurrent check-in of its own
-        return task_json(row)
+        return None
 
     def accept_update(self, device_id: str, round_id: str, sealed: bytes) -> dict[str, Any]:
         """Open, validate and durably record an update; answers only after the commit."""
@@ -607,8 +610,7 @@ class RoundService:
             ):
                 self._advance_secagg(row, now)
                 continue
-            full = row.received_count >= int(row.config["target_clients"])
-            if row.state == "collecting" and (full or now >= as_utc(row.deadline)):
+            if row.state == "collecting" and selection.collecting_done(row, now):
                 self._finish_soon(row.id, takeover=False)
             elif row.state == "aggregating" and (
                 row.lease_until is None or now >= as_utc(row.lease_until)
@@ -817,11 +819,12 @@ class RoundService:
                                             u.num_examples) for u in updates])
                 clients, examples = len(updates), sum(u.num_examples for u in updates)
             aggregate_s = time.perf_counter() - started
-            epsilon = None
+            epsilon, computed_by = None, None
             if dp:
                 entry = entry or LedgerEntry(row.id, float(config["noise_multiplier"]),
                                              float(row.sampling_rate))
-                epsilon = Ledger(config["delta"], None, entries).record(entry)
+                ledger = Ledger(config["delta"], None, entries, accountant=self.accountant)
+                epsilon, computed_by = ledger.record(entry), ledger.computed_by
             with self.db.session() as session:
                 version = (highest_version(session) or 0) + 1
             base_provenance = base.manifest.get("provenance") or {}
@@ -845,7 +848,10 @@ class RoundService:
                 privacy={"epsilon": epsilon, "delta": config["delta"] if dp else None,
                          "unit": "device" if dp else None,
                          "mode": entry.mode if dp else None,
-                         "accountant": "rdp (opacus), user-level, all rounds" if dp else None},
+                         "mechanism": entry.mechanism if dp else None,
+                         "sampling_rate": entry.sampling_rate if dp else None,
+                         "selection": config.get("selection") if dp else None,
+                         "accountant": DESCRIPTIONS[computed_by] if dp else None},
             )
             (new_dir / MANIFEST).write_bytes(encode_manifest(manifest))
             version_row = sign_and_store(new_dir, blobs=self.blobs, keys=self.keys)
@@ -872,7 +878,8 @@ class RoundService:
                 session.add(PrivacyLedger(
                     round_id=row.id, noise_multiplier=entry.noise_multiplier,
                     sampling_rate=entry.sampling_rate, steps=1, epsilon=epsilon,
-                    delta=float(config["delta"]), mode=entry.mode))
+                    delta=float(config["delta"]), mode=entry.mode,
+                    mechanism=entry.mechanism, accountant=computed_by))
         if self.metrics is not None:
             self.metrics.aggregation_seconds.observe(seconds)
         log.info("round %s published version %d (%d updates, epsilon %s, %.2f s)", row.id,

@@ -37,6 +37,7 @@ from sqlalchemy import delete, select, update
 
 from device_sdk import secagg
 from device_sdk.protocol import b64, b64decode, decode_tensors
+from sync_server import selection
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
@@ -70,7 +71,10 @@ def task_params(config: Mapping[str, Any]) -> dict[str, Any]:
     Central DP: the server noises the unmasked float sum, the ring holds only the updates.
     Distributed DP: each device adds N_Z(0, s_dev^2) with s_dev = z C scale / sqrt(min_clients),
     so any >= min_clients survivors carry at least the noise of z C on the sum."""
-    clip, target = float(config["clip_norm"]), int(config["target_clients"])
+    clip = float(config["clip_norm"])
+    # The ring holds the largest cohort the round accepts (a Poisson cohort can exceed its
+    # mean, target_clients); rounds from before max_clients existed had target_clients.
+    target = int(config.get("max_clients") or config["target_clients"])
     minimum = int(config["min_clients"])
     distributed = config["dp_mode"] == "distributed"
     z = float(config["noise_multiplier"] or 0.0) if distributed else 0.0
@@ -379,8 +383,7 @@ class SecAggStages:
     def ready(self, row: Round, now: datetime) -> bool:
         """Whether the current stage may close now."""
         if row.state == "collecting":
-            return (row.received_count >= int(row.config["target_clients"])
-                    or now >= as_utc(row.deadline))
+            return selection.collecting_done(row, now)
         return (row.received_count >= int(row.secagg["expected"])
                 or now >= as_utc(row.stage_deadline))
 
@@ -396,6 +399,9 @@ class SecAggStages:
             n = len(u1)
             if n < minimum:
                 return f"{n} device(s) advertised keys, min_clients is {minimum}"
+            most = int(config.get("max_clients") or config["target_clients"])
+            if n > most:  # the ring is sized for max_clients: a larger sum could wrap
+                return f"{n} device(s) advertised keys, max_clients is {most}"
             degree = min(int(config["secagg_degree"] or secagg.default_degree(n)), n - 1)
             threshold = int(config["secagg_threshold"] or secagg.default_threshold(degree))
             try:

@@ -167,8 +167,8 @@ def test_dashboard_document_rounds_models_privacy_and_series(server, devices):
     data = dashboard(server)
     assert set(data) == {"rounds", "models", "privacy", "series", "generated_at"}
     assert data["rounds"] == []
-    assert data["privacy"] == {"epsilon": 0.0, "delta": None, "budget": None,
-                               "budget_left": None}
+    assert data["privacy"] == {"epsilon": 0.0, "delta": None, "accountant": None,
+                               "mechanism": None, "budget": None, "budget_left": None}
     [v1] = data["models"]
     assert (v1["version"], v1["status"], v1["rollout_percent"], v1["epsilon"]) == (
         1, "published", 100, None)
@@ -190,12 +190,14 @@ def test_dashboard_document_rounds_models_privacy_and_series(server, devices):
     assert (row["state"], row["published_version"], row["received"]) == ("published", 2, 3)
     assert row["progress"] == "3/3 uploaded (3 selected)"
     epsilon = row["epsilon"]
-    assert epsilon > 0
+    assert epsilon > 0 and (row["delta"], row["sampling_rate"]) == (1e-5, 1.0)
     assert [m["version"] for m in data["models"]] == [1, 2]
     v2 = data["models"][1]
     assert (v2["parent_version"], v2["epsilon"], v2["delta"]) == (1, pytest.approx(epsilon),
                                                                  1e-5)
+    # q = 1 (the round names no sampling_rate or population): the plain Gaussian mechanism
     assert data["privacy"] == {"epsilon": pytest.approx(epsilon), "delta": 1e-5,
+                               "accountant": "pld", "mechanism": "gaussian",
                                "budget": 50.0, "budget_left": pytest.approx(50.0 - epsilon)}
 
     post_metrics(server, 2, {"metrics": {"hr@10": 0.125, "ndcg@10": 0.06}})
@@ -307,6 +309,12 @@ def test_dashboard_page_follows_a_round_and_metrics_live_in_chromium(
         epsilon = dashboard(server)["privacy"]["epsilon"]
         assert float(v2.locator("td.epsilon").inner_text()) == pytest.approx(epsilon, rel=1e-3)
         assert v2.locator("td.hr10").inner_text() == "–"
+        # delta beside every epsilon: the round's row, the version's row, the privacy line
+        assert page.locator(published).locator("td.delta").inner_text() == "0.00001"
+        assert v2.locator("td.delta").inner_text() == "0.00001"
+        page.wait_for_function("document.getElementById('accountant').textContent === 'pld'",
+                               timeout=WAIT_MS)
+        assert page.locator("#delta").inner_text() == "0.00001"
         left = float(budget.get_attribute("data-budget-left"))
         assert left == pytest.approx(50.0 - epsilon)
         # the epsilon series has its point, HR@10 none yet

@@ -31,3 +31,20 @@ def test_sync_server_never_imports_trainer_or_torch():
     loaded = set(out.stdout.strip().split(","))
     assert "sync_server" in loaded
     assert not loaded & {"trainer", "torch", "litert_torch", "opacus"}, sorted(loaded)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_the_privacy_ledger_computes_without_torch_or_opacus(accountant):
+    """The ledger's engine is dp_accounting (pure Python): an epsilon computed in a fresh
+    process loads neither torch nor opacus."""
+    code = (
+        "import sys\n"
+        "from sync_server.privacy import LedgerEntry, PrivacyLedger\n"
+        f"ledger = PrivacyLedger(1e-5, accountant={accountant!r})\n"
+        "assert ledger.record(LedgerEntry('r1', 1.0, 0.01)) > 0\n"
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.strip().split(","))
+    assert "dp_accounting" in loaded
+    assert not loaded & {"torch", "opacus", "trainer"}, sorted(loaded & {"torch", "opacus"})

@@ -13,7 +13,8 @@ from sync_server.db import alembic_config, upgrade
 from sync_server.models import Base
 
 TABLES = {"alembic_version", "devices", "nonces", "model_versions", "rounds", "updates",
-          "selections", "privacy_ledger", "secagg_members", "secagg_shares", "model_metrics"}
+          "selections", "privacy_ledger", "secagg_members", "secagg_shares", "model_metrics",
+          "selection_coins"}
 
 
 def _state(url):
@@ -68,7 +69,17 @@ def test_model_metrics_revision_downgrades_and_upgrades_again(url):
     head_tables, head, _ = _state(url)
     _migrate(url, "downgrade", "0004")
     tables, version, _ = _state(url)
-    assert version == "0004" and set(tables) == TABLES - {"model_metrics"}
+    assert version == "0004" and set(tables) == TABLES - {"model_metrics", "selection_coins"}
+    upgrade(url)
+    assert _state(url) == (head_tables, head, [])
+
+
+def test_selection_coins_revision_downgrades_and_upgrades_again(url):
+    upgrade(url)
+    head_tables, head, _ = _state(url)
+    _migrate(url, "downgrade", "0005")
+    tables, version, _ = _state(url)
+    assert version == "0005" and set(tables) == TABLES - {"selection_coins"}
     upgrade(url)
     assert _state(url) == (head_tables, head, [])
 

@@ -101,7 +101,7 @@ def make_device(server, directory, tiny_checkpoint, user):
 def devices(server, tmp_path, tiny_checkpoint):
     made = [make_device(server, tmp_path / f"device{n}", tiny_checkpoint, n) for n in range(3)]
     for device in made:
-        report = device.sync(train=False)  # registers (population 3) and installs version 1
+        report = device.sync(train=False)  # registers and installs version 1
         assert report.model_version == 1
     yield made
     for device in made:
@@ -192,6 +192,8 @@ def test_only_selected_devices_upload_once_and_bad_updates_do_not_count(
     assert status == 201 and opened["epsilon"] is None  # no noise: no DP, no ledger entry
     round_id = opened["round_id"]
     assert a.sync().uploaded
+    # No sampling_rate or population: q = 1, every device first come up to target_clients
+    # (no amplification claimed, see sync_server/selection.py; Poisson: test_selection.py).
     b.sync(train=False)  # checks in (selected: the second and last slot), does not train
     assert round_view(server, round_id)["selected"] == 2
     assert c.sync().round_id is None  # no slot left

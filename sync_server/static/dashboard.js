@@ -38,6 +38,8 @@
   function renderPrivacy(privacy) {
     document.getElementById("epsilon").textContent = num(privacy.epsilon);
     document.getElementById("delta").textContent = num(privacy.delta);
+    document.getElementById("accountant").textContent = privacy.accountant || "–";
+    document.getElementById("mechanism").textContent = privacy.mechanism || "–";
     const budget = document.getElementById("budget");
     budget.dataset.budget = privacy.budget === null ? "" : String(privacy.budget);
     budget.dataset.budgetLeft = privacy.budget_left === null ? "" : String(privacy.budget_left);
@@ -57,7 +59,9 @@
         el("td", {class: "scheme"}, r.upload_scheme),
         el("td", {class: "versions"}, versions),
         el("td", {class: "progress"}, r.progress + (r.reason ? ` — ${r.reason}` : "")),
+        el("td", {class: "sampling-rate"}, num(r.sampling_rate)),
         el("td", {class: "epsilon"}, num(r.epsilon)),
+        el("td", {class: "delta"}, num(r.delta)),
       );
       return tr;
     });

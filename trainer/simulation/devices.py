@@ -29,6 +29,7 @@ import numpy as np
 import urllib3
 
 from device_sdk.device_client import DeviceClient
+from device_sdk.files import load_or_create_private_bytes
 from device_sdk.recommender import HistoryPolicy
 from device_sdk.sync_client import SecAggSession, SyncError
 
@@ -136,17 +137,27 @@ class DeviceWorker:
                         "bytes_down": self.pool.received - received}
 
     def _device(self, user: str) -> DeviceClient:
-        return DeviceClient(self.root / device_dir_name(user), server_key=self.server_key,
+        directory = self.root / device_dir_name(user)
+        directory.mkdir(parents=True, exist_ok=True)
+        # The device key (so its id, so the server's seeded selection coins) comes from the
+        # seed and the user: a rerun with the same seed selects the same devices.
+        load_or_create_private_bytes(
+            directory / "device_key",
+            lambda: hashlib.sha256(f"{self.seed}/{user}/device-key".encode()).digest(),
+            "device key")
+        return DeviceClient(directory, server_key=self.server_key,
                             server_url=self.server_url, policy=self.policy,
                             http_pool=self.pool, training_seed=f"{self.seed}/{user}")
 
     def begin(self, users: list[str], now: int, drop: dict[str, str] | None = None,
               late: dict[str, bool] | None = None) -> list[dict[str, Any]]:
         """Round start for each of ``users``: replay its events up to ``now``, sync (install
-        the newest model, check in), recommend (online hit: is its next real event in the
-        top K?), train and advertise (SecAgg+ stage 1). ``drop[user] == "collecting"``: the
-        device dies after checking in. ``late``: it checks in but trains and answers only in
-        ``finish_late`` (a straggler the round will not wait for)."""
+        the newest model, check in: the server's coin selects it or not), recommend (online
+        hit: is its next real event in the top K?), and when selected train and advertise
+        (SecAgg+ stage 1). ``selected`` in each result is the server's answer.
+        ``drop[user] == "collecting"``: the device dies after checking in. ``late``: it checks
+        in but trains and answers only in ``finish_late`` (a straggler the round will not
+        wait for)."""
         drop, late = drop or {}, late or {}
         return [self._begin_one(u, now, drop.get(u) == "collecting", bool(late.get(u)))
                 for u in users]
@@ -176,10 +187,12 @@ class DeviceWorker:
                     rank = keys.index(nxt) if nxt in keys else None
                     out["hit"] = rank is not None
                     out["ndcg"] = 0.0 if rank is None else 1.0 / math.log2(rank + 2)
-                if dies:
-                    out["status"] = "dropped"
-                elif late:
-                    out["status"] = "late"
+                if dies or late:  # the check-in is idempotent: the stored coin again
+                    task = device.sync_client.checkin(device.model_version,
+                                                      device.events.count())
+                    out["selected"] = task is not None
+                    out["status"] = "skipped" if task is None else (
+                        "dropped" if dies else "late")
                 else:
                     self._train_and_advertise(user, device, out)
         except (SyncError, OSError, ValueError, RuntimeError) as exc:
@@ -191,6 +204,7 @@ class DeviceWorker:
     def _train_and_advertise(self, user: str, device: DeviceClient, out: dict[str, Any]
                              ) -> None:
         report = device.sync(wait=False)
+        out["selected"] = report.round_id is not None
         out["examples"] = report.num_examples
         out["update_norm"] = report.update_norm_before_clip
         if report.pending is None:

@@ -115,8 +115,11 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
     server: Any
     if server_url is None:
         token = secrets.token_urlsafe(24)
+        # The seed decides the server's selection coins and DP noise too (reproducible runs;
+        # a simulation protects nobody's data, so a predictable stream costs nothing here).
         server = ServerProcess(root / "server", ADMIN_TOKEN=token, LOG_FORMAT="json",
-                               RATE_LIMIT=100000, AGGREGATION_LEASE_S=600)
+                               RATE_LIMIT=100000, AGGREGATION_LEASE_S=600,
+                               DETERMINISTIC_SEED=f"simulation/{config.seed}")
         (root / "admin-token").write_text(token + "\n")
     else:
         server = RemoteServer(server_url, admin_token)

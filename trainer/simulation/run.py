@@ -2,13 +2,17 @@
 
 Each round:
 
-1. sample ``clients_per_round`` devices among those with something to train on (uniformly,
-   without replacement; the server's accountant gets the sampling rate from ``population``);
-2. open the round through the admin API (SecAgg+ by default, central DP when a noise
-   multiplier is set);
-3. ``begin`` on every sampled device (its worker replays its events up to the round's clock,
-   syncs the newest model, recommends and records whether the user's next real event is in
-   the top 10, trains, advertises);
+1. open the round through the admin API (SecAgg+ by default, central DP when a noise
+   multiplier is set) with ``population`` = the devices with something to train on and
+   ``target_clients`` = ``clients_per_round``: the server's q is their ratio;
+2. ``begin`` on every one of those devices (its worker replays its events up to the round's
+   clock, syncs the newest model, checks in, recommends and records whether the user's next
+   real event is in the top 10); the server flips each device's coin at its check-in, exactly
+   as for real devices (the simulator does no sampling of its own), and the selected devices
+   train and advertise. Its own server gets ``DETERMINISTIC_SEED`` from the simulation's
+   seed, and each device's key comes from the seed too, so a rerun selects the same devices;
+3. close check-in once every device has answered (the admin close-stage: with q < 1 the
+   server itself waits for the deadline, never for a count);
 4. drive the SecAgg+ stages: when the server moves to a stage, every live device polls and
    answers it; devices chosen to drop stop answering at their stage, stragglers answer only
    after it closed (so the server goes on without them at the stage deadline);
@@ -51,7 +55,7 @@ class SimulationConfig:
     rounds: int = 20
     clients_per_round: int = 50
     noise_multiplier: float | None = None  # None: no differential privacy
-    delta: float | None = None  # default: the power of ten below 1 / devices
+    delta: float | None = None  # default: the power of ten at or below 1 / (10 x devices)
     clip_norm: float = 1.0
     strategy: str = "fedavg"
     server_lr: float = 1.0
@@ -131,8 +135,10 @@ class RoundRecord:
 
 
 def default_delta(n: int) -> float:
-    """The power of ten below 1 / n (the privacy unit is a device)."""
-    return 10.0 ** -math.ceil(math.log10(max(n, 2)) + 1e-9)
+    """The power of ten at or below 1 / (10 n) (the privacy unit is a device): a mechanism
+    that publishes one device's data outright with probability delta is (0, delta)-DP, so
+    delta must stay well below 1 / n."""
+    return 10.0 ** -math.ceil(math.log10(10 * max(n, 1)) - 1e-9)
 
 
 class Simulation:
@@ -355,21 +361,19 @@ class Simulation:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             self._finish_record(record)
             return record
-        sampled = sorted(self.rng.choice(eligible, size=n, replace=False).tolist())
-        fate = self.rng.random(n)
-        stage_of = self.rng.integers(0, len(STAGES), size=n)
-        drop = {u: STAGES[s] for u, f, s in zip(sampled, fate, stage_of, strict=True)
+        # Each device's fate should the server select it (drawn for all, used for those).
+        fate = self.rng.random(len(eligible))
+        stage_of = self.rng.integers(0, len(STAGES), size=len(eligible))
+        drop = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
                 if f < config.dropout}
-        late = {u: STAGES[s] for u, f, s in zip(sampled, fate, stage_of, strict=True)
+        late = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
                 if config.dropout <= f < config.dropout + config.stragglers}
-        record.sampled, record.planned_dropouts = n, len(drop)
-        record.planned_stragglers = len(late)
-        deadline_s, stage_timeout_s = self._timing(n)
+        deadline_s, stage_timeout_s = self._timing(len(eligible))
         opened = self._admin_json("POST", "/v1/admin/rounds", json=config.round_config(
             n, len(eligible), version, self.delta, deadline_s, stage_timeout_s))
         round_id = record.round_id = opened["round_id"]
         phases: dict[str, float] = {}
-        traffic: dict[str, list[int]] = {u: [0, 0] for u in sampled}
+        traffic: dict[str, list[int]] = {u: [0, 0] for u in eligible}
 
         def account(results: list[dict[str, Any]]) -> None:
             for res in results:
@@ -381,11 +385,16 @@ class Simulation:
         t0 = time.perf_counter()
         late_collecting = [u for u, s in late.items() if s == "collecting"]
         dies = {u: s for u, s in drop.items() if s == "collecting"}
-        begun = self._run_op("begin", sampled, {"now": now}, desc=f"round {r}: devices",
+        begun = self._run_op("begin", eligible, {"now": now}, desc=f"round {r}: devices",
                              per_user={"drop": dies,
                                        "late": {u: True for u in late_collecting}})
         phases["begin"] = time.perf_counter() - t0
         account(begun)
+        sampled = sorted(b["user"] for b in begun if b.get("selected"))
+        late_collecting = [u for u in late_collecting if u in sampled]
+        record.sampled = len(sampled)
+        record.planned_dropouts = sum(u in drop for u in sampled)
+        record.planned_stragglers = sum(u in late for u in sampled)
         self._pace["begin"] = max(
             0.05, statistics.median([b["seconds"] for b in begun]) if begun else 0.5)
         online = [b for b in begun if "hit" in b]
@@ -393,7 +402,8 @@ class Simulation:
         if online:
             record.online_hr10 = float(np.mean([b["hit"] for b in online]))
             record.online_ndcg10 = float(np.mean([b["ndcg"] for b in online]))
-        record.device_seconds_median = statistics.median(b["seconds"] for b in begun)
+        chosen = [b for b in begun if b.get("selected")] or begun
+        record.device_seconds_median = statistics.median(b["seconds"] for b in chosen)
         examples = [b["examples"] for b in begun if b.get("examples") is not None]
         record.examples_median = statistics.median(examples) if examples else None
         norms = [b["update_norm"] for b in begun if b.get("update_norm") is not None]
@@ -414,11 +424,11 @@ class Simulation:
             record.version = view["published_version"]
         record.completed = int((view.get("secagg") or {}).get("masked", view.get("received", 0))
                                if view["state"] == "published" else 0)
-        record.dropped = n - record.completed
+        record.dropped = record.sampled - record.completed
         record.epsilon = float(view.get("epsilon") or (self.records[-1].epsilon
                                                         if self.records else 0.0))
-        ups = [t[0] for t in traffic.values()]
-        downs = [t[1] for t in traffic.values()]
+        ups = [traffic[u][0] for u in sampled] or [0]
+        downs = [traffic[u][1] for u in sampled] or [0]
         record.bytes_up_per_device = float(np.mean(ups))
         record.bytes_down_per_device = float(np.mean(downs))
         t0 = time.perf_counter()

@@ -53,7 +53,7 @@ class ServerProcess:
             self.close()
             raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
         self.url = line.split()[-1]
-        # Reads wait long: the first DP round imports the accountant (torch): slow when busy.
+        # Reads wait long: a DP round's accountant (PLD) and the export are slow when busy.
         self.http = urllib3.PoolManager(retries=False,
                                         timeout=urllib3.Timeout(connect=10.0, read=300.0))
         health = self.http.request("GET", self.url + "/healthz")
