@@ -40,7 +40,7 @@ def importable(python, module):
 @pytest.mark.slow
 def test_the_server_extra_runs_a_dp_round_and_publishes_without_torch(
         server_python, tmp_path, tiny_export, tiny_checkpoint):
-    for heavy in ("torch", "opacus", "jax", "transformers", "litert_torch", "trainer"):
+    for heavy in ("torch", "opacus", "jax", "transformers", "litert_torch", "ai_edge_quantizer"):
         assert not importable(server_python, heavy), f"{heavy} is installed by the server extra"
     assert importable(server_python, "sync_server.publisher")
 
