@@ -114,10 +114,10 @@ def test_a_sasrec_bundle_takes_part_in_a_federated_round(
 ):
     """Three devices holding real logs sync the SASRec bundle, train the manifest's federated
     tensors on a round task and upload through the public DeviceClient API; the server
-    aggregates, publishes version 2, and the devices install and serve it."""
+    aggregates, publishes version 2 with its default publisher (the new weights written into
+    the base's LiteRT file), and the devices install and serve it."""
     _, prepared = tiny_sasrec_checkpoint
-    settings = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
-                "RATE_LIMIT": 1000}
+    settings = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 1000}
     base = load_bundle(tiny_sasrec_export.bundle_dir)
     federated = base.manifest["architecture"]["federated"]
     with ServerProcess(tmp_path / "server", **settings) as server:
@@ -158,6 +158,8 @@ def test_a_sasrec_bundle_takes_part_in_a_federated_round(
             old_w, new_w = base.weights(), new.weights()
             changed = {k for k in old_w if not np.array_equal(old_w[k], new_w[k])}
             assert changed and changed <= set(federated)  # nothing outside the subset moved
+            assert new.manifest["quantization"]["written_by"] == "tensor_map"
+            assert new.read("model.tflite") != base.read("model.tflite")
             losses = []
             for device in devices:
                 trainer = LocalTrainer(device.models.bundle(1), device.policy)

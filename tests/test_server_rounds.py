@@ -2,8 +2,10 @@
 driven by real DeviceClients: sampling at check-in, sealed uploads, DP aggregation, signed
 publishing, the privacy ledger and budget, refusals and deadlines (kill -9 at each round
 state: test_server_faults.py).
-The server publishes weights-only (``sync_server.registry:republish_weights``) to stay fast;
-``test_real_publisher_exports_a_bundle_that_passes_its_golden_check`` covers the real one.
+The server publishes with its default publisher (the round's weights written into the base's
+LiteRT file, ``sync_server.publisher``);
+``test_real_publisher_exports_a_bundle_that_passes_its_golden_check`` covers the full export
+it falls back to.
 No mocks; no timed assertions (the deadline test waits for a deadline, asserts no time)."""
 
 import base64
@@ -24,8 +26,7 @@ from device_sdk.protocol import SEALED_SCHEME, seal_update
 from device_sdk.sync_client import SyncClient
 
 ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
-            "RATE_LIMIT": 1000}
+SETTINGS = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 1000}
 DP_ROUND = {"target_clients": 3, "noise_multiplier": 1.0, "clip_norm": 0.5,
             "local_epochs": 1, "learning_rate": 0.3, "batch_size": 8, "max_examples": 100,
             "delta": 1e-5}
