@@ -20,15 +20,16 @@ from trainer.data import loaders
 from trainer.data.dataset import DataSpec, holdout_split, prepare, set_popular
 from trainer.data.split import BasketSet, EvalSet, last_window, timed_user_sequences
 from trainer.evaluate import SETTINGS, evaluate
+from trainer.metrics import repeat_share
 
 L = 30
 
 
 @pytest.fixture(scope="module")
 def retail():
-    """The first 500 customers of Online Retail, whole last baskets held out."""
+    """The first 400 customers of Online Retail, whole last baskets held out."""
     df = loaders.load(ONLINE_RETAIL)
-    keep = sorted(df["user"].unique())[:500]
+    keep = sorted(df["user"].unique())[:400]
     df = df[df["user"].isin(keep)].reset_index(drop=True)
     vocab = ItemVocab.from_items(df["item"])
     split, _ = holdout_split(df, vocab, "basket", L)
@@ -211,3 +212,16 @@ def test_bad_histories_are_refused_by_name(retail):
         ranker.topk(outside, 5)
     with pytest.raises(ValueError, match="alpha"):
         TIFUKNN(split.train, None, _counts(split, len(vocab))).topk(split.test, 5, alpha=2.0)
+
+
+def test_repeat_share_of_buy_it_again_is_its_own_items_up_to_ten(retail):
+    split, vocab = retail
+    top = PersonalPopularity(_counts(split, len(vocab))).topk(split.test, 10)
+    distinct = np.array([len(np.unique(h[h > 0])) for h in split.test.history])
+    assert repeat_share(top, split.test.history, 10) == pytest.approx(
+        np.mean(np.minimum(distinct, 10) / 10))
+    new_only = np.tile(np.setdiff1d(np.arange(1, len(vocab)), split.test.history[0])[:10],
+                       (1, 1))
+    assert repeat_share(new_only, split.test.history[:1], 10) == 0.0
+    with pytest.raises(ValueError, match="same U"):
+        repeat_share(top[:3], split.test.history[:2], 10)

@@ -4,9 +4,10 @@ item-KNN and TIFU-KNN tuned on validation) with one or more trained runs
 ranking over every item, under two protocols:
 
 - line: leave-last-out over purchase lines (HR@10, NDCG@10, MRR@50, coverage@10, top-10
-  agreement with the run's torch model);
+  agreement with the run's torch model, repeat@10 = share of the top 10 already in the
+  history);
 - basket: the items of each user's last basket from the steps before it (HR@10, recall@10,
-  NDCG@10 against the basket), when the split held out whole baskets."""
+  NDCG@10 against the basket, repeat@10), when the split held out whole baskets."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from trainer.baselines import (
 )
 from trainer.checkpoint import Checkpoint
 from trainer.data.split import LeaveLastOut
-from trainer.metrics import basket_metrics, ranking_metrics, topk_agreement
+from trainer.metrics import basket_metrics, ranking_metrics, repeat_share, topk_agreement
 from trainer.train import torch_topk
 
 K = 10
@@ -142,8 +143,9 @@ def _fit(train: dict[str, np.ndarray], times: dict[str, np.ndarray] | None,
 
 
 def evaluate_runs(runs: list[RunToEvaluate], split_name: str = "test") -> Evaluation:
-    """Rows of metrics (``MISSING`` where a protocol does not apply). The first run's data
-    defines the users; every other run must hold out exactly the same targets."""
+    """The table (``MISSING`` where a protocol does not apply) and the baselines' tuning. The
+    first run's data defines the users; every other run must hold out exactly the same
+    targets."""
     first = runs[0]
     line = getattr(first.split, split_name)
     for run in runs[1:]:
@@ -199,10 +201,13 @@ def evaluate(split: LeaveLastOut, n_items: int, popular: list[int],
         row = {"model": ranker.name, **ranking_metrics(topk, line.target, n_items, K)}
         row[f"agree@{K}"] = (MISSING if ranker.compare_with is None else
                              topk_agreement(topk, ranked[torch_rows[ranker.compare_with]], K))
+        row[f"repeat@{K}"] = repeat_share(topk, line.history, K)
         if basket is not None:
-            row.update(basket_metrics(ranker.basket(basket), basket.baskets, K))
+            basket_topk = ranker.basket(basket)
+            row.update(basket_metrics(basket_topk, basket.baskets, K))
+            row[f"basket_repeat@{K}"] = repeat_share(basket_topk, basket.history, K)
         else:
-            row.update({f"basket_{m}@{K}": MISSING for m in ("hr", "recall", "ndcg")})
+            row.update({f"basket_{m}@{K}": MISSING for m in ("hr", "recall", "ndcg", "repeat")})
         row[SETTINGS] = ranker.settings
         rows.append(row)
     return Evaluation(rows, tunings)
