@@ -47,7 +47,9 @@ def test_train_export_evaluate_end_to_end_beats_popularity(tmp_path, capsys):
     assert "litert int8" in out and "popularity" in out and "line holdout" in out
     rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
     names = ["dual_encoder torch (float)", "dual_encoder litert float", "dual_encoder litert int8"]
-    assert set(rows) == {"popularity", "item-knn", *names}
+    assert set(rows) == {"popularity", "item-knn", "personal popularity", "recency item-knn",
+                         "tifu-knn", *names}
+    assert "tifu-knn, line protocol (validation" in out  # the grid validation scored
     torch_row, float_row, int8_row = (rows[n] for n in names)
     assert torch_row["hr@10"] >= 1.5 * rows["popularity"]["hr@10"]
     assert int8_row["agree@10"] >= 0.95

@@ -213,21 +213,40 @@ def cmd_export(args: argparse.Namespace) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
     import numpy as np
 
-    from trainer.evaluate import RunToEvaluate, evaluate_runs, format_table
+    from trainer.evaluate import RunToEvaluate, evaluate, evaluate_runs, format_table
     from trainer.export import FLOAT_MODEL
 
-    runs = []
-    for run in [args.run, *args.compare]:
-        ckpt, prepared = _load_run(run)
-        bundle = Path(run) / "bundle"
-        runs.append(RunToEvaluate(ckpt, prepared.split, bundle if bundle.is_dir() else None,
-                                  Path(run) / FLOAT_MODEL))
-        if len(runs) == 1:
-            first = prepared
-    rows = evaluate_runs(runs, args.split)
+    if args.baselines_only:
+        from trainer.data.dataset import prepare
+
+        if args.compare:
+            raise ValueError("--baselines-only evaluates no run; drop --compare")
+        first = prepare(_data_spec(args), args.max_len)
+        print(f"baselines only on {first.spec.name} (no trained run), L={args.max_len}")
+        result = evaluate(first.split, len(first.vocab), first.vocab.popular, [], args.split)
+        out = Path(args.run) / f"baselines_{args.split}.json"
+    else:
+        if args.data is not None:
+            raise ValueError("evaluate rebuilds the data a run was trained on; --data "
+                             "(and the other data flags) go with --baselines-only")
+        runs = []
+        for run in [args.run, *args.compare]:
+            ckpt, prepared = _load_run(run)
+            bundle = Path(run) / "bundle"
+            runs.append(RunToEvaluate(ckpt, prepared.split,
+                                      bundle if bundle.is_dir() else None,
+                                      Path(run) / FLOAT_MODEL))
+            if len(runs) == 1:
+                first = prepared
+        result = evaluate_runs(runs, args.split)
+        out = Path(args.run) / f"evaluation_{args.split}.json"
+    rows = result.rows
     data = getattr(first.split, args.split)
+    print("baseline settings tried (fitted on the training steps before each validation "
+          "target; the picked one, *, then ranks the evaluated split):")
+    print(result.format_tunings())
     print(f"{args.split}: {len(data):,} users of {first.spec.name} ({first.split.holdout} "
-          f"holdout), full ranking over {len(runs[0].ckpt.vocab) - 1:,} items")
+          f"holdout), full ranking over {len(first.vocab) - 1:,} items")
     print(format_table(rows))
     if first.split.basket is None or args.split != "test":
         print("basket columns: the next-basket protocol needs whole last baskets held out "
@@ -235,8 +254,12 @@ def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
     else:
         sizes = [len(b) for b in first.split.basket.baskets]
         print(f"line: each user's last purchase line; basket: the {len(sizes):,} users' last "
-              f"baskets (median {int(np.median(sizes))} items) from the lines before them")
-    (Path(args.run) / f"evaluation_{args.split}.json").write_text(json.dumps(rows, indent=2) + "\n")
+              f"baskets (median {int(np.median(sizes))} items) from the lines before them; "
+              f"basket tuning: the {len(first.split.basket_valid):,} users' baskets before "
+              "those")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"rows: {out}")
     return rows
 
 
@@ -405,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=[], metavar="RUN",
                    help="more runs trained on the same data (e.g. another --model) as rows "
                    "of the same table")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="no trained run: the baselines alone on --data (the data flags below "
+                   "and --max-len); rows go to RUN/baselines_SPLIT.json")
+    p.add_argument("--max-len", type=int, default=50,
+                   help="history length L for --baselines-only (a run uses its own)")
+    _data_args(p)
 
     p = sub.add_parser("serve", help="run the sync server (development server; production: "
                        "gunicorn 'sync_server:create_app()')",

@@ -1,30 +1,46 @@
-"""One table comparing the baselines (popularity, item-KNN) with one or more trained runs
+"""One table comparing the baselines (popularity, item-KNN; personal popularity, recency
+item-KNN and TIFU-KNN tuned on validation) with one or more trained runs
 (torch, float and int8 LiteRT through the real interpreter) on the same held-out data, full
 ranking over every item, under two protocols:
 
 - line: leave-last-out over purchase lines (HR@10, NDCG@10, MRR@50, coverage@10, top-10
-  agreement with the run's torch model);
+  agreement with the run's torch model, repeat@10 = share of the top 10 already in the
+  history);
 - basket: the items of each user's last basket from the steps before it (HR@10, recall@10,
-  NDCG@10 against the basket), when the split held out whole baskets."""
+  NDCG@10 against the basket, repeat@10), when the split held out whole baskets."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from device_sdk.bundle import load_bundle
 from device_sdk.topk_model import TopKModel
-from trainer.baselines import ItemKNN, popularity_topk
+from trainer.baselines import (
+    TIFUKNN,
+    ItemKNN,
+    PersonalPopularity,
+    Ranker,
+    RecencyItemKNN,
+    Rows,
+    Tuning,
+    popularity_topk,
+    settings_text,
+    tune,
+)
 from trainer.checkpoint import Checkpoint
 from trainer.data.split import LeaveLastOut
-from trainer.metrics import basket_metrics, ranking_metrics, topk_agreement
+from trainer.metrics import basket_metrics, ranking_metrics, repeat_share, topk_agreement
 from trainer.train import torch_topk
 
 K = 10
 MISSING = "-"
+SETTINGS = "tuned on validation (line | basket)"
+# A (rows -> [U, k_out] ids) ranker for one protocol.
+Rank = Callable[[Rows], np.ndarray]
 
 
 @dataclass
@@ -38,12 +54,100 @@ class RunToEvaluate:
     float_path: Path | None = None
 
 
-def evaluate_runs(runs: list[RunToEvaluate], split_name: str = "test") -> list[dict]:
-    """Rows of metrics (``MISSING`` where a protocol does not apply). The first run's data
-    defines the users; every other run must hold out exactly the same targets."""
+@dataclass
+class Evaluation:
+    """The table's rows and, per tuned baseline and protocol, the grid validation scored."""
+
+    rows: list[dict]
+    tunings: list[tuple[str, str, Tuning]] = field(default_factory=list)
+
+    def format_tunings(self) -> str:
+        return "\n".join(f"{name}, {protocol} protocol (validation, {len(t.tried)} settings):"
+                         f"\n{t.format()}" for name, protocol, t in self.tunings)
+
+
+@dataclass
+class _Row:
+    name: str
+    line: Rank
+    basket: Rank | None
+    compare_with: int | None  # index of the run whose torch model agree@10 is against
+    settings: str = MISSING
+
+
+def _line_metric(target: np.ndarray, n_items: int) -> Callable[[np.ndarray], float]:
+    return lambda topk: ranking_metrics(topk, target, n_items, K)[f"ndcg@{K}"]
+
+
+def _basket_metric(baskets: list[np.ndarray]) -> Callable[[np.ndarray], float]:
+    return lambda topk: basket_metrics(topk, baskets, K)[f"basket_ndcg@{K}"]
+
+
+def tuned_baselines(split: LeaveLastOut, n_items: int, split_name: str = "test",
+                    k_out: int = 50) -> tuple[list[_Row], list[tuple[str, str, Tuning]]]:
+    """Personal popularity, recency item-KNN and TIFU-KNN, each tuned per protocol on
+    validation only: the line protocol on ``split.valid`` with the rankers fitted on
+    ``split.train``; the basket protocol on ``split.basket_valid`` (the basket before the
+    test one) with the rankers fitted on the training steps before that basket. The picked
+    settings then rank the evaluated split with the rankers fitted on ``split.train``."""
+    counts = _counts(split.train, n_items)
+    fitted = _fit(split.train, split.train_times, counts)
+    line_metric = _line_metric(split.valid.target, n_items)
+    basket_rows = split.basket if split_name == "test" else None
+    valid_baskets = split.basket_valid if basket_rows is not None else None
+    if valid_baskets is not None and len(valid_baskets):
+        train_v, times_v = split.train_before(valid_baskets)
+        fitted_v = _fit(train_v, times_v, _counts(train_v, n_items))
+    rows, tunings = [], []
+    for name, ranker in fitted.items():
+        line = tune(ranker, split.valid, line_metric, f"ndcg@{K}", K)
+        tunings.append((name, "line", line))
+        basket_fn, basket_text = None, MISSING
+        if basket_rows is not None:
+            if valid_baskets is not None and len(valid_baskets):
+                basket = tune(fitted_v[name], valid_baskets,
+                              _basket_metric(valid_baskets.baskets), f"basket_ndcg@{K}", K)
+                tunings.append((name, "basket", basket))
+                picked = basket.best
+                basket_text = settings_text(picked)
+            else:  # no user has a basket before the test one: reuse the line pick
+                picked = line.best
+                basket_text = f"{settings_text(picked)} (line's pick)"
+            basket_fn = _with_settings(ranker, picked, k_out)
+        rows.append(_Row(name, _with_settings(ranker, line.best, k_out), basket_fn, 0,
+                         f"{settings_text(line.best)} | {basket_text}"))
+    return rows, tunings
+
+
+def _with_settings(ranker: Ranker, params: dict, k_out: int) -> Rank:
+    return lambda rows: ranker.topk(rows, k_out, **params)
+
+
+def _on_history(model: Callable[[np.ndarray], np.ndarray]) -> Rank:
+    return lambda rows: model(rows.history)
+
+
+def _counts(train: dict[str, np.ndarray], n_items: int) -> np.ndarray:
+    counts = np.zeros(n_items, dtype=np.int64)
+    for s in train.values():
+        np.add.at(counts, s, 1)
+    counts[0] = 0
+    return counts
+
+
+def _fit(train: dict[str, np.ndarray], times: dict[str, np.ndarray] | None,
+         counts: np.ndarray) -> dict[str, Ranker]:
+    return {"personal popularity": PersonalPopularity(counts),
+            "recency item-knn": RecencyItemKNN(train, counts),
+            "tifu-knn": TIFUKNN(train, times, counts)}
+
+
+def evaluate_runs(runs: list[RunToEvaluate], split_name: str = "test") -> Evaluation:
+    """The table (``MISSING`` where a protocol does not apply) and the baselines' tuning. The
+    first run's data defines the users; every other run must hold out exactly the same
+    targets."""
     first = runs[0]
     line = getattr(first.split, split_name)
-    basket = first.split.basket if split_name == "test" else None
     for run in runs[1:]:
         other = getattr(run.split, split_name)
         same = (other.users == line.users and np.array_equal(other.target, line.target)
@@ -52,40 +156,61 @@ def evaluate_runs(runs: list[RunToEvaluate], split_name: str = "test") -> list[d
             raise ValueError("runs to compare must use the same data, vocabulary and holdout "
                              f"(pocketrec train with the same --data/--holdout); "
                              f"{run.ckpt.architecture} differs")
-    n_items = len(first.ckpt.vocab)
+    return evaluate(first.split, len(first.ckpt.vocab), first.ckpt.vocab.popular, runs,
+                    split_name)
+
+
+def evaluate(split: LeaveLastOut, n_items: int, popular: list[int],
+             runs: list[RunToEvaluate] | None = None, split_name: str = "test") -> Evaluation:
+    """The baselines (tuned on validation) and each run's models on one split's
+    ``split_name`` rows; without runs, the baselines alone."""
+    runs = runs or []
+    line = getattr(split, split_name)
+    basket = split.basket if split_name == "test" else None
     k_out = max(50, K)
-    knn = ItemKNN(first.split.train, n_items)
-    # (row name, ranker [U, L] -> [U, k_out] ids, index of the run whose torch model it is
-    # compared with: a run's own, the first run's for the baselines)
-    rankers: list[tuple[str, Callable[[np.ndarray], np.ndarray], int]] = [
-        ("popularity", lambda h: popularity_topk(first.ckpt.vocab.popular, len(h), k_out), 0),
-        ("item-knn", lambda h: knn.topk(h, k_out), 0),
+    knn = ItemKNN(split.train, n_items)
+    compare = 0 if runs else None
+    rankers = [
+        _Row("popularity", lambda r: popularity_topk(popular, len(r.history), k_out),
+             lambda r: popularity_topk(popular, len(r.history), k_out), compare),
+        _Row("item-knn", lambda r: knn.topk(r.history, k_out),
+             lambda r: knn.topk(r.history, k_out), compare),
     ]
+    tuned, tunings = tuned_baselines(split, n_items, split_name, k_out)
+    for row in tuned:
+        row.compare_with = compare
+    rankers += tuned
     torch_rows = {}
     for index, run in enumerate(runs):
         arch = run.ckpt.architecture
         module = run.ckpt.torch_module()
+        models = [(f"{arch} torch (float)", lambda h, m=module: torch_topk(m, h, k_out))]
         torch_rows[index] = len(rankers)
-        rankers.append((f"{arch} torch (float)", lambda h, m=module: torch_topk(m, h, k_out),
-                        index))
         if run.float_path is not None and Path(run.float_path).is_file():
             flt = TopKModel(Path(run.float_path).read_bytes())
-            rankers.append((f"{arch} litert float", lambda h, m=flt: m.topk_many(h)[0], index))
+            models.append((f"{arch} litert float", lambda h, m=flt: m.topk_many(h)[0]))
         if run.bundle_dir is not None:
             int8 = load_bundle(run.bundle_dir).model()
-            rankers.append((f"{arch} litert int8", lambda h, m=int8: m.topk_many(h)[0], index))
+            models.append((f"{arch} litert int8", lambda h, m=int8: m.topk_many(h)[0]))
+        for name, model in models:
+            rankers.append(_Row(name, _on_history(model), _on_history(model), index))
 
-    ranked = [rank(line.history) for _, rank, _ in rankers]
+    ranked = [r.line(line) for r in rankers]
     rows = []
-    for (name, rank, index), topk in zip(rankers, ranked, strict=True):
-        row = {"model": name, **ranking_metrics(topk, line.target, n_items, K)}
-        row[f"agree@{K}"] = topk_agreement(topk, ranked[torch_rows[index]], K)
+    for ranker, topk in zip(rankers, ranked, strict=True):
+        row = {"model": ranker.name, **ranking_metrics(topk, line.target, n_items, K)}
+        row[f"agree@{K}"] = (MISSING if ranker.compare_with is None else
+                             topk_agreement(topk, ranked[torch_rows[ranker.compare_with]], K))
+        row[f"repeat@{K}"] = repeat_share(topk, line.history, K)
         if basket is not None:
-            row.update(basket_metrics(rank(basket.history), basket.baskets, K))
+            basket_topk = ranker.basket(basket)
+            row.update(basket_metrics(basket_topk, basket.baskets, K))
+            row[f"basket_repeat@{K}"] = repeat_share(basket_topk, basket.history, K)
         else:
-            row.update({f"basket_{m}@{K}": MISSING for m in ("hr", "recall", "ndcg")})
+            row.update({f"basket_{m}@{K}": MISSING for m in ("hr", "recall", "ndcg", "repeat")})
+        row[SETTINGS] = ranker.settings
         rows.append(row)
-    return rows
+    return Evaluation(rows, tunings)
 
 
 def format_table(rows: list[dict]) -> str:

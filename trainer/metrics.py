@@ -55,6 +55,17 @@ def basket_metrics(topk: np.ndarray, baskets: Sequence[np.ndarray], k: int = 10)
             f"basket_ndcg@{k}": float(np.mean(ndcg))}
 
 
+def repeat_share(topk: np.ndarray, history: np.ndarray, k: int = 10) -> float:
+    """Mean share of each top-k list that is already in the user's history [U, L] (0 =
+    padding): 1 = the ranker only re-recommends, 0 = only new items."""
+    topk, history = np.asarray(topk)[:, :k], np.asarray(history)
+    if topk.shape[0] != history.shape[0] or history.ndim != 2:
+        raise ValueError(f"topk [U, >={k}] and history [U, L] must have the same U; got "
+                         f"{topk.shape} and {history.shape}")
+    return float(np.mean([np.isin(row, h[h > 0]).mean() for row, h in
+                          zip(topk, history, strict=True)]))
+
+
 def topk_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     """Mean |top-k(a) ∩ top-k(b)| / k over rows: how often two models recommend the same."""
     a, b = np.asarray(a)[:, :k], np.asarray(b)[:, :k]

@@ -83,7 +83,8 @@ def holdout_split(df: pd.DataFrame, vocab: ItemVocab, holdout: str, max_len: int
         split = basket_holdout(sequences, baskets, max_len)
         cut = {u: int(baskets[u][0]) for u in split.test.users}
     else:
-        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len)
+        split = leave_last_out({u: ids for u, (ids, _) in sequences.items()}, max_len,
+                               {u: times for u, (_, times) in sequences.items()})
         cut = {u: int(sequences[u][1][-1]) for u in split.test.users}
     return split, cut
 

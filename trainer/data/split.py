@@ -79,9 +79,17 @@ def last_baskets(df: pd.DataFrame, vocab: ItemVocab) -> dict[str, tuple[int, np.
     return out
 
 
-def last_window(seq: np.ndarray, max_len: int) -> np.ndarray:
+def time_windows(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
+    """``last_window`` of each step-time sequence -> [len(seqs), max_len] int64 (0 = padding)."""
+    out = np.zeros((len(seqs), max_len), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        out[row] = last_window(seq, max_len, np.int64)
+    return out
+
+
+def last_window(seq: np.ndarray, max_len: int, dtype: type = np.int32) -> np.ndarray:
     """The history of the whole sequence: its last max_len ids, left-padded -> [max_len]."""
-    out = np.zeros(max_len, dtype=np.int32)
+    out = np.zeros(max_len, dtype=dtype)
     tail = seq[-max_len:]
     if len(tail):
         out[-len(tail):] = tail
@@ -90,11 +98,13 @@ def last_window(seq: np.ndarray, max_len: int) -> np.ndarray:
 
 @dataclass
 class EvalSet:
-    """One held-out event per user: ``history`` [U, L] and ``target`` [U]."""
+    """One held-out event per user: ``history`` [U, L] and ``target`` [U]; ``times`` [U, L]
+    int64 Unix seconds of each history step (0 on padding) when the split kept them."""
 
     users: list[str]
     history: np.ndarray
     target: np.ndarray
+    times: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -103,17 +113,23 @@ class EvalSet:
         if n >= len(self):
             return self
         rows = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
-        return EvalSet([self.users[i] for i in rows], self.history[rows], self.target[rows])
+        return EvalSet([self.users[i] for i in rows], self.history[rows], self.target[rows],
+                       None if self.times is None else self.times[rows])
 
 
 @dataclass
 class BasketSet:
     """The next-basket protocol: per user, ``history`` [U, L] of the steps before the last
-    basket and that basket's distinct item ids (``baskets[u]``, int32)."""
+    basket and that basket's distinct item ids (``baskets[u]``, int32); ``times`` as in
+    ``EvalSet``. ``train_len[u]``, when set, is how many leading steps of user u's training
+    sequence come before the basket (a validation basket cut from the training history);
+    None means all of them do."""
 
     users: list[str]
     history: np.ndarray
     baskets: list[np.ndarray]
+    times: np.ndarray | None = None
+    train_len: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -123,13 +139,29 @@ class BasketSet:
 class LeaveLastOut:
     """Per user: last event -> test, second-to-last -> validation, the rest -> training.
     Users with fewer than 3 steps only contribute training data. ``basket`` is the
-    next-basket test set when the split holds out whole last baskets (``basket_holdout``)."""
+    next-basket test set when the split holds out whole last baskets (``basket_holdout``),
+    ``basket_valid`` its validation counterpart (the basket before it, cut from the training
+    history). ``train_times`` are the training steps' Unix seconds when the split kept them."""
 
     train: dict[str, np.ndarray]
     valid: EvalSet
     test: EvalSet
     basket: BasketSet | None = None
     holdout: str = "line"
+    train_times: dict[str, np.ndarray] | None = None
+    basket_valid: BasketSet | None = None
+
+    def train_before(self, baskets: BasketSet
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """The training sequences (and times) with each of ``baskets``' users cut to the
+        steps before their basket: what a model predicting those baskets may be fitted on."""
+        if baskets.train_len is None:
+            return self.train, self.train_times
+        cut = dict(zip(baskets.users, baskets.train_len.tolist(), strict=True))
+        train = {u: s[: cut.get(u, len(s))] for u, s in self.train.items()}
+        if self.train_times is None:
+            return train, None
+        return train, {u: t[: cut.get(u, len(t))] for u, t in self.train_times.items()}
 
     def train_examples(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Every next-item example in the training prefixes -> (history [E, L], target [E])."""
@@ -162,7 +194,9 @@ class LeaveLastOut:
         return counts
 
 
-def leave_last_out(sequences: dict[str, np.ndarray], max_len: int) -> LeaveLastOut:
+def leave_last_out(sequences: dict[str, np.ndarray], max_len: int,
+                   times: dict[str, np.ndarray] | None = None) -> LeaveLastOut:
+    """``times``: each sequence's step times, kept beside the histories when given."""
     train = {u: (s if len(s) < 3 else s[:-2]) for u, s in sequences.items()}
     held = {u: s for u, s in sequences.items() if len(s) >= 3}
     users = list(held)
@@ -172,9 +206,14 @@ def leave_last_out(sequences: dict[str, np.ndarray], max_len: int) -> LeaveLastO
         for row, user in enumerate(users):
             history[row] = last_window(held[user][:cut], max_len)
         target = np.array([held[u][cut] for u in users], dtype=np.int32)
-        return EvalSet(users, history, target)
+        stamps = None if times is None else time_windows(
+            [times[u][:cut] for u in users], max_len)
+        return EvalSet(users, history, target, stamps)
 
-    return LeaveLastOut(train=train, valid=eval_set(-2), test=eval_set(-1))
+    train_times = None if times is None else {
+        u: t[: len(train[u])] for u, t in times.items()}
+    return LeaveLastOut(train=train, valid=eval_set(-2), test=eval_set(-1),
+                        train_times=train_times)
 
 
 def basket_holdout(
@@ -189,34 +228,52 @@ def basket_holdout(
       included: on the device they are in the log);
     - next-basket test: the last basket's items, history = the steps before that basket;
     - validation: the last step before the basket, history = the steps before it;
+    - next-basket validation (``basket_valid``): the steps at the validation step's timestamp
+      (the basket before the last one), history = the steps before them, for users with at
+      least one such step; whoever is fitted for it sees only those earlier steps;
     - training: the steps before the validation step.
 
     Other users only train (all their steps)."""
     train: dict[str, np.ndarray] = {}
-    held: list[tuple[str, np.ndarray, int, np.ndarray]] = []
+    train_times: dict[str, np.ndarray] = {}
+    held: list[tuple[str, np.ndarray, np.ndarray, int, np.ndarray]] = []
     for user, (ids, times) in sequences.items():
         stamp, items = baskets.get(user, (None, None))
         cut = int(np.searchsorted(times, stamp)) if stamp is not None else 0
         if cut < 2 or cut == len(ids) or not len(items):
-            train[user] = ids
+            train[user], train_times[user] = ids, times
             continue
-        train[user] = ids[: cut - 1]
-        held.append((user, ids, cut, items))
+        train[user], train_times[user] = ids[: cut - 1], times[: cut - 1]
+        held.append((user, ids, times, cut, items))
     users = [h[0] for h in held]
 
-    def eval_set(rows: list[tuple[np.ndarray, int]]) -> EvalSet:
+    def eval_set(rows: list[tuple[np.ndarray, np.ndarray, int]]) -> EvalSet:
         history = np.zeros((len(rows), max_len), dtype=np.int32)
-        for row, (ids, cut) in enumerate(rows):
+        for row, (ids, _, cut) in enumerate(rows):
             history[row] = last_window(ids[:cut], max_len)
-        return EvalSet(users, history, np.array([ids[cut] for ids, cut in rows], np.int32))
+        return EvalSet(users, history, np.array([ids[cut] for ids, _, cut in rows], np.int32),
+                       time_windows([times[:cut] for _, times, cut in rows], max_len))
 
-    valid = eval_set([(ids, cut - 1) for _, ids, cut, _ in held])
-    test = eval_set([(ids, len(ids) - 1) for _, ids, _, _ in held])
-    before = np.zeros((len(held), max_len), dtype=np.int32)
-    for row, (_, ids, cut, _) in enumerate(held):
-        before[row] = last_window(ids[:cut], max_len)
-    basket = BasketSet(users, before, [items for *_, items in held])
-    return LeaveLastOut(train=train, valid=valid, test=test, basket=basket, holdout="basket")
+    def basket_set(rows: list[tuple[str, np.ndarray, np.ndarray, int, np.ndarray]],
+                   train_len: np.ndarray | None) -> BasketSet:
+        history = np.zeros((len(rows), max_len), dtype=np.int32)
+        for row, (_, ids, _, cut, _) in enumerate(rows):
+            history[row] = last_window(ids[:cut], max_len)
+        return BasketSet([r[0] for r in rows], history, [r[4] for r in rows],
+                         time_windows([times[:cut] for _, _, times, cut, _ in rows], max_len),
+                         train_len)
+
+    valid = eval_set([(ids, times, cut - 1) for _, ids, times, cut, _ in held])
+    test = eval_set([(ids, times, len(ids) - 1) for _, ids, times, _, _ in held])
+    basket = basket_set(held, None)
+    earlier = []
+    for user, ids, times, cut, _ in held:
+        start = int(np.searchsorted(times, times[cut - 1]))  # first step of the basket before
+        if start >= 1:
+            earlier.append((user, ids, times, start, np.unique(ids[start:cut]).astype(np.int32)))
+    basket_valid = basket_set(earlier, np.array([e[3] for e in earlier], dtype=np.int64))
+    return LeaveLastOut(train=train, valid=valid, test=test, basket=basket, holdout="basket",
+                        train_times=train_times, basket_valid=basket_valid)
 
 
 def partition_by_user(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
