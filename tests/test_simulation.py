@@ -168,9 +168,11 @@ def test_ray_backend_runs_the_same_device_code(fleet, tmp_path):
     records, interrupted = simulate_one(population, bundle, tmp_path, config, progress=False)
     assert not interrupted
     assert [r.state for r in records[1:]] == ["published", "published"]
-    # Every eligible device checked in; the server's coins chose the cohort (no dropouts)
+    # The server's seeded coins chose the cohort (no dropouts); only the cohort's devices
+    # checked in (the simulator knows their coins came up), so only they have a directory.
     assert all(r.completed == r.sampled > 0 and r.online_n > 0 for r in records[1:])
-    assert len(list((tmp_path / "devices").iterdir())) == max(r.population for r in records[1:])
+    made = len(list((tmp_path / "devices").iterdir()))
+    assert max(r.sampled for r in records[1:]) <= made <= sum(r.sampled for r in records[1:])
 
 
 def test_ctrl_c_stops_cleanly_and_the_report_covers_the_rounds_completed(fleet, tmp_path):

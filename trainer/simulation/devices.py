@@ -94,6 +94,20 @@ class CountingPool(urllib3.PoolManager):
         return response
 
 
+def device_key(seed: int, user: str) -> bytes:
+    """The simulated device's raw Ed25519 private key: decided by the seed and the user."""
+    return hashlib.sha256(f"{seed}/{user}/device-key".encode()).digest()
+
+
+def device_id(seed: int, user: str) -> str:
+    """The id the server knows that device by (what its selection coin is keyed on)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_sdk.device_identity import DeviceIdentity
+
+    return DeviceIdentity(Ed25519PrivateKey.from_private_bytes(device_key(seed, user))).device_id
+
+
 class DeviceWorker:
     """``config``: root (directory for device directories), server_url, server_key (hex of
     the pinned Ed25519 key), exclude_kinds (the shop's recommendation filter), seed (the
@@ -141,10 +155,8 @@ class DeviceWorker:
         directory.mkdir(parents=True, exist_ok=True)
         # The device key (so its id, so the server's seeded selection coins) comes from the
         # seed and the user: a rerun with the same seed selects the same devices.
-        load_or_create_private_bytes(
-            directory / "device_key",
-            lambda: hashlib.sha256(f"{self.seed}/{user}/device-key".encode()).digest(),
-            "device key")
+        load_or_create_private_bytes(directory / "device_key",
+                                     lambda: device_key(self.seed, user), "device key")
         return DeviceClient(directory, server_key=self.server_key,
                             server_url=self.server_url, policy=self.policy,
                             http_pool=self.pool, training_seed=f"{self.seed}/{user}")

@@ -119,7 +119,7 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
         # a simulation protects nobody's data, so a predictable stream costs nothing here).
         server = ServerProcess(root / "server", ADMIN_TOKEN=token, LOG_FORMAT="json",
                                RATE_LIMIT=100000, AGGREGATION_LEASE_S=600,
-                               DETERMINISTIC_SEED=f"simulation/{config.seed}")
+                               DETERMINISTIC_SEED=f"simulation/{config.seed}")  # coin_seed
         (root / "admin-token").write_text(token + "\n")
     else:
         server = RemoteServer(server_url, admin_token)
@@ -127,7 +127,8 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
     sim = None
     try:
         sim = Simulation(population, server, root, config, progress=progress,
-                         on_round=on_round)
+                         on_round=on_round,
+                         coin_seed=None if server_url else f"simulation/{config.seed}")
         sim.bar_offset = bar_offset
         if stop is not None:
             sim.stop = stop

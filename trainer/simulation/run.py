@@ -5,12 +5,16 @@ Each round:
 1. open the round through the admin API (SecAgg+ by default, central DP when a noise
    multiplier is set) with ``population`` = the devices with something to train on and
    ``target_clients`` = ``clients_per_round``: the server's q is their ratio;
-2. ``begin`` on every one of those devices (its worker replays its events up to the round's
+2. ``begin`` on the devices that check in (its worker replays its events up to the round's
    clock, syncs the newest model, checks in, recommends and records whether the user's next
    real event is in the top 10); the server flips each device's coin at its check-in, exactly
-   as for real devices (the simulator does no sampling of its own), and the selected devices
-   train and advertise. Its own server gets ``DETERMINISTIC_SEED`` from the simulation's
-   seed, and each device's key comes from the seed too, so a rerun selects the same devices;
+   as for real devices, and the selected devices train and advertise. Its own server gets
+   ``DETERMINISTIC_SEED`` from the simulation's seed and each device's key comes from the
+   seed too, so a rerun selects the same devices; and since the coin is then a function of
+   (seed, round id, device id) (``sync_server.selection.coin``), only the devices whose coin
+   comes up check in: the same cohort as if all ~N did, at the cost of the cohort alone (the
+   server's answer to each confirms it). Against a remote server every eligible device
+   checks in;
 3. close check-in once every device has answered (the admin close-stage: with q < 1 the
    server itself waits for the deadline, never for a count);
 4. drive the SecAgg+ stages: when the server moves to a stage, every live device polls and
@@ -40,9 +44,10 @@ from device_sdk import secagg
 from device_sdk.bundle import zip_bundle_dir
 from device_sdk.protocol import b64decode
 from device_sdk.sync_client import SyncError
+from sync_server.selection import coin
 from trainer.metrics import basket_metrics, ranking_metrics
 from trainer.simulation.backends import make_backend
-from trainer.simulation.devices import STAGES
+from trainer.simulation.devices import STAGES, device_id
 from trainer.simulation.population import Population
 
 K = 10
@@ -148,7 +153,15 @@ class Simulation:
 
     def __init__(self, population: Population, server: Any, root: Path,
                  config: SimulationConfig, *, progress: bool = True,
-                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 coin_seed: str | None = None) -> None:
+        """``coin_seed``: the server's ``DETERMINISTIC_SEED`` when the simulator started the
+        server itself. Then only the devices whose coin (``sync_server.selection.coin``, the
+        server's own function, seed and ids) comes up check in: the cohort is exactly the
+        one the server would select if every device checked in, without ~N check-ins a
+        round; each check-in's answer confirms it. Without it (a remote server) every
+        eligible device checks in and the server's answers are the cohort."""
+        self.coin_seed = coin_seed
         self.population, self.server, self.config = population, server, config
         self.root = Path(root)
         self.progress = progress
@@ -156,6 +169,8 @@ class Simulation:
         self.on_round = on_round
         self.rng = np.random.default_rng(config.seed)
         self.users = sorted(population.devices)
+        self.device_ids = ({u: device_id(config.seed, u) for u in self.users}
+                           if coin_seed is not None else {})
         self.owner = {u: i % config.workers for i, u in enumerate(self.users)}
         self.records: list[RoundRecord] = []
         self.delta = config.delta or default_delta(len(self.users))
@@ -385,11 +400,23 @@ class Simulation:
         t0 = time.perf_counter()
         late_collecting = [u for u, s in late.items() if s == "collecting"]
         dies = {u: s for u, s in drop.items() if s == "collecting"}
-        begun = self._run_op("begin", eligible, {"now": now}, desc=f"round {r}: devices",
+        checking_in = eligible
+        if self.coin_seed is not None:
+            q = float(opened["sampling_rate"])
+            checking_in = [u for u in eligible
+                           if coin(q, round_id, self.device_ids[u], self.coin_seed)]
+        begun = self._run_op("begin", checking_in, {"now": now}, desc=f"round {r}: devices",
                              per_user={"drop": dies,
                                        "late": {u: True for u in late_collecting}})
         phases["begin"] = time.perf_counter() - t0
         account(begun)
+        refused = [b["user"] for b in begun
+                   if self.coin_seed is not None and b["status"] != "error"
+                   and not b.get("selected")]
+        if refused:
+            raise RuntimeError(f"round {round_id}: the server did not select {len(refused)} "
+                               f"device(s) whose seeded coin came up (e.g. {refused[0]}); "
+                               "its DETERMINISTIC_SEED is not the simulator's")
         sampled = sorted(b["user"] for b in begun if b.get("selected"))
         late_collecting = [u for u in late_collecting if u in sampled]
         record.sampled = len(sampled)
