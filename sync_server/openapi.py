@@ -167,7 +167,9 @@ _ROUND_CONFIG = {
     "type": "object",
     "description": "every key optional: strategy (fedavg|fedavgm|fedadam), server_lr, "
     "momentum, beta1, beta2, tau, target_clients, min_clients, deadline_s, clip_norm, "
-    "noise_multiplier (null: no DP), delta, epsilon_budget, sampling_rate (q: each device "
+    "noise_multiplier (null: no DP), delta (default: the power of ten <= 1/(10 N), N = "
+    "population or target_clients / q; above 1/N: 400 delta_too_large), epsilon_budget, "
+    "sampling_rate (q: each device "
     "checking in is selected with probability q), population (the eligible population the "
     "operator vouches for: q = target_clients / population when sampling_rate is unset; "
     "neither: q = 1, first come up to target_clients), max_clients (largest cohort the "
@@ -336,12 +338,15 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json({"type": "object", "properties": {
                             "rounds": {"type": "array", "items": _ROUND},
-                            "epsilon_spent": {"type": "number"}}}, "rounds"),
+                            "epsilon_spent": {"type": "number"},
+                            "delta": {"type": ["number", "null"],
+                                      "description": "of epsilon_spent"}}}, "rounds"),
                         **_errors(401, 403),
                     },
                 },
                 "post": {
-                    "summary": "Open a round. bad_round_config (400), round_in_progress / "
+                    "summary": "Open a round. bad_round_config / delta_too_large (400), "
+                    "round_in_progress / "
                     "no_model / privacy_budget_exhausted / privacy_required (409)",
                     "security": _ADMIN,
                     "requestBody": {"required": True, "content": {"application/json": {

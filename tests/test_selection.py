@@ -182,3 +182,22 @@ def test_registering_many_devices_leaves_projected_and_final_epsilon_unchanged(
     assert "pocketrec_epsilon_delta 1e-05" in metrics
     assert ('pocketrec_epsilon_accountant{accountant="pld",mechanism='
             '"poisson_sampled_gaussian"} 1.0') in metrics
+
+
+def test_delta_defaults_below_one_tenth_of_one_over_n_and_above_one_over_n_is_refused(server):
+    dp = {"population": 60, "target_clients": 6, "noise_multiplier": 1.0}
+    response = server.admin("POST", "/v1/admin/rounds",
+                            json={**dp, "delta": 0.02, "upload_scheme": SEALED_SCHEME})
+    body = json.loads(response.data)
+    assert (response.status, body["error"]["code"]) == (400, "delta_too_large")
+    assert "1/N" in body["error"]["message"] and "N = 60" in body["error"]["message"]
+    assert json.loads(server.admin("GET", "/v1/admin/rounds").data)["rounds"] == []
+
+    opened = open_round(server, **dp)  # no delta: the default
+    assert opened["delta"] == 1e-3 <= 1 / (10 * 60)
+    assert opened["config"]["delta_basis"].startswith("default")
+    server.admin("POST", f"/v1/admin/rounds/{opened['round_id']}/close-stage")
+    # Without a population, N is what the config implies: target_clients / q.
+    implied = open_round(server, sampling_rate=0.25, target_clients=50,
+                         noise_multiplier=1.0)
+    assert implied["delta"] == 1e-4 <= 1 / (10 * 200)
