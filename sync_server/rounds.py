@@ -67,6 +67,7 @@ from sqlalchemy.exc import IntegrityError
 
 from device_sdk import secagg
 from device_sdk.bundle import MANIFEST, encode_manifest
+from device_sdk.csprng import CryptoRandom
 from device_sdk.protocol import (
     SEALED_SCHEME,
     ProtocolError,
@@ -793,7 +794,11 @@ class RoundService:
                                     Round.strategy_state_sha256.is_not(None))
                 .order_by(Round.finished_at.desc())).all()
             entries = self._ledger_entries(session)
-        strategy = strategies.build({**config, "expected_clients": target})
+        # Central DP noise: a CSPRNG stream under a fresh OS key per aggregation; seeded per
+        # round only under DETERMINISTIC_SEED (simulations, tests).
+        noise = CryptoRandom() if self.seed is None else CryptoRandom.from_seed(
+            f"{self.seed}/noise/{row.id}")
+        strategy = strategies.build({**config, "expected_clients": target}, rng=noise)
         dp = config["noise_multiplier"] is not None
         for prev in previous:  # server optimizer state (momentum, Adam moments) carries over
             if prev.config["strategy"] == config["strategy"] and (
