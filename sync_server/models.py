@@ -46,6 +46,8 @@ class Device(Base):
     public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The model version reported at the latest check-in (None: none yet, or none held).
+    model_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class Nonce(Base):

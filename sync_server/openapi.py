@@ -98,7 +98,7 @@ _DASHBOARD_ROUND = {
 }
 _DASHBOARD = {
     "type": "object",
-    "required": ["rounds", "models", "privacy", "series", "generated_at"],
+    "required": ["rounds", "models", "privacy", "series", "fleet", "generated_at"],
     "properties": {
         "rounds": {"type": "array", "items": _DASHBOARD_ROUND,
                    "description": "the newest 20 rounds, newest first"},
@@ -130,6 +130,12 @@ _DASHBOARD = {
                        "epsilon": {"type": ["number", "null"]},
                        "hr@10": {"type": ["number", "null"], "description": "offline"},
                        "online_hr@10": {"type": ["number", "null"]}}}},
+        "fleet": {"type": "object", "properties": {
+            "registered": {"type": "integer", "description": "device keys registered"},
+            "seen_last_day": {"type": "integer"},
+            "by_version": {"type": "object", "description": "devices seen in the last day "
+                           "by the version reported at their latest check-in ('none': "
+                           "none)"}}},
         "generated_at": {"type": "string", "format": "date-time"},
     },
 }

@@ -84,6 +84,16 @@ def test_selection_coins_revision_downgrades_and_upgrades_again(url):
     assert _state(url) == (head_tables, head, [])
 
 
+def test_device_model_version_revision_downgrades_and_upgrades_again(url):
+    upgrade(url)
+    head_tables, head, _ = _state(url)
+    _migrate(url, "downgrade", "0007")
+    tables, version, _ = _state(url)
+    assert version == "0007" and "model_version" not in tables["devices"]
+    upgrade(url)
+    assert _state(url) == (head_tables, head, [])
+
+
 def test_every_revision_downgrades_to_empty_and_upgrades_again(url):
     upgrade(url)
     head_state = _state(url)

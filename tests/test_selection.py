@@ -119,6 +119,12 @@ def test_devices_without_the_round_model_version_get_no_coin(server):
     honest = Fleet(server).register(3)
     assert all(c.checkin(1, 5) is not None for c in honest)  # the slots were all still free
     assert server.round(opened["round_id"])["selected"] == 3
+    # The fleet view: what each device reported at its latest check-in.
+    metrics = server.request("GET", "/metrics").data.decode()
+    for version, count in {"none": 3, "0": 3, "1": 3, "2": 2, "7": 2}.items():
+        assert f'pocketrec_devices_by_version{{version="{version}"}} {count}.0' in metrics
+    assert "pocketrec_devices_registered 13.0" in metrics
+    assert "pocketrec_devices_seen_last_day 13.0" in metrics
 
 
 def _zero_update(tiny_export, trainable, clip):
