@@ -50,6 +50,18 @@ class Device(Base):
     model_version: Mapped[int | None] = mapped_column(Integer)
 
 
+class EnrollmentToken(Base):
+    """A one-time enrollment token (``sync_server.enrollment``): only its SHA-256 digest;
+    ``used_at`` / ``device_id`` once it registered a device."""
+
+    __tablename__ = "enrollment_tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    device_id: Mapped[str | None] = mapped_column(String(32))
+
+
 class Nonce(Base):
     """A request nonce seen from a device; the primary key makes a replay an insert conflict,
     atomic across workers. Rows older than 2 x MAX_SKEW_S are pruned."""

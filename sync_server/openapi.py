@@ -219,7 +219,10 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["public_key"],
                     "properties": {"public_key": {"type": "string", "contentEncoding": "base64"},
-                                   "enrollment_token": {"type": ["string", "null"]}},
+                                   "enrollment_token": {
+                                       "type": ["string", "null"], "description":
+                                       "ENROLLMENT_TOKEN, or (ENROLLMENT_MODE one-time) "
+                                       "an unused token from the app's backend"}},
                 }}}},
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/DeviceId"}, "registered"),
@@ -372,6 +375,23 @@ def openapi_document() -> dict[str, Any]:
                 "security": _ADMIN,
                 "parameters": [_ROUND_ID_PARAM],
                 "responses": {"200": _json(_ROUND, "round"), **_errors(401, 403, 404, 409)},
+            }},
+            "/v1/admin/enrollment-tokens": {"post": {
+                "summary": "Mint one-time enrollment tokens (ENROLLMENT_MODE one-time: each "
+                "registers one device; only their digests are stored)",
+                "security": _ADMIN,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["count"],
+                    "properties": {"count": {"type": "integer", "minimum": 1,
+                                             "maximum": 1000}}}}}},
+                "responses": {
+                    "201": _json({"type": "object", "required": ["tokens", "mode"],
+                                  "properties": {
+                                      "tokens": {"type": "array",
+                                                 "items": {"type": "string"}},
+                                      "mode": {"enum": ["open", "one-time"]}}}, "minted"),
+                    **_errors(400, 401, 403, 413, 415),
+                },
             }},
             "/v1/admin/server-keys": {"get": {
                 "summary": "The server's public keys, for provisioning devices",
