@@ -105,9 +105,15 @@ def resolve_delta(config: dict[str, Any]) -> None:
     config["delta"] = float(delta)
 
 
+def rate(config: dict[str, Any]) -> float:
+    """A round's q. Rounds opened before revision 0006 have none in their config: they were
+    first come up to target_clients, and keep that (q = 1 selection) until they end."""
+    return float(config.get("sampling_rate", 1.0))
+
+
 def capped(config: dict[str, Any]) -> bool:
     """Whether selection is first-come up to target_clients (only when q = 1)."""
-    return float(config["sampling_rate"]) >= 1.0
+    return rate(config) >= 1.0
 
 
 def collecting_done(row: Round, now: datetime) -> bool:
@@ -139,7 +145,7 @@ def draw(db: Database, row: Round, device_id: str, seed: str | None) -> bool:
         stored = session.get(SelectionCoin, (row.id, device_id))
         if stored is not None:
             return stored.selected
-    selected = coin(float(row.config["sampling_rate"]), row.id, device_id, seed)
+    selected = coin(rate(row.config), row.id, device_id, seed)
     try:
         with db.transaction() as session:
             if selected:

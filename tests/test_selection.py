@@ -264,3 +264,15 @@ def test_only_a_configured_seed_makes_coins_and_noise_reproducible(tmp_path, tin
     # Without the seed: the OS-keyed CSPRNG, another noise draw (the coins may or may not
     # coincide: 2^-20 for all 20 to agree; the weights differ almost surely).
     assert not all(np.array_equal(first[1][k], fresh[1][k]) for k in first[1])
+
+
+def test_coin_and_rate_without_a_server():
+    from sync_server import selection
+
+    assert selection.coin(1.0, "r", "d", None) is True
+    seeded = [selection.coin(0.5, "round-1", f"dev{n}", "seed") for n in range(64)]
+    assert seeded == [selection.coin(0.5, "round-1", f"dev{n}", "seed") for n in range(64)]
+    assert seeded != [selection.coin(0.5, "round-2", f"dev{n}", "seed") for n in range(64)]
+    # A round opened before selection coins existed keeps its first-come selection.
+    assert selection.rate({"target_clients": 3}) == 1.0
+    assert selection.capped({"target_clients": 3})
