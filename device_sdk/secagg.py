@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device_sdk.csprng import CryptoRandom
 from device_sdk.protocol import ProtocolError, b64, b64decode
 
 if TYPE_CHECKING:
@@ -168,7 +169,8 @@ def quantization_scale(clip_norm: float, max_clients: int, noise_std_units: floa
     return float(2.0 ** math.floor(math.log2(scale)))
 
 
-def quantize(vector: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+def quantize(vector: np.ndarray, scale: float, rng: np.random.Generator | CryptoRandom
+             ) -> np.ndarray:
     """Stochastic rounding: floor(x * scale + U[0,1)), unbiased, error < 1 unit; as int64."""
     scaled = np.asarray(vector, dtype=np.float64) * scale
     return np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
@@ -189,7 +191,8 @@ def dequantize(ring_sum: np.ndarray, scale: float) -> np.ndarray:
     return centered(ring_sum).astype(np.float64) / scale
 
 
-def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> np.ndarray:
+def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator | CryptoRandom
+                      ) -> np.ndarray:
     """Samples of N_Z(0, sigma^2) by rejection from a discrete Laplace (Canonne, Kamath and
     Steinke 2020, Algorithm 3), vectorised in floating point."""
     if sigma <= 0:
@@ -649,7 +652,7 @@ class SecAggDevice:
         return b_share, c_share
 
     def masked_input(self, inbox: Any, vector: np.ndarray,
-                     rng: np.random.Generator | None = None) -> np.ndarray:
+                     rng: Any = None) -> np.ndarray:
         """``inbox``: {u2: [ids of devices whose shares arrived], shares: {sender:
         ciphertext}}. ``vector`` is the clipped float update, flattened. Returns the masked
         uint32 vector. A share that does not decrypt is dropped (its sender keeps one holder
@@ -674,7 +677,10 @@ class SecAggDevice:
         if vector.size != self.params.vector_length:
             raise _error("secagg_bad_message", f"update has {vector.size} values, the round "
                          f"expects {self.params.vector_length}")
-        rng = rng or np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
+        # Stochastic rounding and the distributed DP noise: AES-CTR under a fresh OS key
+        # (a numpy bit generator's state can be recovered from its output); ``rng`` only
+        # for tests.
+        rng = rng or CryptoRandom()
         q = quantize(vector, self.params.scale, rng)
         if self.params.noise_std > 0:
             q += discrete_gaussian(self.params.noise_std, q.size, rng)

@@ -5,7 +5,9 @@ Keys:
     DATA_DIR          keys/, blobs/ and the default SQLite file live here
     DATABASE_URL      SQLAlchemy URL; default ``sqlite:///DATA_DIR/pocketrec.db``
     ADMIN_TOKEN       bearer token of the admin API; unset = admin API disabled
-    ENROLLMENT_TOKEN  when set, registration requires it
+    ENROLLMENT_TOKEN  when set, registration requires it (one token shared by all installs)
+    ENROLLMENT_MODE   "open" (default: anyone, or ENROLLMENT_TOKEN holders) or "one-time":
+                      registration consumes a token minted by POST /v1/admin/enrollment-tokens
     MAX_BODY_BYTES    largest request body a device may send (bytes)
     MAX_BUNDLE_BYTES  largest bundle zip an admin may upload (bytes)
     RATE_LIMIT        requests per minute per device (token bucket, burst = the same number)
@@ -53,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "LOG_FORMAT": "json",
     "DETERMINISTIC_SEED": None,
     "DP_ACCOUNTANT": "pld",
+    "ENROLLMENT_MODE": "open",
 }
 _INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
              "AGGREGATION_LEASE_S"}
@@ -103,6 +106,12 @@ def load_config(
         config[key] = config[key] or None  # an empty variable means unset
     if config["DETERMINISTIC_SEED"] is not None:
         config["DETERMINISTIC_SEED"] = str(config["DETERMINISTIC_SEED"])
+    config["ENROLLMENT_MODE"] = str(config["ENROLLMENT_MODE"] or "open").lower()
+    if config["ENROLLMENT_MODE"] not in ("open", "one-time"):
+        raise ConfigError(f"ENROLLMENT_MODE must be 'open' or 'one-time', got "
+                          f"{config['ENROLLMENT_MODE']!r}")
+    if config["ENROLLMENT_MODE"] == "one-time" and config["ENROLLMENT_TOKEN"] is not None:
+        raise ConfigError("ENROLLMENT_MODE one-time replaces ENROLLMENT_TOKEN: unset it")
     config["DP_ACCOUNTANT"] = str(config["DP_ACCOUNTANT"] or "pld").lower()
     if config["DP_ACCOUNTANT"] not in ("pld", "rdp"):
         raise ConfigError(f"DP_ACCOUNTANT must be 'pld' or 'rdp', got "

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from sync_server import fleet
 from sync_server.db import Database
 from sync_server.model_metrics import finite_number, version_metrics
 from sync_server.models import ModelVersion, PrivacyLedger, Round, as_utc
@@ -98,6 +99,7 @@ class Dashboard:
             spent = session.execute(select(PrivacyLedger.epsilon, PrivacyLedger.delta,
                                            PrivacyLedger.accountant, PrivacyLedger.mechanism)
                                     .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+            devices = fleet.summary(session)
         epsilon = spent.epsilon if spent is not None else 0.0
         budget = rounds[0]["epsilon_budget"] if rounds else None
         return {
@@ -117,6 +119,7 @@ class Dashboard:
                     for key, source, name in SERIES_METRICS}}
                 for m in models
             ],
+            "fleet": devices,
             "generated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
 

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from sync_server import fleet
 from sync_server.db import Database
 from sync_server.models import PrivacyLedger, Round, Update
 
@@ -36,6 +37,7 @@ class _RoundCollector(Collector):
                 select(func.count(Update.id), func.coalesce(func.sum(Update.size), 0))).one()
             spent = session.scalars(select(PrivacyLedger)
                                     .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+            devices = fleet.summary(session)
             last = session.scalars(select(Round.measurements)
                                    .where(Round.state == "published")
                                    .order_by(Round.finished_at.desc()).limit(1)).first()
@@ -69,6 +71,17 @@ class _RoundCollector(Collector):
         if spent is not None:
             accountant.add_metric([spent.accountant, spent.mechanism], 1)
         yield accountant
+        yield GaugeMetricFamily("pocketrec_devices_registered", "device keys registered "
+                                "(anyone can register one)", value=devices["registered"])
+        yield GaugeMetricFamily("pocketrec_devices_seen_last_day", "devices that made a "
+                                "signed request in the last 24 h",
+                                value=devices["seen_last_day"])
+        by_version = GaugeMetricFamily(
+            "pocketrec_devices_by_version", "devices seen in the last 24 h by the model "
+            "version reported at their latest check-in", labels=["version"])
+        for version, count in devices["by_version"].items():
+            by_version.add_metric([version], count)
+        yield by_version
         yield GaugeMetricFamily(
             "pocketrec_last_aggregation_seconds", "load + aggregate + publish time of the "
             "last published round", value=(last or {}).get("total_seconds", 0.0))

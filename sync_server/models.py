@@ -46,6 +46,20 @@ class Device(Base):
     public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The model version reported at the latest check-in (None: none yet, or none held).
+    model_version: Mapped[int | None] = mapped_column(Integer)
+
+
+class EnrollmentToken(Base):
+    """A one-time enrollment token (``sync_server.enrollment``): only its SHA-256 digest;
+    ``used_at`` / ``device_id`` once it registered a device."""
+
+    __tablename__ = "enrollment_tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    device_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class Nonce(Base):

@@ -98,7 +98,7 @@ _DASHBOARD_ROUND = {
 }
 _DASHBOARD = {
     "type": "object",
-    "required": ["rounds", "models", "privacy", "series", "generated_at"],
+    "required": ["rounds", "models", "privacy", "series", "fleet", "generated_at"],
     "properties": {
         "rounds": {"type": "array", "items": _DASHBOARD_ROUND,
                    "description": "the newest 20 rounds, newest first"},
@@ -130,6 +130,12 @@ _DASHBOARD = {
                        "epsilon": {"type": ["number", "null"]},
                        "hr@10": {"type": ["number", "null"], "description": "offline"},
                        "online_hr@10": {"type": ["number", "null"]}}}},
+        "fleet": {"type": "object", "properties": {
+            "registered": {"type": "integer", "description": "device keys registered"},
+            "seen_last_day": {"type": "integer"},
+            "by_version": {"type": "object", "description": "devices seen in the last day "
+                           "by the version reported at their latest check-in ('none': "
+                           "none)"}}},
         "generated_at": {"type": "string", "format": "date-time"},
     },
 }
@@ -167,7 +173,9 @@ _ROUND_CONFIG = {
     "type": "object",
     "description": "every key optional: strategy (fedavg|fedavgm|fedadam), server_lr, "
     "momentum, beta1, beta2, tau, target_clients, min_clients, deadline_s, clip_norm, "
-    "noise_multiplier (null: no DP), delta, epsilon_budget, sampling_rate (q: each device "
+    "noise_multiplier (null: no DP), delta (default: the power of ten <= 1/(10 N), N = "
+    "population or target_clients / q; above 1/N: 400 delta_too_large), epsilon_budget, "
+    "sampling_rate (q: each device "
     "checking in is selected with probability q), population (the eligible population the "
     "operator vouches for: q = target_clients / population when sampling_rate is unset; "
     "neither: q = 1, first come up to target_clients), max_clients (largest cohort the "
@@ -211,7 +219,10 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["public_key"],
                     "properties": {"public_key": {"type": "string", "contentEncoding": "base64"},
-                                   "enrollment_token": {"type": ["string", "null"]}},
+                                   "enrollment_token": {
+                                       "type": ["string", "null"], "description":
+                                       "ENROLLMENT_TOKEN, or (ENROLLMENT_MODE one-time) "
+                                       "an unused token from the app's backend"}},
                 }}}},
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/DeviceId"}, "registered"),
@@ -336,12 +347,15 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json({"type": "object", "properties": {
                             "rounds": {"type": "array", "items": _ROUND},
-                            "epsilon_spent": {"type": "number"}}}, "rounds"),
+                            "epsilon_spent": {"type": "number"},
+                            "delta": {"type": ["number", "null"],
+                                      "description": "of epsilon_spent"}}}, "rounds"),
                         **_errors(401, 403),
                     },
                 },
                 "post": {
-                    "summary": "Open a round. bad_round_config (400), round_in_progress / "
+                    "summary": "Open a round. bad_round_config / delta_too_large (400), "
+                    "round_in_progress / "
                     "no_model / privacy_budget_exhausted / privacy_required (409)",
                     "security": _ADMIN,
                     "requestBody": {"required": True, "content": {"application/json": {
@@ -361,6 +375,23 @@ def openapi_document() -> dict[str, Any]:
                 "security": _ADMIN,
                 "parameters": [_ROUND_ID_PARAM],
                 "responses": {"200": _json(_ROUND, "round"), **_errors(401, 403, 404, 409)},
+            }},
+            "/v1/admin/enrollment-tokens": {"post": {
+                "summary": "Mint one-time enrollment tokens (ENROLLMENT_MODE one-time: each "
+                "registers one device; only their digests are stored)",
+                "security": _ADMIN,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["count"],
+                    "properties": {"count": {"type": "integer", "minimum": 1,
+                                             "maximum": 1000}}}}}},
+                "responses": {
+                    "201": _json({"type": "object", "required": ["tokens", "mode"],
+                                  "properties": {
+                                      "tokens": {"type": "array",
+                                                 "items": {"type": "string"}},
+                                      "mode": {"enum": ["open", "one-time"]}}}, "minted"),
+                    **_errors(400, 401, 403, 413, 415),
+                },
             }},
             "/v1/admin/server-keys": {"get": {
                 "summary": "The server's public keys, for provisioning devices",

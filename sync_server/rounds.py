@@ -69,6 +69,7 @@ from sqlalchemy.exc import IntegrityError
 
 from device_sdk import secagg
 from device_sdk.bundle import MANIFEST, encode_manifest
+from device_sdk.csprng import CryptoRandom
 from device_sdk.protocol import (
     SEALED_SCHEME,
     ProtocolError,
@@ -117,7 +118,7 @@ TASK_DEFAULTS: dict[str, Any] = {
 }
 ROUND_DEFAULTS: dict[str, Any] = {
     "strategy": "fedavg", "target_clients": 10, "min_clients": None, "deadline_s": 3600.0,
-    "noise_multiplier": None, "delta": 1e-5, "epsilon_budget": None, "population": None,
+    "noise_multiplier": None, "delta": None, "epsilon_budget": None, "population": None,
     "sampling_rate": None, "max_clients": None,
     "model_version": None, "upload_scheme": secagg.SCHEME, "dp_mode": "central",
     "secagg_degree": None, "secagg_threshold": None, "secagg_stage_timeout_s": 60.0,
@@ -183,8 +184,7 @@ def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
     _number(config, "noise_multiplier", 0, allow_none=True)
     _number(config, "epsilon_budget", 0, allow_none=True)
     _number(config, "model_version", 0, allow_none=True, integer=True, inclusive=True)
-    if type(config["delta"]) not in (int, float) or not 0 < config["delta"] < 1:
-        raise _bad(f"delta must be in (0, 1), got {config['delta']!r}")
+    selection.resolve_delta(config)
     _check_upload(config)
     try:  # the device-facing half, checked exactly as a device will check it
         RoundTask.from_json({**{k: config[k] for k in TASK_DEFAULTS}, "round_id": "check",
@@ -458,9 +458,11 @@ class RoundService:
         self.advance()
         with self.db.session() as session:
             ids = session.scalars(select(Round.id).order_by(Round.created_at)).all()
-            spent = session.scalars(select(PrivacyLedger.epsilon)
+            spent = session.execute(select(PrivacyLedger.epsilon, PrivacyLedger.delta)
                                     .order_by(PrivacyLedger.id.desc()).limit(1)).first()
-        return {"rounds": [self.view(i) for i in ids], "epsilon_spent": spent or 0.0}
+        return {"rounds": [self.view(i) for i in ids],
+                "epsilon_spent": spent.epsilon if spent else 0.0,
+                "delta": spent.delta if spent else None}
 
     # --- devices -------------------------------------------------------------------------
 
@@ -794,7 +796,11 @@ class RoundService:
                                     Round.strategy_state_sha256.is_not(None))
                 .order_by(Round.finished_at.desc())).all()
             entries = self._ledger_entries(session)
-        strategy = strategies.build({**config, "expected_clients": target})
+        # Central DP noise: a CSPRNG stream under a fresh OS key per aggregation; seeded per
+        # round only under DETERMINISTIC_SEED (simulations, tests).
+        noise = CryptoRandom() if self.seed is None else CryptoRandom.from_seed(
+            f"{self.seed}/noise/{row.id}")
+        strategy = strategies.build({**config, "expected_clients": target}, rng=noise)
         dp = config["noise_multiplier"] is not None
         for prev in previous:  # server optimizer state (momentum, Adam moments) carries over
             if prev.config["strategy"] == config["strategy"] and (
@@ -882,8 +888,9 @@ class RoundService:
                     mechanism=entry.mechanism, accountant=computed_by))
         if self.metrics is not None:
             self.metrics.aggregation_seconds.observe(seconds)
-        log.info("round %s published version %d (%d updates, epsilon %s, %.2f s)", row.id,
-                 version, clients, epsilon, seconds,
+        log.info("round %s published version %d (%d updates, epsilon %s at delta %s, "
+                 "%.2f s)", row.id, version, clients, epsilon,
+                 config["delta"] if dp else None, seconds,
                  extra={"round_id": row.id, "status": "published", "version": version,
                         "updates": clients, "epsilon": epsilon,
                         "duration_ms": round(seconds * 1000, 3)})

@@ -75,9 +75,45 @@ def resolve(config: dict[str, Any]) -> None:
         raise _bad("max_clients must be >= target_clients")
 
 
+def resolve_delta(config: dict[str, Any]) -> None:
+    """Fill ``delta`` (default: the power of ten at or below 1 / (10 N)) and ``delta_basis``
+    in place, N = ``population`` or, when the config names none, target_clients / q (the
+    population its q implies). A delta above 1 / N is refused (400 ``delta_too_large``): a
+    mechanism that publishes one device's data outright with probability delta satisfies
+    (0, delta)-DP, so such a delta guarantees nothing."""
+    from sync_server.errors import ApiError
+
+    if config["population"] is not None:
+        n, where = int(config["population"]), "population"
+    else:
+        n = max(1, math.ceil(config["target_clients"] / float(config["sampling_rate"])))
+        where = "target_clients / sampling_rate"
+    delta = config["delta"]
+    if delta is None:
+        delta = 10.0 ** -math.ceil(math.log10(10 * n) - 1e-9)
+        config["delta_basis"] = f"default: the power of ten <= 1/(10 N), N = {n} ({where})"
+    elif type(delta) not in (int, float) or not 0 < delta < 1:
+        raise _bad(f"delta must be in (0, 1), got {delta!r}")
+    elif delta > 1 / n:
+        raise ApiError("delta_too_large", f"delta {delta:g} is above 1/N = {1 / n:.3g} "
+                       f"(N = {n}, {where}): a round that published one device's data "
+                       f"outright with probability delta would meet it; use at most "
+                       f"1/(10 N), e.g. {10.0 ** -math.ceil(math.log10(10 * n) - 1e-9):g}",
+                       400)
+    else:
+        config["delta_basis"] = f"configured (N = {n}, {where})"
+    config["delta"] = float(delta)
+
+
+def rate(config: dict[str, Any]) -> float:
+    """A round's q. Rounds opened before revision 0006 have none in their config: they were
+    first come up to target_clients, and keep that (q = 1 selection) until they end."""
+    return float(config.get("sampling_rate", 1.0))
+
+
 def capped(config: dict[str, Any]) -> bool:
     """Whether selection is first-come up to target_clients (only when q = 1)."""
-    return float(config["sampling_rate"]) >= 1.0
+    return rate(config) >= 1.0
 
 
 def collecting_done(row: Round, now: datetime) -> bool:
@@ -109,7 +145,7 @@ def draw(db: Database, row: Round, device_id: str, seed: str | None) -> bool:
         stored = session.get(SelectionCoin, (row.id, device_id))
         if stored is not None:
             return stored.selected
-    selected = coin(float(row.config["sampling_rate"]), row.id, device_id, seed)
+    selected = coin(rate(row.config), row.id, device_id, seed)
     try:
         with db.transaction() as session:
             if selected:

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from device_sdk.csprng import CryptoRandom
+
 Weights = dict[str, np.ndarray]
 
 
@@ -210,7 +212,7 @@ class DPFedAvg:
         noise_multiplier: float,
         expected_clients: int,
         adaptive: AdaptiveClip | None = None,
-        rng: np.random.Generator | None = None,
+        rng: Any = None,
     ) -> None:
         if not clip_norm > 0 or noise_multiplier < 0 or expected_clients < 1:
             raise ValueError("need clip_norm > 0, noise_multiplier >= 0, expected_clients >= 1")
@@ -229,7 +231,10 @@ class DPFedAvg:
         self.noise_multiplier = float(noise_multiplier)
         self.expected_clients = int(expected_clients)
         self.adaptive = adaptive
-        self._rng = rng or np.random.default_rng()
+        # The noise that hides each device: AES-CTR under a fresh OS key (a numpy bit
+        # generator's state can be recovered from its output). A seeded generator only when
+        # a simulation configures one (``CryptoRandom.from_seed``).
+        self._rng = rng or CryptoRandom()
 
     @property
     def update_noise_multiplier(self) -> float:
@@ -290,7 +295,7 @@ SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
 }
 
 
-def build(config: Mapping[str, Any], rng: np.random.Generator | None = None) -> Strategy:
+def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
     """A strategy from a round config: ``strategy`` (fedavg | fedavgm | fedadam), its
     ``server_lr`` / ``momentum`` / ``beta1`` / ``beta2`` / ``tau``, and, when
     ``noise_multiplier`` is set, the DP wrapper with ``clip_norm``, ``expected_clients`` and

@@ -165,7 +165,9 @@ def test_metrics_are_stored_per_source_and_a_later_post_replaces_a_value(server)
 
 def test_dashboard_document_rounds_models_privacy_and_series(server, devices):
     data = dashboard(server)
-    assert set(data) == {"rounds", "models", "privacy", "series", "generated_at"}
+    assert set(data) == {"rounds", "models", "privacy", "series", "fleet", "generated_at"}
+    # the devices fixture synced once each (holding version 1, checked in with it)
+    assert data["fleet"] == {"registered": 3, "seen_last_day": 3, "by_version": {"1": 3}}
     assert data["rounds"] == []
     assert data["privacy"] == {"epsilon": 0.0, "delta": None, "accountant": None,
                                "mechanism": None, "budget": None, "budget_left": None}

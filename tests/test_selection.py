@@ -119,6 +119,12 @@ def test_devices_without_the_round_model_version_get_no_coin(server):
     honest = Fleet(server).register(3)
     assert all(c.checkin(1, 5) is not None for c in honest)  # the slots were all still free
     assert server.round(opened["round_id"])["selected"] == 3
+    # The fleet view: what each device reported at its latest check-in.
+    metrics = server.request("GET", "/metrics").data.decode()
+    for version, count in {"none": 3, "0": 3, "1": 3, "2": 2, "7": 2}.items():
+        assert f'pocketrec_devices_by_version{{version="{version}"}} {count}.0' in metrics
+    assert "pocketrec_devices_registered 13.0" in metrics
+    assert "pocketrec_devices_seen_last_day 13.0" in metrics
 
 
 def _zero_update(tiny_export, trainable, clip):
@@ -182,3 +188,91 @@ def test_registering_many_devices_leaves_projected_and_final_epsilon_unchanged(
     assert "pocketrec_epsilon_delta 1e-05" in metrics
     assert ('pocketrec_epsilon_accountant{accountant="pld",mechanism='
             '"poisson_sampled_gaussian"} 1.0') in metrics
+
+
+def test_delta_defaults_below_one_tenth_of_one_over_n_and_above_one_over_n_is_refused(server):
+    dp = {"population": 60, "target_clients": 6, "noise_multiplier": 1.0}
+    response = server.admin("POST", "/v1/admin/rounds",
+                            json={**dp, "delta": 0.02, "upload_scheme": SEALED_SCHEME})
+    body = json.loads(response.data)
+    assert (response.status, body["error"]["code"]) == (400, "delta_too_large")
+    assert "1/N" in body["error"]["message"] and "N = 60" in body["error"]["message"]
+    assert json.loads(server.admin("GET", "/v1/admin/rounds").data)["rounds"] == []
+
+    opened = open_round(server, **dp)  # no delta: the default
+    assert opened["delta"] == 1e-3 <= 1 / (10 * 60)
+    assert opened["config"]["delta_basis"].startswith("default")
+    server.admin("POST", f"/v1/admin/rounds/{opened['round_id']}/close-stage")
+    # Without a population, N is what the config implies: target_clients / q.
+    implied = open_round(server, sampling_rate=0.25, target_clients=50,
+                         noise_multiplier=1.0)
+    assert implied["delta"] == 1e-4 <= 1 / (10 * 200)
+
+
+def _seeded_run(root: Path, tiny_export, seed: str | None) -> tuple[list[bool], dict]:
+    """One DP round (q 0.5 over 20 devices with fixed keys, zero updates) on a fresh SQLite
+    server: which devices were selected, and the published weights."""
+    import hashlib
+    import io
+    import zipfile
+
+    settings = {**SETTINGS, **({"DETERMINISTIC_SEED": seed} if seed else {})}
+    with ServerProcess(root / "server", **settings) as server:
+        assert server.admin("POST", "/v1/admin/models", body=zip_bundle(tiny_export.bundle_dir),
+                            headers={"Content-Type": "application/zip"}).status == 201
+        opened = open_round(server, sampling_rate=0.5, population=20, target_clients=10,
+                            min_clients=1, noise_multiplier=1.0, clip_norm=0.5)
+        assert opened["config"]["selection"] == ("seeded" if seed else "csprng")
+        fleet = Fleet(server)
+        clients = []
+        for n in range(20):
+            key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"%d" % n).digest())
+            client = SyncClient(server.url, DeviceIdentity(key), outbox_dir=fleet.outbox,
+                                server_signing_key=fleet.signing_key, retries=0,
+                                timeout=30.0, pool=fleet.pool)
+            client.register()
+            clients.append(client)
+        update = _zero_update(tiny_export, opened["config"]["trainable"], 0.5)
+        tasks = [c.checkin(1, 5) for c in clients]
+        for client, task in zip(clients, tasks, strict=True):
+            if task is not None:
+                client.upload(task, update)
+        server.admin("POST", f"/v1/admin/rounds/{opened['round_id']}/close-stage")
+        view = server.round(opened["round_id"])
+        assert view["state"] == "published", view["reason"]
+        engine = create_engine(server.database_url)
+        try:
+            with engine.connect() as db:
+                digest = db.execute(text("SELECT blob_sha256 FROM model_versions WHERE "
+                                         "version = 2")).scalar_one()
+        finally:
+            engine.dispose()
+        data = (server.data_dir / "blobs" / digest[:2] / digest).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf, \
+            np.load(io.BytesIO(zf.read("weights.npz"))) as npz:
+        weights = {k: npz[k] for k in npz.files}
+    return [t is not None for t in tasks], weights
+
+
+def test_only_a_configured_seed_makes_coins_and_noise_reproducible(tmp_path, tiny_export):
+    """SQLite only: this is about the random streams, not the database."""
+    first = _seeded_run(tmp_path / "a", tiny_export, "test-seed")
+    again = _seeded_run(tmp_path / "b", tiny_export, "test-seed")
+    fresh = _seeded_run(tmp_path / "c", tiny_export, None)
+    assert first[0] == again[0] and any(first[0])
+    assert all(np.array_equal(first[1][k], again[1][k]) for k in first[1])
+    # Without the seed: the OS-keyed CSPRNG, another noise draw (the coins may or may not
+    # coincide: 2^-20 for all 20 to agree; the weights differ almost surely).
+    assert not all(np.array_equal(first[1][k], fresh[1][k]) for k in first[1])
+
+
+def test_coin_and_rate_without_a_server():
+    from sync_server import selection
+
+    assert selection.coin(1.0, "r", "d", None) is True
+    seeded = [selection.coin(0.5, "round-1", f"dev{n}", "seed") for n in range(64)]
+    assert seeded == [selection.coin(0.5, "round-1", f"dev{n}", "seed") for n in range(64)]
+    assert seeded != [selection.coin(0.5, "round-2", f"dev{n}", "seed") for n in range(64)]
+    # A round opened before selection coins existed keeps its first-come selection.
+    assert selection.rate({"target_clients": 3}) == 1.0
+    assert selection.capped({"target_clients": 3})

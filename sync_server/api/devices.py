@@ -9,11 +9,12 @@ import hmac
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy.exc import IntegrityError
 
+from sync_server import enrollment
 from sync_server.api import json_object
 from sync_server.auth import check_rate_limit, verify_device_request
 from sync_server.db import get_db
 from sync_server.errors import ApiError
-from sync_server.models import Device
+from sync_server.models import Device, EnrollmentToken
 
 bp = Blueprint("devices", __name__)
 
@@ -35,8 +36,11 @@ def register() -> tuple[Response, int]:
         raise ApiError("bad_request", "public_key must be 32 raw bytes, base64", 400)
     device_id = verify_device_request(public_key)
     check_rate_limit(device_id)
-    expected = current_app.config["POCKETREC"]["ENROLLMENT_TOKEN"]
+    settings = current_app.config["POCKETREC"]
+    expected = settings["ENROLLMENT_TOKEN"]
     given = obj.get("enrollment_token")
+    if settings["ENROLLMENT_MODE"] == "one-time":
+        return _register_one_time(device_id, public_key, given)
     if expected is not None and not (
         isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
     ):
@@ -50,4 +54,21 @@ def register() -> tuple[Response, int]:
                 session.add(Device(id=device_id, public_key=public_key))
         except IntegrityError:
             known = True  # registered concurrently by a retry of this same request
+    return jsonify({"device_id": device_id}), 200 if known else 201
+
+
+def _register_one_time(device_id: str, public_key: bytes, token: object
+                       ) -> tuple[Response, int]:
+    db = get_db()
+    try:
+        known = enrollment.register_with_token(db, device_id, public_key, token)
+    except (ApiError, IntegrityError):
+        # A concurrent retry of this very registration may have won: then it is known.
+        if not isinstance(token, str):
+            raise
+        with db.session() as session:
+            row = session.get(EnrollmentToken, enrollment.digest(token))
+        if row is None or row.device_id != device_id:
+            raise
+        known = True
     return jsonify({"device_id": device_id}), 200 if known else 201

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, g, jsonify
 
+from sync_server import fleet
 from sync_server.api import json_object, octet_stream
 from sync_server.auth import device_required
+from sync_server.db import get_db
 from sync_server.errors import ApiError
 from sync_server.rounds import RoundService
 
@@ -28,6 +30,7 @@ def checkin() -> Response:
     ):
         raise ApiError("bad_request", "model_version must be an int or null, num_examples "
                        "an int >= 0", 400)
+    fleet.note_version(get_db(), g.device_id, model_version)
     task = service().checkin(g.device_id, model_version)
     if task is None:
         retry_after = current_app.config["POCKETREC"]["CHECKIN_RETRY_AFTER"]

@@ -47,6 +47,13 @@
       ? "no budget set" : `${num(privacy.budget_left)} of ${num(privacy.budget)}`;
   }
 
+  function renderFleet(fleet) {
+    document.getElementById("registered").textContent = String(fleet.registered);
+    document.getElementById("seen").textContent = String(fleet.seen_last_day);
+    const parts = Object.entries(fleet.by_version).map(([v, n]) => `${v}: ${n}`);
+    document.getElementById("by-version").textContent = parts.length ? parts.join(", ") : "–";
+  }
+
   function renderRounds(rounds) {
     const rows = rounds.map((r) => {
       const tr = el("tr", {"data-round-id": r.round_id, "data-state": r.state});
@@ -163,6 +170,7 @@
 
   function render(data) {
     renderPrivacy(data.privacy);
+    renderFleet(data.fleet);
     renderRounds(data.rounds);
     renderModels(data.models);
     renderChart(data.series);
