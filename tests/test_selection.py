@@ -203,6 +203,9 @@ def test_delta_defaults_below_one_tenth_of_one_over_n_and_above_one_over_n_is_re
     assert opened["delta"] == 1e-3 <= 1 / (10 * 60)
     assert opened["config"]["delta_basis"].startswith("default")
     server.admin("POST", f"/v1/admin/rounds/{opened['round_id']}/close-stage")
+    # Nobody checked in: the round fails (in a thread after the close answered); the next
+    # round may open only once it has.
+    assert server.round(opened["round_id"])["state"] == "failed"
     # Without a population, N is what the config implies: target_clients / q.
     implied = open_round(server, sampling_rate=0.25, target_clients=50,
                          noise_multiplier=1.0)
