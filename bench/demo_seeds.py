@@ -6,9 +6,10 @@ mean and spread over seeds, so a difference between runs can be set against the 
     python bench/demo_seeds.py -- --data ../shared/data/online_retail.csv.gz
 
 Runs the real command (`python -m trainer.cli demo --seed S --run DIR/seed-S-K`, anything
-after ``--`` passed on), one at a time, and reads each report's rounds.json. The federated
-rounds' last digits can move between two runs of one seed: SecAgg+'s stochastic rounding and
-all DP noise are drawn from the OS on purpose (docs/ARCHITECTURE.md, Training)."""
+after ``--`` passed on), one at a time, and reads each report's rounds.json. The simulator's
+server seeds its selection coins and DP noise from the seed; the devices' SecAgg+ stochastic
+rounding is drawn fresh, so the last digits of the federated rounds could move between two
+runs of one seed (docs/ARCHITECTURE.md, Training)."""
 
 from __future__ import annotations
 
