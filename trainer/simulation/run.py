@@ -416,7 +416,8 @@ class Simulation:
         if refused:
             raise RuntimeError(f"round {round_id}: the server did not select {len(refused)} "
                                f"device(s) whose seeded coin came up (e.g. {refused[0]}); "
-                               "its DETERMINISTIC_SEED is not the simulator's")
+                               "its DETERMINISTIC_SEED is not the simulator's, or the "
+                               "device does not hold the round's model version")
         sampled = sorted(b["user"] for b in begun if b.get("selected"))
         late_collecting = [u for u in late_collecting if u in sampled]
         record.sampled = len(sampled)
