@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import model_zoo
 from device_sdk.bundle import Bundle
 from device_sdk.model_update import ModelUpdate
+from device_sdk.protocol import TrainingParams
 from device_sdk.recommender import NEGATIVE_KINDS, HistoryPolicy
 
 if TYPE_CHECKING:
@@ -34,19 +35,10 @@ def next_item_windows(seq: np.ndarray, max_len: int) -> np.ndarray:
     return np.ascontiguousarray(view[1:])
 
 
-@dataclass(frozen=True)
-class LocalTrainingConfig:
-    """One round's local training: the server's ``RoundTask`` fills these in."""
-
-    local_epochs: int = 1
-    learning_rate: float = 0.05
-    batch_size: int = 32
-    clip_norm: float = 1.0
-    proximal_mu: float = 0.0
-    max_examples: int = 1000
-    # None: every parameter (the server's meaning too). An architecture's default federated
-    # subset is its config's ``federated_params()``, recorded in the bundle manifest.
-    trainable: tuple[str, ...] | None = None
+@dataclass(frozen=True, kw_only=True)
+class LocalTrainingConfig(TrainingParams):
+    """One round's local training: the fields and defaults of ``TrainingParams`` (the
+    training half of a ``RoundTask``), checked on construction."""
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "max_examples"):
@@ -59,16 +51,10 @@ class LocalTrainingConfig:
             raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
     @classmethod
-    def from_task(cls, task: Any) -> LocalTrainingConfig:
-        return cls(
-            local_epochs=task.local_epochs,
-            learning_rate=task.learning_rate,
-            batch_size=task.batch_size,
-            clip_norm=task.clip_norm,
-            proximal_mu=task.proximal_mu,
-            max_examples=task.max_examples,
-            trainable=tuple(task.trainable) if task.trainable else None,
-        )
+    def from_task(cls, task: TrainingParams) -> LocalTrainingConfig:
+        params = task.training_params()
+        params["trainable"] = tuple(task.trainable) if task.trainable else None
+        return cls(**params)
 
 
 class LocalTrainer:

@@ -24,7 +24,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -117,7 +117,7 @@ def signed_string(
 ) -> bytes:
     """The exact bytes a device signs. A field holding a newline could shift the others, so
     one is refused rather than escaped."""
-    fields = [
+    parts = [
         SIGNATURE_DOMAIN,
         method.upper(),
         path_with_query,
@@ -126,9 +126,9 @@ def signed_string(
         nonce,
         device_id,
     ]
-    if any("\n" in f for f in fields):
+    if any("\n" in f for f in parts):
         raise ProtocolError("bad_signature", "a signed field contains a newline")
-    return "\n".join(fields).encode("utf-8")
+    return "\n".join(parts).encode("utf-8")
 
 
 def sign_headers(
@@ -513,19 +513,78 @@ def _integer(obj: Mapping[str, Any], key: str, *, minimum: int) -> int:
 
 
 @dataclass(frozen=True)
-class RoundTask:
+class Bound:
+    """The range of a numeric task or round-config field: the device's check, the server's
+    check and the OpenAPI schema all read it from the field's metadata."""
+
+    minimum: float
+    exclusive: bool = False
+
+
+def bounded(default: Any = MISSING, *, minimum: float, exclusive: bool = False) -> Any:
+    """A dataclass field with a ``Bound`` (and a default, unless the field is required)."""
+    return field(default=default, metadata={"bound": Bound(minimum, exclusive)})
+
+
+def read_field(obj: Mapping[str, Any], f: Field[Any]) -> Any:
+    """One int / float field of ``obj`` checked against its type and ``Bound``;
+    ProtocolError("bad_task") otherwise. Other fields are returned as they are."""
+    bound = f.metadata.get("bound")
+    if bound is None:
+        return obj.get(f.name)
+    if f.type in ("int", "int | None"):
+        if bound.exclusive:
+            raise TypeError(f"{f.name}: integer bounds are inclusive")
+        return _integer(obj, f.name, minimum=int(bound.minimum))
+    return _number(obj, f.name, minimum=bound.minimum, exclusive=bound.exclusive)
+
+
+def _trainable(value: Any) -> tuple[str, ...] | None:
+    if value is not None and (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(n, str) and NAME_PATTERN.fullmatch(n) for n in value)
+    ):
+        raise ProtocolError("bad_task", "trainable must be null or a non-empty name list")
+    return None if value is None else tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingParams:
+    """How a device trains in a round: the training half of every ``RoundTask``, with the
+    defaults the server fills into a round config (``sync_server.round_config``) and the
+    device's ``LocalTrainingConfig`` starts from. Defined once, here."""
+
+    clip_norm: float = bounded(1.0, minimum=0.0, exclusive=True)
+    local_epochs: int = bounded(1, minimum=1)
+    learning_rate: float = bounded(0.1, minimum=0.0, exclusive=True)
+    batch_size: int = bounded(32, minimum=1)
+    proximal_mu: float = bounded(0.0, minimum=0.0)
+    max_examples: int = bounded(1000, minimum=1)
+    # None: every parameter. An architecture's default federated subset is its config's
+    # ``federated_params()``, recorded in the bundle manifest (the server fills it in).
+    trainable: tuple[str, ...] | None = None
+
+    @classmethod
+    def params_from_json(cls, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """The training fields of a JSON object, each checked (a missing one is refused):
+        ProtocolError("bad_task") on the first that is not usable."""
+        values = {f.name: read_field(obj, f) for f in fields(TrainingParams)}
+        values["trainable"] = _trainable(obj.get("trainable"))
+        return values
+
+    def training_params(self) -> dict[str, Any]:
+        """The training fields of this object (a task, a round config) by name."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainingParams)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundTask(TrainingParams):
     """A federated round the server offers a device (field meanings: ARCHITECTURE.md)."""
 
     round_id: str
-    model_version: int
-    clip_norm: float
-    local_epochs: int
-    learning_rate: float
-    batch_size: int
-    proximal_mu: float
-    max_examples: int
-    trainable: tuple[str, ...] | None
-    deadline: float
+    model_version: int = bounded(minimum=0)
+    deadline: float = bounded(minimum=0.0)
     upload_scheme: str
     secagg: dict[str, Any] | None = None  # the SecAgg+ parameters (device_sdk.secagg)
 
@@ -539,37 +598,29 @@ class RoundTask:
         round_id = obj.get("round_id")
         if not isinstance(round_id, str) or not NAME_PATTERN.fullmatch(round_id):
             raise ProtocolError("bad_task", f"bad round_id {round_id!r}")
-        trainable = obj.get("trainable")
-        if trainable is not None and (
-            not isinstance(trainable, list)
-            or not trainable
-            or not all(isinstance(n, str) and NAME_PATTERN.fullmatch(n) for n in trainable)
-        ):
-            raise ProtocolError("bad_task", "trainable must be null or a non-empty name list")
+        training = cls.params_from_json(obj)
         scheme = obj.get("upload_scheme")
         if not isinstance(scheme, str) or not scheme:
             raise ProtocolError("bad_task", "upload_scheme must be a non-empty string")
         secure = obj.get("secagg")
         if secure is not None and not isinstance(secure, dict):
             raise ProtocolError("bad_task", "secagg must be an object or null")
+        by_name = {f.name: f for f in fields(cls)}
         return cls(
             round_id=round_id,
-            model_version=_integer(obj, "model_version", minimum=0),
-            clip_norm=_number(obj, "clip_norm", minimum=0.0, exclusive=True),
-            local_epochs=_integer(obj, "local_epochs", minimum=1),
-            learning_rate=_number(obj, "learning_rate", minimum=0.0, exclusive=True),
-            batch_size=_integer(obj, "batch_size", minimum=1),
-            proximal_mu=_number(obj, "proximal_mu", minimum=0.0, exclusive=False),
-            max_examples=_integer(obj, "max_examples", minimum=1),
-            trainable=None if trainable is None else tuple(trainable),
-            deadline=_number(obj, "deadline", minimum=0.0, exclusive=False),
+            model_version=read_field(obj, by_name["model_version"]),
+            deadline=read_field(obj, by_name["deadline"]),
             upload_scheme=scheme,
             secagg=secure,
+            **training,
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The wire form; ``secagg`` only in SecAgg+ tasks."""
         obj = asdict(self)
         obj["trainable"] = None if self.trainable is None else list(self.trainable)
+        if self.secagg is None:
+            del obj["secagg"]
         return obj
 
 

@@ -1,9 +1,14 @@
-"""The OpenAPI 3.1 document served at /v1/openapi.json, written by hand from
-docs/ARCHITECTURE.md ("Wire protocol /v1"). tests/test_server_api.py checks that it lists
-exactly the app's /v1 routes."""
+"""The OpenAPI 3.1 document served at /v1/openapi.json, written from docs/ARCHITECTURE.md
+("Wire protocol /v1"). tests/test_server_api.py checks that it lists exactly the app's /v1
+routes. The round config and round task schemas are generated from their types
+(``sync_server.round_config.RoundConfig``, ``device_sdk.protocol.RoundTask``), never
+written by hand; tests/test_round_config.py compares the served ones with the types."""
 
 from __future__ import annotations
 
+import types
+import typing
+from dataclasses import MISSING, fields
 from typing import Any
 
 from device_sdk.protocol import (
@@ -13,9 +18,73 @@ from device_sdk.protocol import (
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
+    NAME_PATTERN,
+    RoundTask,
 )
+from sync_server.round_config import MAX_NUMBER, RoundConfig
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+_JSON_TYPES = {int: "integer", float: "number", str: "string", dict: "object",
+               tuple: "array"}
+
+
+def _type_schema(annotation: Any) -> dict[str, Any]:
+    """The JSON schema of a field's type: int, float, str, dict[...], tuple[str, ...] (a
+    non-empty list of names), each optionally ``| None``."""
+    args = typing.get_args(annotation)
+    nullable = isinstance(annotation, types.UnionType) and type(None) in args
+    if nullable:
+        annotation = next(a for a in args if a is not type(None))
+    base = typing.get_origin(annotation) or annotation
+    schema: dict[str, Any] = {"type": _JSON_TYPES[base]}
+    if base is tuple:
+        schema.update(items={"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"},
+                      minItems=1)
+    if nullable:
+        schema["type"] = [schema["type"], "null"]
+    return schema
+
+
+def dataclass_schema(cls: type, *, maximum: float | None = None) -> dict[str, Any]:
+    """An object schema with one property per dataclass field: its type, default, ``Bound``
+    (metadata ``bound``, ``maximum``, ``exclusive_maximum``) and ``enum``. ``maximum``
+    caps every number without a smaller one."""
+    hints = typing.get_type_hints(cls)
+    properties: dict[str, Any] = {}
+    for f in fields(cls):
+        schema = _type_schema(hints[f.name])
+        if "enum" in f.metadata:
+            schema = {"enum": list(f.metadata["enum"])}
+        bound = f.metadata.get("bound")
+        if bound is not None:
+            schema["exclusiveMinimum" if bound.exclusive else "minimum"] = bound.minimum
+            top = f.metadata.get("maximum")
+            if top is not None:
+                schema["exclusiveMaximum" if f.metadata.get("exclusive_maximum")
+                       else "maximum"] = top
+            elif maximum is not None:
+                schema["maximum"] = maximum
+        if f.default is not MISSING:
+            schema["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+        properties[f.name] = schema
+    return {"type": "object", "properties": properties}
+
+
+def round_config_schema() -> dict[str, Any]:
+    """POST /v1/admin/rounds's body: every key optional, unknown keys refused."""
+    return {**dataclass_schema(RoundConfig, maximum=MAX_NUMBER), "additionalProperties": False,
+            "description": _ROUND_CONFIG_TEXT}
+
+
+def round_task_schema() -> dict[str, Any]:
+    """The task a selected device gets at check-in; ``secagg`` only in SecAgg+ rounds."""
+    schema = dataclass_schema(RoundTask)
+    schema["required"] = [f.name for f in fields(RoundTask) if f.name != "secagg"]
+    schema["properties"]["secagg"]["description"] = (
+        "SecAgg+ parameters: scale, vector_length, min_clients, noise_std, stage_timeout_s, "
+        "poll_s")
+    return schema
+
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -169,22 +238,16 @@ _ROUND = {
                    "shared, masked, unmasked)"},
     },
 }
-_ROUND_CONFIG = {
-    "type": "object",
-    "description": "every key optional: strategy (fedavg|fedavgm|fedadam), server_lr, "
-    "momentum, beta1, beta2, tau, target_clients, min_clients, deadline_s, clip_norm, "
-    "noise_multiplier (null: no DP), delta (default: the power of ten <= 1/(10 N), N = "
-    "population or target_clients / q; above 1/N: 400 delta_too_large), epsilon_budget, "
-    "sampling_rate (q: each device "
-    "checking in is selected with probability q), population (the eligible population the "
-    "operator vouches for: q = target_clients / population when sampling_rate is unset; "
-    "neither: q = 1, first come up to target_clients), max_clients (largest cohort the "
-    "SecAgg+ ring holds; larger: the round fails), model_version (default: current), "
-    "local_epochs, learning_rate, batch_size, proximal_mu, max_examples, trainable, "
-    "upload_scheme (secagg+-v1 default | sealed-x25519-v1), dp_mode (central | distributed), "
-    "secagg_degree, secagg_threshold (null: the safe defaults), secagg_stage_timeout_s, "
-    "secagg_poll_s",
-}
+_ROUND_CONFIG_TEXT = (
+    "null (or absent): derived when the round opens. strategy with server_lr, momentum, "
+    "beta1, beta2, tau (absent: the strategy's defaults); noise_multiplier (null: no DP); "
+    "delta (default: the power of ten <= 1/(10 N), N = population or target_clients / q; "
+    "above 1/N: 400 delta_too_large); sampling_rate (q: each device checking in is selected "
+    "with probability q); population (the eligible population the operator vouches for: q "
+    "= target_clients / population when sampling_rate is unset; neither: q = 1, first come "
+    "up to target_clients); max_clients (largest cohort the SecAgg+ ring holds; larger: the "
+    "round fails); model_version (default: current); secagg_degree, secagg_threshold (null: "
+    "the safe defaults)")
 _SERVER_KEYS = {
     "type": "object",
     "required": ["signing_key", "transport_key", "transport_key_sig"],
@@ -359,7 +422,7 @@ def openapi_document() -> dict[str, Any]:
                     "no_model / privacy_budget_exhausted / privacy_required (409)",
                     "security": _ADMIN,
                     "requestBody": {"required": True, "content": {"application/json": {
-                        "schema": _ROUND_CONFIG}}},
+                        "schema": {"$ref": "#/components/schemas/RoundConfig"}}}},
                     "responses": {"201": _json(_ROUND, "opened"),
                                   **_errors(400, 401, 403, 409, 413, 415)},
                 },
@@ -507,13 +570,8 @@ def openapi_document() -> dict[str, Any]:
                 }}},
                 "DeviceId": {"type": "object", "properties": {
                     "device_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}},
-                "RoundTask": {"type": "object", "required": [
-                    "round_id", "model_version", "clip_norm", "local_epochs", "learning_rate",
-                    "batch_size", "proximal_mu", "max_examples", "trainable", "deadline",
-                    "upload_scheme"], "properties": {"secagg": {
-                        "type": ["object", "null"], "description": "SecAgg+ parameters: "
-                        "scale, vector_length, min_clients, noise_std, stage_timeout_s, "
-                        "poll_s"}}},
+                "RoundTask": round_task_schema(),
+                "RoundConfig": round_config_schema(),
             },
         },
     }

@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,12 @@ from device_sdk.csprng import CryptoRandom
 from device_sdk.protocol import (
     SEALED_SCHEME,
     ProtocolError,
-    RoundTask,
     decode_tensors,
     encode_tensors,
     open_update,
     validate_update,
 )
-from sync_server import secure_aggregation, selection, strategies
+from sync_server import round_config, secure_aggregation, selection, strategies
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
@@ -103,6 +103,7 @@ from sync_server.registry import (
     newest_full_version,
     sign_and_store,
 )
+from sync_server.round_config import RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -111,138 +112,12 @@ Publisher = Callable[[dict[str, np.ndarray], Path, int, dict[str, Any]], Path]
 ACTIVE = ("open", "collecting", "share_keys", "masked_input", "unmasking", "aggregating")
 STATES = (*ACTIVE, "published", "failed")
 
-# The round config an admin may send, with defaults (None: required or computed).
-TASK_DEFAULTS: dict[str, Any] = {
-    "clip_norm": 1.0, "local_epochs": 1, "learning_rate": 0.1, "batch_size": 32,
-    "proximal_mu": 0.0, "max_examples": 1000, "trainable": None,
-}
-ROUND_DEFAULTS: dict[str, Any] = {
-    "strategy": "fedavg", "target_clients": 10, "min_clients": None, "deadline_s": 3600.0,
-    "noise_multiplier": None, "delta": None, "epsilon_budget": None, "population": None,
-    "sampling_rate": None, "max_clients": None,
-    "model_version": None, "upload_scheme": secagg.SCHEME, "dp_mode": "central",
-    "secagg_degree": None, "secagg_threshold": None, "secagg_stage_timeout_s": 60.0,
-    "secagg_poll_s": 1.0, **TASK_DEFAULTS,
-}
-SCHEMES = (secagg.SCHEME, SEALED_SCHEME)
-STRATEGY_KEYS = ("server_lr", "momentum", "beta1", "beta2", "tau")
-# No number in a round config may exceed this (a count beyond the database's INTEGER, or a
-# deadline beyond the year 9999, would fail later, inside every request touching the round).
-MAX_NUMBER = 2**31 - 1
-
-
-def _bad(message: str) -> ApiError:
-    return ApiError("bad_round_config", message, 400)
-
-
-def _number(config: dict[str, Any], key: str, low: float, *, allow_none: bool = False,
-            integer: bool = False, inclusive: bool = False) -> None:
-    value = config[key]
-    if value is None and allow_none:
-        return
-    kinds = (int,) if integer else (int, float)
-    if type(value) not in kinds or not math.isfinite(value) or value < low or (
-        value == low and not inclusive
-    ):
-        kind = "an integer" if integer else "a number"
-        raise _bad(f"{key} must be {kind} {'>=' if inclusive else '>'} {low}, got {value!r}")
-
-
-def normalise_config(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The admin's round config with defaults filled in; 400 ``bad_round_config`` on
-    anything unusable (unknown keys included, so a typo never silently means a default)."""
-    unknown = sorted(set(obj) - set(ROUND_DEFAULTS) - set(STRATEGY_KEYS))
-    if unknown:
-        known = sorted({*ROUND_DEFAULTS, *STRATEGY_KEYS})
-        raise _bad(f"unknown round setting(s) {unknown}; known: {known}")
-    config = {**ROUND_DEFAULTS, **obj}
-    for key, value in config.items():  # counts go into INTEGER columns, seconds into dates
-        if type(value) in (int, float) and not abs(value) <= MAX_NUMBER:  # NaN included
-            raise _bad(f"{key} must be a finite number at most {MAX_NUMBER}, got {value!r}")
-    _number(config, "target_clients", 1, integer=True, inclusive=True)
-    _number(config, "population", 1, allow_none=True, integer=True, inclusive=True)
-    _number(config, "max_clients", 1, allow_none=True, integer=True, inclusive=True)
-    if config["sampling_rate"] is not None and config["population"] is not None and (
-        "target_clients" not in obj
-    ):
-        raise _bad("with sampling_rate and population, set target_clients too (the expected "
-                   "cohort, q x population): it is the mean's denominator")
-    selection.resolve(config)
-    if config["min_clients"] is None and not selection.capped(config):
-        # A Poisson cohort is random: waiting for all of target_clients would fail half the
-        # rounds. Half the expected cohort falls short with small probability.
-        floor = 3 if config["upload_scheme"] == secagg.SCHEME else 1
-        config["min_clients"] = max(floor, math.ceil(config["target_clients"] / 2))
-    if config["min_clients"] is None:  # SecAgg+ rounds survive the dropout they are built for
-        config["min_clients"] = config["target_clients"] if (
-            config["upload_scheme"] != secagg.SCHEME or config["target_clients"] < 3
-        ) else max(3, math.ceil((1 - secagg.DEFAULT_DROPOUT) * config["target_clients"]))
-    _number(config, "min_clients", 1, integer=True, inclusive=True)
-    if config["min_clients"] > config["target_clients"]:
-        raise _bad("min_clients must be <= target_clients")
-    _number(config, "deadline_s", 0)
-    _number(config, "noise_multiplier", 0, allow_none=True)
-    _number(config, "epsilon_budget", 0, allow_none=True)
-    _number(config, "model_version", 0, allow_none=True, integer=True, inclusive=True)
-    selection.resolve_delta(config)
-    _check_upload(config)
-    try:  # the device-facing half, checked exactly as a device will check it
-        RoundTask.from_json({**{k: config[k] for k in TASK_DEFAULTS}, "round_id": "check",
-                             "model_version": 0, "deadline": 0.0,
-                             "upload_scheme": SEALED_SCHEME})
-    except ProtocolError as exc:
-        raise _bad(exc.message) from None
-    try:
-        strategies.build({**config, "expected_clients": config["target_clients"]})
-    except (ValueError, TypeError) as exc:
-        raise _bad(f"strategy: {exc}") from None
-    return config
-
-
-def _check_upload(config: dict[str, Any]) -> None:
-    """The upload scheme and DP mode settings; SecAgg+ ones checked as devices will."""
-    if config["upload_scheme"] not in SCHEMES:
-        raise _bad(f"upload_scheme must be one of {SCHEMES}, got {config['upload_scheme']!r}")
-    if config["dp_mode"] not in ("central", "distributed"):
-        raise _bad(f"dp_mode must be 'central' or 'distributed', got {config['dp_mode']!r}")
-    _number(config, "secagg_stage_timeout_s", 0)
-    _number(config, "secagg_poll_s", 0)
-    _number(config, "secagg_degree", 2, allow_none=True, integer=True, inclusive=True)
-    _number(config, "secagg_threshold", 2, allow_none=True, integer=True, inclusive=True)
-    if config["upload_scheme"] != secagg.SCHEME:
-        if config["dp_mode"] == "distributed":
-            raise _bad("dp_mode 'distributed' needs upload_scheme secagg+-v1: the devices' "
-                       "noise shares only protect a sum")
-        return
-    if config["min_clients"] < 3:
-        raise _bad(f"min_clients {config['min_clients']}: secure aggregation needs at least "
-                   "3 devices (a sum of two reveals each to the other); use upload_scheme "
-                   f"{SEALED_SCHEME!r} for smaller rounds")
-    if config["dp_mode"] == "distributed" and config["noise_multiplier"] is None:
-        raise _bad("dp_mode 'distributed' needs noise_multiplier")
-    if config["secagg_degree"] is not None:
-        n = int(config["target_clients"])
-        degree = min(int(config["secagg_degree"]), n - 1)
-        threshold = config["secagg_threshold"] or secagg.default_threshold(degree)
-        try:
-            secagg.check_graph(n, degree, int(threshold))
-        except secagg.SecAggError as exc:
-            raise _bad(exc.message) from None
-    elif config["secagg_threshold"] is not None:
-        raise _bad("secagg_threshold needs secagg_degree (the default degree comes with "
-                   "its own threshold)")
 
 
 def task_json(row: Round) -> dict[str, Any]:
-    """The RoundTask a selected device is given."""
-    config = row.config
-    task = {k: config[k] for k in TASK_DEFAULTS}
-    task.update(round_id=row.id, model_version=row.model_version,
-                upload_scheme=config["upload_scheme"],
-                deadline=as_utc(row.deadline).timestamp())
-    if config["upload_scheme"] == secagg.SCHEME:
-        task["secagg"] = secure_aggregation.task_params(config)
-    return task
+    """The RoundTask a selected device is given, as sent."""
+    plan = RoundPlan.from_stored(row.config)
+    return plan.task(row.id, as_utc(row.deadline).timestamp()).to_json()
 
 
 def _state_bytes(state: Mapping[str, np.ndarray]) -> bytes:
@@ -299,7 +174,8 @@ class RoundService:
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Open a round (POST /v1/admin/rounds); returns its view."""
-        config = normalise_config(obj)
+        plan = round_config.plan(obj)
+        config = plan.config
         self.advance()
         with self.db.session() as session:
             active = session.scalars(select(Round).where(Round.state.in_(ACTIVE))).first()
@@ -307,7 +183,7 @@ class RoundService:
                 raise ApiError("round_in_progress", f"round {active.id} is {active.state}; "
                                "one round runs at a time", 409)
             private = self._private_history(session)
-            version = config["model_version"]
+            version = plan.derived.model_version
             if version is None:  # never a version still in staged rollout
                 version = newest_full_version(session)
             base = None if version is None else session.get(ModelVersion, version)
@@ -317,39 +193,42 @@ class RoundService:
                 raise ApiError("no_model", f"a round trains a published model; {which}", 409)
             n_rounds = session.scalar(select(func.count()).select_from(Round)) or 0
             entries = self._ledger_entries(session)
-        if config["noise_multiplier"] is None and (
-            private or config["epsilon_budget"] is not None
+        if config.noise_multiplier is None and (
+            private or config.epsilon_budget is not None
         ):
-            why = ("an epsilon_budget is set" if config["epsilon_budget"] is not None
+            why = ("an epsilon_budget is set" if config.epsilon_budget is not None
                    else f"earlier rounds were differentially private ({private})")
             raise ApiError("privacy_required", f"{why}: a round without noise_multiplier "
                            "would release an update outside the privacy accounting; set "
                            "noise_multiplier", 409)
-        config["model_version"] = version
-        if config["trainable"] is None:  # the architecture's federated tensors, if it says
+        trainable = plan.derived.trainable
+        if trainable is None:  # the architecture's federated tensors, if it says
             federated = json.loads(base.manifest).get("architecture", {}).get("federated")
-            config["trainable"] = list(federated) if federated else None
-        config["expected_shapes"] = self._expected_shapes(base, config["trainable"])
-        if config["upload_scheme"] == secagg.SCHEME:
+            trainable = tuple(federated) if federated else None
+        plan = replace(plan, derived=replace(
+            plan.derived, model_version=version, trainable=trainable,
+            expected_shapes=self._expected_shapes(base, trainable),
+            selection="seeded" if self.seed is not None else "csprng"))
+        if config.upload_scheme == secagg.SCHEME:
             try:
-                secure_aggregation.task_params(config)
+                secure_aggregation.task_params(plan.stored())
             except secagg.SecAggError as exc:
-                raise _bad(exc.message) from None
-        sampling_rate = float(config["sampling_rate"])  # never from a count of keys
-        config["selection"] = "seeded" if self.seed is not None else "csprng"
+                raise round_config.bad(exc.message) from None
+        sampling_rate = plan.derived.sampling_rate  # never from a count of keys
         round_id = f"round-{n_rounds + 1}"
-        if config["noise_multiplier"] is not None:
-            ledger = Ledger(config["delta"], config["epsilon_budget"], entries,
+        if config.noise_multiplier is not None:
+            ledger = Ledger(plan.derived.delta, config.epsilon_budget, entries,
                             accountant=self.accountant)
-            z = float(config["noise_multiplier"])
-            if config["dp_mode"] == "distributed":  # the least noise that can reach the sum
-                z = secure_aggregation.effective_noise_multiplier(config,
-                                                                  int(config["min_clients"]))
+            z = float(config.noise_multiplier)
+            if config.dp_mode == "distributed":  # the least noise that can reach the sum
+                z = secure_aggregation.effective_noise_multiplier(
+                    plan.stored(), plan.derived.min_clients)
             try:
-                config["epsilon_projected"] = ledger.check(LedgerEntry(round_id, z,
-                                                                       sampling_rate))
+                projected = ledger.check(LedgerEntry(round_id, z, sampling_rate))
             except BudgetExceeded as exc:
                 raise ApiError(BudgetExceeded.code, str(exc), 409) from None
+            plan = replace(plan, derived=replace(plan.derived, epsilon_projected=projected))
+        config = plan.stored()
         now = utcnow()
         row = Round(id=round_id, state="open", config=config, created_at=now,
                     deadline=now + timedelta(seconds=float(config["deadline_s"])),
@@ -367,7 +246,7 @@ class RoundService:
                         "epsilon": config.get("epsilon_projected")})
         return self.view(round_id)
 
-    def _expected_shapes(self, base: ModelVersion, trainable: list[str] | None
+    def _expected_shapes(self, base: ModelVersion, trainable: tuple[str, ...] | None
                          ) -> dict[str, list[int]]:
         scratch = self._scratch()
         try:
@@ -377,7 +256,7 @@ class RoundService:
         names = sorted(weights) if trainable is None else list(trainable)
         missing = sorted(set(names) - set(weights))
         if missing:
-            raise _bad(f"trainable names {missing} are not weights of version "
+            raise round_config.bad(f"trainable names {missing} are not weights of version "
                        f"{base.version} (it has {sorted(weights)})")
         return {name: list(weights[name].shape) for name in names}
 

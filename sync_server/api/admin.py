@@ -128,7 +128,7 @@ def post_metrics(version: int) -> tuple[Response, int]:
 @bp.post("/v1/admin/rounds")
 @admin_required
 def open_round() -> tuple[Response, int]:
-    """Body: the round config (``sync_server.rounds.ROUND_DEFAULTS``); 201 with its view."""
+    """Body: the round config (``sync_server.round_config.RoundConfig``); 201 with its view."""
     return jsonify(current_app.extensions["pocketrec_rounds"].create(json_object())), 201
 
 

@@ -44,6 +44,7 @@ from device_sdk import secagg
 from device_sdk.bundle import zip_bundle_dir
 from device_sdk.protocol import b64decode
 from device_sdk.sync_client import SyncError
+from sync_server.round_config import TASK_KEYS, RoundConfig
 from sync_server.selection import coin
 from trainer.metrics import basket_metrics, ranking_metrics
 from trainer.simulation.backends import make_backend
@@ -55,22 +56,26 @@ SECAGG_STAGES = ("share_keys", "masked_input", "unmasking")
 TERMINAL = ("published", "failed")
 
 
+# The server's defaults (the training ones are device_sdk.protocol.TrainingParams').
+_SERVER = RoundConfig()
+
+
 @dataclass
 class SimulationConfig:
     rounds: int = 20
     clients_per_round: int = 50
     noise_multiplier: float | None = None  # None: no differential privacy
     delta: float | None = None  # default: the power of ten at or below 1 / (10 x devices)
-    clip_norm: float = 1.0
-    strategy: str = "fedavg"
+    clip_norm: float = _SERVER.clip_norm
+    strategy: str = _SERVER.strategy
     server_lr: float = 1.0
     momentum: float | None = None
-    local_epochs: int = 1
-    learning_rate: float = 0.1
-    batch_size: int = 32
-    max_examples: int = 1000
-    upload_scheme: str = secagg.SCHEME
-    dp_mode: str = "central"
+    local_epochs: int = _SERVER.local_epochs
+    learning_rate: float = _SERVER.learning_rate
+    batch_size: int = _SERVER.batch_size
+    max_examples: int = _SERVER.max_examples
+    upload_scheme: str = _SERVER.upload_scheme
+    dp_mode: str = _SERVER.dp_mode
     dropout: float = 0.0
     stragglers: float = 0.0
     deadline_s: float | None = None  # collecting; None: from the measured pace
@@ -84,12 +89,12 @@ class SimulationConfig:
 
     def round_config(self, n: int, population: int, version: int, delta: float,
                      deadline_s: float, stage_timeout_s: float) -> dict[str, Any]:
+        """The body of POST /v1/admin/rounds (sync_server.round_config.RoundConfig)."""
         config: dict[str, Any] = {
             "strategy": self.strategy, "target_clients": n, "deadline_s": deadline_s,
-            "population": population, "model_version": version, "clip_norm": self.clip_norm,
-            "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
-            "batch_size": self.batch_size, "max_examples": self.max_examples,
+            "population": population, "model_version": version,
             "upload_scheme": self.upload_scheme, "server_lr": self.server_lr,
+            **{key: getattr(self, key) for key in TASK_KEYS if hasattr(self, key)},
         }
         if self.momentum is not None and self.strategy == "fedavgm":
             config["momentum"] = self.momentum

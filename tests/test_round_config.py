@@ -1,0 +1,100 @@
+"""The typed round config (sync_server.round_config): one definition of the task fields and
+their defaults, checks that read the fields' bounds, and the OpenAPI schemas the real server
+serves generated from the same types."""
+
+import json
+from dataclasses import MISSING, fields, replace
+
+import pytest
+
+from device_sdk.local_trainer import LocalTrainingConfig
+from device_sdk.protocol import RoundTask, TrainingParams
+from sync_server.errors import ApiError
+from sync_server.round_config import (
+    OPERATOR_KEYS,
+    STRATEGY_KEYS,
+    RoundConfig,
+    RoundPlan,
+    plan,
+)
+from trainer.simulation.run import SimulationConfig
+from trainer.simulation.server import ServerProcess
+
+TRAINING = [f.name for f in fields(TrainingParams)]
+
+
+def default_of(f):
+    return None if f.default is MISSING else f.default
+
+
+def test_training_defaults_come_from_one_place():
+    params = TrainingParams()
+    simulated = SimulationConfig()
+    for name in TRAINING:
+        assert getattr(LocalTrainingConfig(), name) == getattr(params, name)
+        assert getattr(RoundConfig(), name) == getattr(params, name)
+        if hasattr(simulated, name):
+            assert getattr(simulated, name) == getattr(params, name)
+    assert params.learning_rate == 0.1  # what the server's rounds always sent devices
+
+
+def test_an_empty_config_is_the_defaults_and_its_task_carries_them():
+    opened = plan({})
+    assert opened.config == RoundConfig()
+    stored = opened.stored()
+    assert not set(STRATEGY_KEYS) & set(stored)  # stored only when sent
+    assert {"min_clients", "sampling_rate", "delta", "selection"} <= set(stored)
+    ready = replace(opened, derived=replace(
+        opened.derived, model_version=3, expected_shapes={"out.bias": [4]},
+        selection="csprng"))
+    task = ready.task("round-1", 2e9)
+    assert task == RoundPlan.from_stored(ready.stored()).task("round-1", 2e9)
+    assert task == RoundTask.from_json(task.to_json())
+    assert task.training_params() == TrainingParams().training_params()
+    assert task.model_version == 3 and task.secagg["vector_length"] == 4
+    sealed = plan({"upload_scheme": "sealed-x25519-v1", "trainable": ["out.bias"]})
+    sealed = replace(sealed, derived=replace(sealed.derived, model_version=1))
+    assert "secagg" not in sealed.task("r", 1.0).to_json()  # the wire form as before
+
+
+@pytest.mark.parametrize("f", [f for f in fields(RoundConfig) if "bound" in f.metadata],
+                         ids=lambda f: f.name)
+def test_each_number_below_its_bound_is_bad_round_config(f):
+    bound = f.metadata["bound"]
+    below = bound.minimum if bound.exclusive else bound.minimum - 1
+    config = {f.name: below}
+    if f.name in ("min_clients", "secagg_degree", "secagg_threshold"):
+        config["upload_scheme"] = "sealed-x25519-v1"  # only the bound itself is refused
+    config["strategy"] = {"momentum": "fedavgm", "beta1": "fedadam", "beta2": "fedadam",
+                          "tau": "fedadam"}.get(f.name, "fedavg")  # the one that reads it
+    with pytest.raises(ApiError) as refused:
+        plan(config)
+    assert (refused.value.code, refused.value.status) == ("bad_round_config", 400)
+    assert f.name in refused.value.message
+
+
+def test_the_served_schemas_are_the_types(tmp_path):
+    with ServerProcess(tmp_path / "server", ADMIN_TOKEN="admin-secret") as server:
+        document = json.loads(server.request("GET", "/v1/openapi.json").data)
+    schemas = document["components"]["schemas"]
+    for cls, schema in ((RoundConfig, schemas["RoundConfig"]), (RoundTask, schemas["RoundTask"])):
+        by_name = {f.name: f for f in fields(cls)}
+        assert set(schema["properties"]) == set(by_name)
+        for name, prop in schema["properties"].items():
+            f = by_name[name]
+            default = default_of(f)
+            assert prop.get("default") == (list(default) if isinstance(default, tuple)
+                                           else default)
+            bound = f.metadata.get("bound")
+            if bound is not None:
+                key = "exclusiveMinimum" if bound.exclusive else "minimum"
+                assert prop[key] == bound.minimum
+            if "enum" in f.metadata:
+                assert prop["enum"] == list(f.metadata["enum"])
+    assert set(schemas["RoundConfig"]["properties"]) == set(OPERATOR_KEYS)
+    assert schemas["RoundConfig"]["additionalProperties"] is False
+    assert set(schemas["RoundTask"]["required"]) == {f.name for f in fields(RoundTask)} - {
+        "secagg"}
+    body = document["paths"]["/v1/admin/rounds"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/RoundConfig"}
