@@ -57,7 +57,7 @@ from device_sdk.protocol import (
     seal_update,
     validate_update,
 )
-from device_sdk.sync_client import flatten_update
+from device_sdk.uploads import flatten_update
 from sync_server.strategies import ClientUpdate, FedAvg
 
 ROUND = "round-1"

@@ -29,7 +29,8 @@ from device_sdk.files import atomic_write
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from device_sdk.model_store import InstallResult, ModelStore, StaleVersionError
 from device_sdk.recommender import HistoryPolicy, Recommendation, Recommender
-from device_sdk.sync_client import SecAggSession, SyncClient, SyncError
+from device_sdk.sync_client import SyncClient, SyncError
+from device_sdk.uploads import SecAggSession
 
 ANSWERED_KEPT = 100
 

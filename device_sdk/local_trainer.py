@@ -20,7 +20,7 @@ import numpy as np
 import model_zoo
 from device_sdk.bundle import Bundle
 from device_sdk.model_update import ModelUpdate
-from device_sdk.protocol import TrainingParams
+from device_sdk.protocol import TrainingParams, l2_norm
 from device_sdk.recommender import NEGATIVE_KINDS, HistoryPolicy
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class LocalTrainer:
                         grad = grad + config.proximal_mu * (model.params[name] - self.base[name])
                     model.params[name] -= config.learning_rate * grad
         delta = {n: (model.params[n] - self.base[n]).astype(np.float32) for n in names}
-        norm = float(np.sqrt(sum(np.sum(np.square(d, dtype=np.float64)) for d in delta.values())))
+        norm = l2_norm(delta)
         scale = min(1.0, config.clip_norm / norm) if norm > 0 else 1.0
         if scale < 1.0:
             delta = {n: (d * np.float32(scale)).astype(np.float32) for n, d in delta.items()}

@@ -6,7 +6,8 @@ implementation, so the sync server imports the checks from here instead of re-wr
 - request signatures: ``sign_headers`` (device) / ``verify_request`` (server)
 - tensor framing ``PRT1``: ``encode_tensors`` / ``decode_tensors`` (never unpickles)
 - sealed updates ``sealed-x25519-v1``: ``seal_update`` (device) / ``open_update`` (server)
-- ``RoundTask``, the server's transport-key endorsement, the JSON error shape
+- ``TrainingParams`` / ``RoundTask``, the server's transport-key endorsement, the JSON error
+  shape (``error_body``) and the device's view of an error (``SyncError``)
 
 Every refusal is a ``ProtocolError`` with a stable ``code`` and the HTTP ``status`` a server
 answers with. cryptography is imported lazily so ``import device_sdk`` stays numpy-only."""
@@ -25,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,8 +35,6 @@ from device_sdk.model_update import ModelUpdate
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    from device_sdk.sync_client import SyncClient
 
 SIGNATURE_DOMAIN = "pocketrec-v1"
 MAX_SKEW_S = 300
@@ -61,6 +60,10 @@ TRANSPORT_KEY_CONTEXT = b"pocketrec-v1/transport-key\n"
 _KEY_BYTES = 32
 _AEAD_NONCE_BYTES = 12
 _AEAD_TAG_BYTES = 16
+
+# Rounding slack on every clip check (device, sealed intake, DP wrapper, SecAgg+ sum
+# guard): a delta clipped to C in float64 and stored in float32 can come out a hair longer.
+CLIP_SLACK = 1e-6
 
 _DEVICE_ID = re.compile(r"[0-9a-f]{32}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
@@ -88,6 +91,21 @@ class ProtocolError(ValueError):
         self.code = code
         self.message = message
         self.status = status if status is not None else _STATUS.get(code, 400)
+
+
+class SyncError(RuntimeError):
+    """A sync request failed. ``code`` is the server's stable error code (or a client-side
+    one: ``unreachable``, ``bad_response``, ...), ``status`` the HTTP status if there was a
+    response, ``retryable`` whether trying again later may succeed."""
+
+    def __init__(
+        self, code: str, message: str, *, status: int | None = None, retryable: bool = False
+    ) -> None:
+        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if status else ""))
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retryable = retryable
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -371,15 +389,20 @@ def _sealed_key(shared: bytes, ephemeral_pub: bytes, transport_pub: bytes) -> by
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
+def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of several tensors taken as one vector (accumulated in float64): the
+    norm every clip is about."""
+    return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in tensors.values()))
+
+
 def update_frame(update: ModelUpdate, round_id: str) -> bytes:
     """The plaintext PRT1 frame of an update (float32 delta + meta); only ever sent sealed.
     Refuses non-finite or unclipped deltas: the privacy guarantee rests on the clip."""
     delta = {name: np.asarray(v, dtype=np.float32) for name, v in update.delta.items()}
-    squares = sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())
-    if not all(np.isfinite(v).all() for v in delta.values()) or not math.isfinite(squares):
+    norm = l2_norm(delta)
+    if not all(np.isfinite(v).all() for v in delta.values()) or not math.isfinite(norm):
         raise ProtocolError("bad_update", "update delta has non-finite values")
-    norm = math.sqrt(squares)
-    if norm > update.clip_norm * (1 + 1e-6):
+    if norm > update.clip_norm * (1 + CLIP_SLACK):
         raise ProtocolError("bad_update", f"delta norm {norm:.6g} exceeds {update.clip_norm}")
     meta = {
         "round_id": round_id,
@@ -478,8 +501,8 @@ def validate_update(
             )
         if not np.isfinite(value).all():
             raise ProtocolError("update_rejected", f"{name} has non-finite values")
-    norm = math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in tensors.values()))
-    if norm > clip_norm * (1 + 1e-6):
+    norm = l2_norm(tensors)
+    if norm > clip_norm * (1 + CLIP_SLACK):
         raise ProtocolError("update_rejected", f"norm {norm:.6g} exceeds clip {clip_norm}")
     return norm
 
@@ -622,14 +645,3 @@ class RoundTask(TrainingParams):
         if self.secagg is None:
             del obj["secagg"]
         return obj
-
-
-class UploadScheme(Protocol):
-    """How an update travels to the server. A scheme makes its own requests through
-    ``client.request`` (signed, retried), so multi-request schemes such as SecAgg+ fit."""
-
-    name: str
-
-    def submit(self, client: SyncClient, task: RoundTask, update: ModelUpdate) -> dict[str, Any]:
-        """Deliver ``update`` for ``task``; return the server's acceptance JSON."""
-        ...

@@ -63,6 +63,45 @@ ROBUSTNESS_TARGET = 1e-4  # P(some neighbourhood keeps < t survivors) at DEFAULT
 SECURITY_TARGET = 2.0**-40  # P(some neighbourhood holds >= t colluders)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One SecAgg+ stage, the one vocabulary of the server's round states, the device's
+    session, the simulator and the OpenAPI document."""
+
+    state: str  # the round's state on the server while this stage takes answers
+    action: str | None  # what a poll asks the device to do (None: it answers unasked)
+    path: str  # the device posts its answer to /v1/rounds/<id>/secagg/<path>
+    media: str  # the answer's content type
+
+    @property
+    def answer(self) -> str:
+        """The answer's name in a device's session: its action, or (unasked) its path."""
+        return self.action or self.path
+
+
+STAGES = (
+    Stage("collecting", None, "advertise", "application/json"),  # U1: key advertisements
+    Stage("share_keys", "share_keys", "shares", "application/json"),  # U2
+    Stage("masked_input", "masked_input", "masked", "application/octet-stream"),  # U3
+    Stage("unmasking", "unmask", "unmask", "application/json"),  # U4
+)
+STAGE_BY_STATE = {s.state: s for s in STAGES}
+STAGE_BY_PATH = {s.path: s for s in STAGES}
+STAGE_BY_ACTION = {s.action: s for s in STAGES if s.action is not None}
+
+
+def next_stage(stage: Stage) -> Stage | None:
+    """The stage after ``stage`` (None after unmasking: the round aggregates)."""
+    at = STAGES.index(stage)
+    return STAGES[at + 1] if at + 1 < len(STAGES) else None
+
+
+# Every state a round (sealed or SecAgg+) can be in; sealed rounds skip the later stages.
+ACTIVE_STATES = ("open", *(s.state for s in STAGES), "aggregating")
+ENDED_STATES = ("published", "failed")
+ROUND_STATES = (*ACTIVE_STATES, *ENDED_STATES)
+
+
 class SecAggError(ProtocolError):
     """A SecAgg+ message or parameter that must be refused; ``code`` says which rule."""
 

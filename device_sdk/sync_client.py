@@ -8,11 +8,11 @@ signature and the server would refuse it as a replay. urllib3's ``Retry`` object
 the attempt counts and parses ``Retry-After``; the backoff is exponential with full jitter so
 a fleet of devices that failed together does not retry in lockstep.
 
-Uploads go through an ``UploadScheme`` named by the round task. ``SecAggUpload`` (SecAgg+,
-the default) runs the device's side of secure aggregation: the server only ever sees the
-update masked. The sealed scheme queues the already *sealed* payload in ``outbox_dir`` when
-the server stays unreachable, and ``flush_outbox`` delivers it later; an update never leaves
-the device unencrypted."""
+This module is transport and outbox: uploads go through the ``UploadScheme`` the round task
+names (``device_sdk.uploads``), which makes its requests through ``request`` and, when it
+can queue (the sealed scheme), ``send_or_queue``: the already *sealed* payload waits in
+``outbox_dir`` while the server stays unreachable, and ``flush_outbox`` delivers it later; an
+update never leaves the device unencrypted."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
 import urllib3
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -40,7 +39,6 @@ from urllib3.exceptions import (
 from urllib3.exceptions import ProtocolError as ConnectionBrokenError
 from urllib3.util.retry import Retry
 
-from device_sdk import secagg
 from device_sdk.bundle import BundleIntegrityError, verify_signature
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.files import atomic_write
@@ -48,15 +46,13 @@ from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import (
     HEADER_MANIFEST_SIGNATURE,
     HEADER_MODEL_VERSION,
-    SEALED_SCHEME,
     ProtocolError,
     RoundTask,
-    UploadScheme,
+    SyncError,
     b64,
-    encode_tensors,
-    seal_update,
     verify_transport_key,
 )
+from device_sdk.uploads import SecAggSession, scheme_for
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +63,6 @@ MAX_RETRY_AFTER_S = 60
 OUTBOX_SUFFIX = ".upload"
 # Failures of the network itself (refused, reset, timed out), as opposed to TLS or URL errors.
 _NETWORK_ERRORS = (ConnectTimeoutError, ReadTimeoutError, ConnectionBrokenError)
-
-
-class SyncError(RuntimeError):
-    """A sync request failed. ``code`` is the server's stable error code (or a client-side
-    one: ``unreachable``, ``bad_response``, ...), ``status`` the HTTP status if there was a
-    response, ``retryable`` whether trying again later may succeed."""
-
-    def __init__(
-        self, code: str, message: str, *, status: int | None = None, retryable: bool = False
-    ) -> None:
-        super().__init__(f"{code}: {message}" + (f" (HTTP {status})" if status else ""))
-        self.code = code
-        self.message = message
-        self.status = status
-        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -117,14 +98,6 @@ class _FullJitterRetry(Retry):
             return 0.0
         ceiling = min(self.backoff_max, self.backoff_factor * 2 ** (failures - 1))
         return random.uniform(0.0, ceiling)
-
-
-_SCHEMES: dict[str, UploadScheme] = {}
-
-
-def register_upload_scheme(scheme: UploadScheme) -> None:
-    """Make ``scheme`` available to tasks whose ``upload_scheme`` is ``scheme.name``."""
-    _SCHEMES[scheme.name] = scheme
 
 
 class SyncClient:
@@ -269,7 +242,9 @@ class SyncClient:
         retryable = response.status == 429 or response.status >= 500
         return SyncError(code, message, status=response.status, retryable=retryable)
 
-    def _json(self, response: urllib3.BaseHTTPResponse, expected: tuple[int, ...]) -> dict:
+    def json_of(self, response: urllib3.BaseHTTPResponse, expected: tuple[int, ...]) -> dict:
+        """The JSON object a response with one of the ``expected`` statuses carries; the
+        SyncError it stands for otherwise."""
         if response.status not in expected:
             raise self.error_from(response)
         try:
@@ -288,7 +263,7 @@ class SyncClient:
             "public_key": b64(self.identity.public_key_raw),
             "enrollment_token": self._enrollment_token,
         }
-        obj = self._json(self.request("POST", "/v1/devices", json=body), (200, 201))
+        obj = self.json_of(self.request("POST", "/v1/devices", json=body), (200, 201))
         if obj.get("device_id") != self.identity.device_id:
             raise SyncError("bad_response", f"server registered {obj.get('device_id')!r}, "
                             f"expected {self.identity.device_id}")
@@ -299,7 +274,7 @@ class SyncClient:
         result is also remembered so an upload can be sealed (and queued) while the server
         is unreachable."""
         # Unsigned: the endpoint needs no auth, and the answer is verified, not trusted.
-        obj = self._json(self.request("GET", "/v1/server-keys", signed=False), (200,))
+        obj = self.json_of(self.request("GET", "/v1/server-keys", signed=False), (200,))
         try:
             signing = base64.b64decode(obj["signing_key"], validate=True)
             transport = base64.b64decode(obj["transport_key"], validate=True)
@@ -377,7 +352,7 @@ class SyncClient:
     def checkin(self, model_version: int | None, num_examples: int) -> RoundTask | None:
         """Ask for a round task; None when there is none (see ``checkin_retry_after``)."""
         body = {"model_version": model_version, "num_examples": int(num_examples)}
-        obj = self._json(self.request("POST", "/v1/rounds/checkin", json=body), (200,))
+        obj = self.json_of(self.request("POST", "/v1/rounds/checkin", json=body), (200,))
         task = obj.get("task")
         if task is None:
             retry_after = obj.get("retry_after")
@@ -398,30 +373,15 @@ class SyncClient:
         payload is then in the outbox for ``flush_outbox``. Final refusals raise SyncError
         (e.g. ``duplicate_update``, ``round_closed``, ``not_selected``); an update trained on
         another base version or clipped looser than the task asks raises ValueError."""
-        return self._scheme_for(task, update).submit(self, task, update)
+        return scheme_for(task, update).submit(self, task, update)
 
     def begin_upload(self, task: RoundTask, update: ModelUpdate) -> SecAggSession | None:
         """For a staged scheme (SecAgg+): send the first stage and return the session for
         the caller to ``step()`` through, instead of waiting in ``upload``. None when the
         task's scheme has one request only: use ``upload``."""
-        scheme = self._scheme_for(task, update)
+        scheme = scheme_for(task, update)
         begin = getattr(scheme, "begin", None)
         return None if begin is None else begin(self, task, update)
-
-    @staticmethod
-    def _scheme_for(task: RoundTask, update: ModelUpdate) -> UploadScheme:
-        if update.base_version != task.model_version or (
-            update.clip_norm > task.clip_norm * (1 + 1e-6)
-        ):
-            raise ValueError(
-                f"update (base {update.base_version}, clip {update.clip_norm}) does not fit "
-                f"task {task.round_id} (model {task.model_version}, clip {task.clip_norm})"
-            )
-        scheme = _SCHEMES.get(task.upload_scheme)
-        if scheme is None:
-            raise SyncError("unsupported_scheme",
-                            f"this device cannot upload with {task.upload_scheme!r}")
-        return scheme
 
     # --- outbox ------------------------------------------------------------------------
 
@@ -439,7 +399,7 @@ class SyncClient:
             log.info("upload for round %s queued: %s", task.round_id, exc)
             return {"accepted": False, "queued": True, "round_id": task.round_id,
                     "error": exc.code}
-        return self._json(response, (202,))
+        return self.json_of(response, (202,))
 
     def _enqueue(self, task: RoundTask, path: str, body: bytes) -> None:
         self.outbox_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -506,185 +466,3 @@ def _read_outbox_entry(entry: Path) -> tuple[str, str, float, bytes] | None:
     if not math.isfinite(deadline):  # a NaN deadline would never pass: the entry would stay
         return None
     return str(round_id), path, deadline, body
-
-
-class SealedUpload:
-    """``sealed-x25519-v1``: one POST of the update sealed to the server's transport key."""
-
-    name = SEALED_SCHEME
-
-    def submit(self, client: SyncClient, task: RoundTask, update: ModelUpdate) -> dict[str, Any]:
-        try:
-            keys = client.server_keys()
-        except SyncError as exc:
-            # Unreachable now: seal to the last verified transport key and queue the result.
-            if not exc.retryable or client.known_server_keys is None:
-                raise
-            keys = client.known_server_keys
-        sealed = seal_update(
-            update,
-            round_id=task.round_id,
-            device_id=client.identity.device_id,
-            transport_public_key=keys.transport_key,
-        )
-        return client.send_or_queue(task, f"/v1/rounds/{task.round_id}/update", sealed)
-
-
-register_upload_scheme(SealedUpload())
-
-
-class SecAggSession:
-    """The device's side of one SecAgg+ round (device_sdk.secagg), one stage at a time.
-
-    ``start()`` advertises; each ``step()`` polls ``GET /v1/rounds/<id>/secagg`` once and,
-    when the server asks for the next stage, answers it. ``SecAggUpload`` (what ``sync()``
-    uses) loops over ``step()``; an app that schedules its own background work, or a
-    simulator driving thousands of devices, calls it whenever it likes. The round's secrets
-    live in this object only: a device that drops it (crash, timeout) is a dropout, which the
-    round survives; nothing is queued, a masked input is useless after its round.
-
-    ``spill(path)`` moves the update vector out of memory into ``path`` (.npy, no pickle)
-    until the masked-input stage reads it back and deletes it."""
-
-    # What the server asks for next, by the stage this session has answered.
-    _NEXT = {"advertise": "share_keys", "share_keys": "masked_input", "masked_input": "unmask"}
-
-    def __init__(self, client: SyncClient, task: RoundTask, vector: np.ndarray) -> None:
-        if task.secagg is None:
-            raise SyncError("bad_task", f"round {task.round_id} names {secagg.SCHEME} "
-                            "without its parameters")
-        try:
-            self.params = secagg.TaskParams.from_json(task.secagg)
-        except ProtocolError as exc:
-            raise SyncError("bad_task", f"SecAgg+ parameters: {exc}") from None
-        timeout = task.secagg.get("stage_timeout_s", 60.0)
-        if type(timeout) not in (int, float) or not 0 < timeout < 2**31:  # NaN fails too
-            raise SyncError("bad_task", f"SecAgg+ stage_timeout_s {timeout!r} is not a "
-                            "positive number of seconds")
-        self.stage_timeout = float(timeout)
-        self.client, self.task = client, task
-        self.round_id = task.round_id
-        self._base = f"/v1/rounds/{task.round_id}/secagg"
-        self._device = secagg.SecAggDevice(task.round_id, client.identity.device_id,
-                                           client.identity, self.params)
-        self._vector: np.ndarray | None = np.asarray(vector, dtype=np.float64).ravel()
-        self._spilled: Path | None = None
-        self.answered: str | None = None  # the last stage this device answered
-        self.done = False
-        # Seconds the server suggested before the next poll.
-        self.retry_after = 1.0
-        # Collecting lasts until the round's deadline; each later stage one stage timeout.
-        self.give_up_at = max(task.deadline, time.time()) + self.stage_timeout + 5.0
-
-    @property
-    def waiting_for(self) -> str | None:
-        """The stage the device waits for the server to ask (None before start or when done)."""
-        return None if self.done or self.answered is None else self._NEXT[self.answered]
-
-    def spill(self, path: str | Path) -> None:
-        if self._vector is None:
-            return
-        path = Path(path)
-        with open(path, "wb") as f:
-            np.save(f, self._vector, allow_pickle=False)
-        self._spilled, self._vector = path, None
-
-    def _load_vector(self) -> np.ndarray:
-        if self._vector is not None:
-            return self._vector
-        assert self._spilled is not None
-        try:
-            vector = np.load(self._spilled, allow_pickle=False)
-        finally:
-            self._spilled.unlink(missing_ok=True)
-        self._spilled = None
-        return vector
-
-    def discard(self) -> None:
-        """Forget the round (and delete a spilled vector): the device drops out."""
-        if self._spilled is not None:
-            self._spilled.unlink(missing_ok=True)
-        self._vector, self._spilled, self.done = None, None, True
-
-    def start(self) -> None:
-        self._post("/advertise", json=self._device.advertise())
-        self.answered = "advertise"
-
-    def step(self) -> bool:
-        """Poll once; answer the stage if the server asks for it. Returns True once the last
-        stage is answered. Raises SyncError("secagg_dropped") when the round went on without
-        this device, or when it waited past the stage's time; other SyncErrors as sent."""
-        if self.done:
-            return True
-        action = self.waiting_for
-        if action is None:
-            raise RuntimeError("start() the session first")
-        response = self.client.request("GET", self._base)
-        view = self.client._json(response, (200,))
-        if view.get("action") != action:
-            if view.get("dropped") or view.get("stage") in ("aggregating", "published"):
-                self.discard()
-                raise SyncError("secagg_dropped", f"round {view.get('round_id')} went on "
-                                f"without this device (at {view.get('stage')})")
-            retry_after = view.get("retry_after")
-            valid = type(retry_after) in (int, float) and 0 <= retry_after < 2**31
-            self.retry_after = min(float(retry_after) if valid else 1.0, MAX_BACKOFF_S)
-            if time.time() + self.retry_after > self.give_up_at:
-                self.discard()
-                raise SyncError("secagg_dropped", f"gave up waiting for {action}: the round "
-                                "did not reach it in time", retryable=False)
-            return False
-        payload = view.get("payload")
-        try:
-            if action == "share_keys":
-                self._post("/shares", json=self._device.share_keys(payload))
-            elif action == "masked_input":
-                masked = self._device.masked_input(payload, self._load_vector())
-                self._post("/masked", body=encode_tensors({"masked": masked},
-                                                           {"round_id": self.round_id}))
-            else:
-                self._post("/unmask", json=self._device.unmask(payload))
-                self.done = True
-        except secagg.SecAggError as exc:  # the device refused what the server sent
-            self.discard()
-            raise SyncError(exc.code, exc.message) from None
-        self.answered = action
-        self.give_up_at = time.time() + 2 * self.stage_timeout + 5.0
-        return self.done
-
-    def _post(self, path: str, **kwargs: Any) -> None:
-        response = self.client.request("POST", self._base + path, **kwargs)
-        if response.status != 202:
-            raise SyncClient.error_from(response)
-
-
-class SecAggUpload:
-    """``secagg+-v1``: a ``SecAggSession`` run to its end, sleeping between polls."""
-
-    name = secagg.SCHEME
-
-    def session(self, client: SyncClient, task: RoundTask, vector: np.ndarray) -> SecAggSession:
-        return SecAggSession(client, task, vector)
-
-    def begin(self, client: SyncClient, task: RoundTask, update: ModelUpdate
-              ) -> SecAggSession:
-        """Advertise and return the session, for the caller to ``step()`` through."""
-        session = self.session(client, task, flatten_update(update))
-        session.start()
-        return session
-
-    def submit(self, client: SyncClient, task: RoundTask, update: ModelUpdate) -> dict[str, Any]:
-        session = self.begin(client, task, update)
-        while not session.step():
-            time.sleep(session.retry_after)
-        return {"accepted": True, "round_id": task.round_id, "scheme": self.name}
-
-
-def flatten_update(update: ModelUpdate) -> np.ndarray:
-    """The update as one float vector, tensors in sorted name order (the order the server
-    splits the unmasked sum back into tensors)."""
-    return np.concatenate([np.asarray(update.delta[name], dtype=np.float64).ravel()
-                           for name in sorted(update.delta)])
-
-
-register_upload_scheme(SecAggUpload())

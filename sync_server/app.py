@@ -21,11 +21,12 @@ from sync_server.config import load_config
 from sync_server.dashboard import Dashboard
 from sync_server.db import Database, upgrade
 from sync_server.errors import register_error_handlers
-from sync_server.keys import ServerKeys
+from sync_server.keys import ServerKeyPairs
 from sync_server.logs import install as install_logging
 from sync_server.metrics import Metrics
+from sync_server.publishing import Publisher
 from sync_server.rate_limit import RateLimiter
-from sync_server.rounds import Publisher, RoundService
+from sync_server.rounds import RoundService
 
 
 def create_app(
@@ -51,7 +52,7 @@ def create_app(
     db.engine.dispose()
     app.extensions["pocketrec_db"] = db
     app.extensions["pocketrec_nonces"] = NonceStore(db)
-    app.extensions["pocketrec_keys"] = ServerKeys.load_or_create(data_dir / "keys")
+    app.extensions["pocketrec_keys"] = ServerKeyPairs.load_or_create(data_dir / "keys")
     app.extensions["pocketrec_blobs"] = BlobStore(data_dir / "blobs")
     app.extensions["pocketrec_rate_limiter"] = RateLimiter(settings["RATE_LIMIT"])
     metrics = Metrics(db)

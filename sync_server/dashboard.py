@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sync_server import fleet
 from sync_server.db import Database
 from sync_server.model_metrics import finite_number, version_metrics
-from sync_server.models import ModelVersion, PrivacyLedger, Round, as_utc
+from sync_server.models import LedgerRow, ModelVersion, Round, as_utc
 from sync_server.rounds import RoundService
 
 RECENT_ROUNDS = 20
@@ -96,9 +96,9 @@ class Dashboard:
         rounds = self._recent_rounds()
         models = self._models()
         with self.db.session() as session:
-            spent = session.execute(select(PrivacyLedger.epsilon, PrivacyLedger.delta,
-                                           PrivacyLedger.accountant, PrivacyLedger.mechanism)
-                                    .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+            spent = session.execute(select(LedgerRow.epsilon, LedgerRow.delta,
+                                           LedgerRow.accountant, LedgerRow.mechanism)
+                                    .order_by(LedgerRow.id.desc()).limit(1)).first()
             devices = fleet.summary(session)
         epsilon = spent.epsilon if spent is not None else 0.0
         budget = rounds[0]["epsilon_budget"] if rounds else None

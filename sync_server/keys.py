@@ -31,7 +31,7 @@ def _new_x25519() -> bytes:
     )
 
 
-class ServerKeys:
+class ServerKeyPairs:
     """The signing and transport key pairs of one server."""
 
     def __init__(self, signing: Ed25519PrivateKey, transport: X25519PrivateKey) -> None:
@@ -44,7 +44,7 @@ class ServerKeys:
         self._endorsement = signing.sign(transport_key_message(self.transport_public))
 
     @classmethod
-    def load_or_create(cls, directory: str | Path) -> ServerKeys:
+    def load_or_create(cls, directory: str | Path) -> ServerKeyPairs:
         """The keys in ``directory``, created (atomically, mode 0600) when missing."""
         directory = Path(directory)
         signing = load_or_create_ed25519(directory / "signing.key", "server signing key")

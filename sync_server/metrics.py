@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from sync_server import fleet
 from sync_server.db import Database
-from sync_server.models import PrivacyLedger, Round, Update
+from sync_server.models import LedgerRow, Round, Update
 
 ROUND_STATES = ("open", "collecting", "aggregating", "published", "failed")
 
@@ -35,8 +35,8 @@ class _RoundCollector(Collector):
                 Round.state.in_(("open", "collecting", "aggregating")))).first()
             updates, size = session.execute(
                 select(func.count(Update.id), func.coalesce(func.sum(Update.size), 0))).one()
-            spent = session.scalars(select(PrivacyLedger)
-                                    .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+            spent = session.scalars(select(LedgerRow)
+                                    .order_by(LedgerRow.id.desc()).limit(1)).first()
             devices = fleet.summary(session)
             last = session.scalars(select(Round.measurements)
                                    .where(Round.state == "published")

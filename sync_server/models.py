@@ -181,7 +181,7 @@ class Update(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class PrivacyLedger(Base):
+class LedgerRow(Base):
     """What the accountant needs per round: one row per noised aggregation."""
 
     __tablename__ = "privacy_ledger"

@@ -11,6 +11,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
+from device_sdk import secagg
 from device_sdk.protocol import (
     HEADER_DEVICE,
     HEADER_MANIFEST_SIGNATURE,
@@ -106,8 +107,7 @@ _SIGNED = [{"deviceSignature": []}]
 _ADMIN = [{"adminToken": []}]
 _VERSION_PARAM = {"name": "version", "in": "path", "required": True,
                   "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
-_ROUND_STATES = {"enum": ["open", "collecting", "share_keys", "masked_input", "unmasking",
-                          "aggregating", "published", "failed"]}
+_ROUND_STATES = {"enum": list(secagg.ROUND_STATES)}
 _MODEL_VERSION = {
     "type": "object",
     "properties": {
@@ -207,6 +207,13 @@ _DASHBOARD = {
                            "none)"}}},
         "generated_at": {"type": "string", "format": "date-time"},
     },
+}
+# What each stage's answer holds, by its path (device_sdk.secagg.STAGES).
+_STAGE_BODIES = {
+    "advertise": "{c_pk, e_pk, b_commit, sig} signed by the device identity",
+    "shares": "{shares: {neighbour: base64 AEAD ciphertext}}",
+    "masked": "PRT1 frame: uint32 'masked' [vector_length], meta {round_id}",
+    "unmask": "{b: {survivor: share}, c: {dropped: share}}",
 }
 _ROUND_ID_PARAM = {"name": "round_id", "in": "path", "required": True,
                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
@@ -379,30 +386,21 @@ def openapi_document() -> dict[str, Any]:
                     **_errors(401, 403, 404, 409, 429),
                 },
             }},
-            **{f"/v1/rounds/{{round_id}}/secagg/{stage}": {"post": {
-                "summary": f"SecAgg+ {stage}: {what}. stage_closed / duplicate_answer (409), "
-                "not_selected / not_a_participant (403), secagg_bad_message (400), "
-                "secagg_bad_signature (401)",
+            **{f"/v1/rounds/{{round_id}}/secagg/{stage.path}": {"post": {
+                "summary": f"SecAgg+ {stage.path}: {_STAGE_BODIES[stage.path]}. stage_closed / "
+                "duplicate_answer (409), not_selected / not_a_participant (403), "
+                "secagg_bad_message (400), secagg_bad_signature (401)",
                 "security": _SIGNED,
                 "parameters": [_ROUND_ID_PARAM],
-                "requestBody": {"required": True, "content": {media: {"schema": {
-                    "type": "string" if media != "application/json" else "object"}}}},
+                "requestBody": {"required": True, "content": {stage.media: {"schema": {
+                    "type": "string" if stage.media != "application/json" else "object"}}}},
                 "responses": {
                     "202": _json({"type": "object", "properties": {
                         "accepted": {"const": True}, "round_id": {"type": "string"},
                         "stage": {"type": "string"}}}, "recorded before this answer"),
                     **_errors(400, 401, 403, 404, 409, 413, 415, 429),
                 },
-            }} for stage, what, media in (
-                ("advertise", "{c_pk, e_pk, b_commit, sig} signed by the device identity",
-                 "application/json"),
-                ("shares", "{shares: {neighbour: base64 AEAD ciphertext}}",
-                 "application/json"),
-                ("masked", "PRT1 frame: uint32 'masked' [vector_length], meta {round_id}",
-                 "application/octet-stream"),
-                ("unmask", "{b: {survivor: share}, c: {dropped: share}}",
-                 "application/json"),
-            )},
+            }} for stage in secagg.STAGES},
             "/v1/admin/rounds": {
                 "get": {
                     "summary": "Every round, and the epsilon spent so far",

@@ -44,7 +44,7 @@ from device_sdk.bundle import (
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
-from sync_server.keys import ServerKeys
+from sync_server.keys import ServerKeyPairs
 from sync_server.models import ModelVersion, as_utc
 
 
@@ -65,7 +65,7 @@ def version_json(
     }
 
 
-def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeys,
+def sign_and_store(staged: Path, *, blobs: BlobStore, keys: ServerKeyPairs,
                    check: Callable[[int], None] | None = None) -> ModelVersion:
     """Verify the bundle directory ``staged`` (integrity, no unlisted files), sign its exact
     manifest bytes with the server key (any signature present is discarded), store the flat
@@ -161,7 +161,7 @@ def set_rollout(db: Database, version: int, *, percent: int | None = None,
 
 
 def rollback_version(
-    version: int, *, db: Database, blobs: BlobStore, keys: ServerKeys, scratch_dir: str | Path,
+    version: int, *, db: Database, blobs: BlobStore, keys: ServerKeyPairs, scratch_dir: str | Path,
 ) -> tuple[ModelVersion, ModelVersion]:
     """Pause ``version`` and republish its parent's exact files (weights, tflite, items) as a
     new version above every other one, 100 % rolled out, with ``parent_version`` = the bad
@@ -212,7 +212,7 @@ def publish_bundle(
     *,
     db: Database,
     blobs: BlobStore,
-    keys: ServerKeys,
+    keys: ServerKeyPairs,
     scratch_dir: str | Path,
     max_bytes: int,
     percent: int = 100,

@@ -21,19 +21,17 @@ from typing import Any
 
 from device_sdk import secagg
 from device_sdk.protocol import (
-    SEALED_SCHEME,
     ProtocolError,
     RoundTask,
     TrainingParams,
     bounded,
 )
-from sync_server import secure_aggregation, selection, strategies
-from sync_server.errors import ApiError
+from sync_server import selection, strategies, upload_schemes
 
 # No number in a round config may exceed this (a count beyond the database's INTEGER, or a
 # deadline beyond the year 9999, would fail later, inside every request touching the round).
 MAX_NUMBER = 2**31 - 1
-SCHEMES = (secagg.SCHEME, SEALED_SCHEME)
+SCHEMES = tuple(upload_schemes.SCHEMES)
 DP_MODES = ("central", "distributed")
 
 
@@ -133,14 +131,17 @@ class RoundPlan:
         return {**self.config.to_json(), **self.derived.to_json()}
 
     def task(self, round_id: str, deadline: float) -> RoundTask:
-        """The RoundTask a selected device is given."""
-        params = {**self.config.training_params(), "trainable": self.derived.trainable}
-        secure = None
-        if self.config.upload_scheme == secagg.SCHEME:
-            secure = secure_aggregation.task_params(self.stored())
+        """The RoundTask a selected device is given: the config's training fields, what
+        the round's strategy configures (the DP wrapper: the clip norm its noise is
+        calibrated to) and the upload scheme's parameters."""
+        stored = self.stored()
+        strategy = strategies.build({**stored, "expected_clients": stored["target_clients"]})
+        params = {**self.config.training_params(), "trainable": self.derived.trainable,
+                  **strategy.configure()}
         return RoundTask(round_id=round_id, model_version=int(self.derived.model_version),
                          deadline=deadline, upload_scheme=self.config.upload_scheme,
-                         secagg=secure, **params)
+                         secagg=upload_schemes.SCHEMES[self.config.upload_scheme]
+                         .task_params(stored), **params)
 
     @classmethod
     def from_stored(cls, stored: Mapping[str, Any]) -> RoundPlan:
@@ -168,8 +169,7 @@ class RoundPlan:
         return cls(config, derived)
 
 
-def bad(message: str) -> ApiError:
-    return ApiError("bad_round_config", message, 400)
+bad = upload_schemes.bad_round_config
 
 
 def _check_number(config: Mapping[str, Any], key: str) -> None:
@@ -211,14 +211,21 @@ def plan(obj: Mapping[str, Any]) -> RoundPlan:
                   "cohort, q x population): it is the mean's denominator")
     selection.resolve(config)
     if config["min_clients"] is None:
-        config["min_clients"] = _default_min_clients(config)
+        config["min_clients"] = upload_schemes.default_min_clients(config)
     _check_number(config, "min_clients")
     if config["min_clients"] > config["target_clients"]:
         raise bad("min_clients must be <= target_clients")
     for key in ("deadline_s", "noise_multiplier", "epsilon_budget", "model_version"):
         _check_number(config, key)
     selection.resolve_delta(config)
-    _check_upload(config)
+    if config["upload_scheme"] not in SCHEMES:
+        raise bad(f"upload_scheme must be one of {SCHEMES}, got {config['upload_scheme']!r}")
+    if config["dp_mode"] not in DP_MODES:
+        raise bad(f"dp_mode must be 'central' or 'distributed', got {config['dp_mode']!r}")
+    for key in ("secagg_stage_timeout_s", "secagg_poll_s", "secagg_degree",
+                "secagg_threshold"):
+        _check_number(config, key)
+    upload_schemes.SCHEMES[config["upload_scheme"]].check_config(config)
     try:  # the device-facing half, checked exactly as a device will check it
         training = TrainingParams.params_from_json(config)
     except ProtocolError as exc:
@@ -235,48 +242,3 @@ def plan(obj: Mapping[str, Any]) -> RoundPlan:
                 delta_basis=config["delta_basis"], model_version=config["model_version"],
                 trainable=training["trainable"]),
     )
-
-
-def _default_min_clients(config: Mapping[str, Any]) -> int:
-    if not selection.capped(config):
-        # A Poisson cohort is random: waiting for all of target_clients would fail half the
-        # rounds. Half the expected cohort falls short with small probability.
-        floor = 3 if config["upload_scheme"] == secagg.SCHEME else 1
-        return max(floor, math.ceil(config["target_clients"] / 2))
-    # SecAgg+ rounds survive the dropout they are built for.
-    if config["upload_scheme"] != secagg.SCHEME or config["target_clients"] < 3:
-        return config["target_clients"]
-    return max(3, math.ceil((1 - secagg.DEFAULT_DROPOUT) * config["target_clients"]))
-
-
-def _check_upload(config: Mapping[str, Any]) -> None:
-    """The upload scheme and DP mode settings; SecAgg+ ones checked as devices will."""
-    if config["upload_scheme"] not in SCHEMES:
-        raise bad(f"upload_scheme must be one of {SCHEMES}, got {config['upload_scheme']!r}")
-    if config["dp_mode"] not in DP_MODES:
-        raise bad(f"dp_mode must be 'central' or 'distributed', got {config['dp_mode']!r}")
-    for key in ("secagg_stage_timeout_s", "secagg_poll_s", "secagg_degree",
-                "secagg_threshold"):
-        _check_number(config, key)
-    if config["upload_scheme"] != secagg.SCHEME:
-        if config["dp_mode"] == "distributed":
-            raise bad("dp_mode 'distributed' needs upload_scheme secagg+-v1: the devices' "
-                      "noise shares only protect a sum")
-        return
-    if config["min_clients"] < 3:
-        raise bad(f"min_clients {config['min_clients']}: secure aggregation needs at least "
-                  "3 devices (a sum of two reveals each to the other); use upload_scheme "
-                  f"{SEALED_SCHEME!r} for smaller rounds")
-    if config["dp_mode"] == "distributed" and config["noise_multiplier"] is None:
-        raise bad("dp_mode 'distributed' needs noise_multiplier")
-    if config["secagg_degree"] is not None:
-        n = int(config["target_clients"])
-        degree = min(int(config["secagg_degree"]), n - 1)
-        threshold = config["secagg_threshold"] or secagg.default_threshold(degree)
-        try:
-            secagg.check_graph(n, degree, int(threshold))
-        except secagg.SecAggError as exc:
-            raise bad(exc.message) from None
-    elif config["secagg_threshold"] is not None:
-        raise bad("secagg_threshold needs secagg_degree (the default degree comes with "
-                  "its own threshold)")

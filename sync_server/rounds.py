@@ -1,17 +1,21 @@
-"""Federated rounds: the state machine, sampling at check-in, update intake, aggregation.
+"""Federated rounds: the state machine (claims, leases, stage transitions), sampling at
+check-in, and the admin and device entry points. The round config is ``round_config``, what
+differs per upload scheme (intake, SecAgg+ stages, how the sum is formed) ``upload_schemes``,
+and aggregate-noise-account-export-sign ``publishing``.
 
-States (``rounds.state``)::
+States (``rounds.state``; ``device_sdk.secagg.ROUND_STATES``)::
 
-    open -> collecting -> aggregating -> published
-                                     \\-> failed
+    open -> collecting [-> share_keys -> masked_input -> unmasking] -> aggregating
+                                                                       -> published | failed
 
 - ``open``: the row exists (config checked, budget checked); it becomes ``collecting`` in the
   next transaction (a crash in between is repaired by ``advance``).
 - ``collecting``: each device checking in with the round's base version gets one stored
   coin of probability q (``sync_server.selection``: Poisson sampling; q = 1 takes every
-  device, first come, up to target_clients); selected devices upload once, before the
-  deadline. With q < 1 collecting ends at the deadline (or the operator's close-stage) and
-  never early, so no device's selection depends on the others'.
+  device, first come, up to target_clients); selected devices upload once (SecAgg+:
+  advertise keys), before the deadline. With q < 1 collecting ends at the deadline (or the
+  operator's close-stage) and never early, so no device's selection depends on the others'.
+- SecAgg+ rounds then pass the scheme's stages (``sync_server.secure_aggregation``).
 - ``aggregating``: claimed by one worker through a conditional UPDATE (state + a random claim
   token + a lease), so two workers never both aggregate; the worker that publishes must still
   hold the claim. A claim whose lease (``AGGREGATION_LEASE_S``, default 120 s) ran out is
@@ -21,7 +25,8 @@ States (``rounds.state``)::
   The holder renews its lease before each long step (aggregation, the publisher), so the
   lease only has to outlast the longest single step.
 - ``published``: the new model version, the ledger entry and the round's outcome are written
-  in ONE transaction, so the noised result is either released and accounted, or neither.
+  in ONE transaction (``publishing``), so the noised result is either released and
+  accounted, or neither.
 - Privacy: once any round was differentially private (a ledger entry, or a round configured
   with ``noise_multiplier`` / ``epsilon_budget``), or when this round sets an
   ``epsilon_budget``, a round without ``noise_multiplier`` is refused (409
@@ -29,64 +34,40 @@ States (``rounds.state``)::
 - ``failed``: fewer than ``min_clients`` updates at the deadline, or the aggregation raised;
   ``reason`` says which.
 
-No timer drives a round: ``advance`` runs at every check-in, upload and admin read, and at
-the upload that completes the round. Inside a request (``defer_aggregations``) the
-aggregation it starts runs after that request's response has been sent, in a thread of its
-own in the same worker (``app.py``), so no device waits (or times out) on an export.
-
-Publishing: the server never imports ``trainer`` (export needs torch). A *publisher* is a
-callable ``(weights, base_bundle_dir, version, provenance) -> Path`` of a new unsigned
-bundle directory; ``create_app(publisher=...)`` passes one, or the ``PUBLISHER`` setting
-names one as "module:function" (imported on first use). The default,
-``sync_server.publisher:patch_or_export``, writes the weights into the base's LiteRT file
-(milliseconds, no torch) and falls back to ``trainer.publish:export_weights`` (the real
-export) when it cannot; ``sync_server.registry:republish_weights`` replaces weights.npz
-only. Whatever the publisher wrote, the server sets the manifest's ``model_version``,
-``parent_version``, ``provenance`` and ``privacy`` itself, then signs and stores it.
+No timer drives a round: ``advance`` moves rounds on at every check-in, upload, admin read
+and dashboard poll, and at the answer that completes a stage. The aggregation a request
+starts (``defer_aggregations``) runs after that request's response has been sent, in a
+background thread ``app.py`` starts for it in the same worker, so no device waits (or times
+out) on an export.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import io
 import json
 import logging
-import math
 import secrets
 import shutil
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from device_sdk import secagg
-from device_sdk.bundle import MANIFEST, encode_manifest
-from device_sdk.csprng import CryptoRandom
-from device_sdk.protocol import (
-    SEALED_SCHEME,
-    ProtocolError,
-    decode_tensors,
-    encode_tensors,
-    open_update,
-    validate_update,
-)
-from sync_server import round_config, secure_aggregation, selection, strategies
+from device_sdk.protocol import SEALED_SCHEME
+from sync_server import round_config, secure_aggregation, selection, upload_schemes
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
-from sync_server.keys import ServerKeys
+from sync_server.keys import ServerKeyPairs
 from sync_server.models import (
+    LedgerRow,
     ModelVersion,
-    PrivacyLedger,
     Round,
     SecAggMember,
     Selection,
@@ -95,23 +76,15 @@ from sync_server.models import (
     as_utc,
     utcnow,
 )
-from sync_server.privacy import DEFAULT_ACCOUNTANT, DESCRIPTIONS, BudgetExceeded, LedgerEntry
-from sync_server.privacy import PrivacyLedger as Ledger
-from sync_server.registry import (
-    extract_version,
-    highest_version,
-    newest_full_version,
-    sign_and_store,
-)
+from sync_server.privacy import DEFAULT_ACCOUNTANT, BudgetExceeded, LedgerEntry, PrivacyLedger
+from sync_server.publishing import LostClaim, Publisher, RoundPublishing, ledger_entries
+from sync_server.registry import extract_version, newest_full_version
 from sync_server.round_config import RoundPlan
 
 log = logging.getLogger(__name__)
 
-Publisher = Callable[[dict[str, np.ndarray], Path, int, dict[str, Any]], Path]
-
-ACTIVE = ("open", "collecting", "share_keys", "masked_input", "unmasking", "aggregating")
-STATES = (*ACTIVE, "published", "failed")
-
+ACTIVE = secagg.ACTIVE_STATES
+STATES = secagg.ROUND_STATES
 
 
 def task_json(row: Round) -> dict[str, Any]:
@@ -120,55 +93,28 @@ def task_json(row: Round) -> dict[str, Any]:
     return plan.task(row.id, as_utc(row.deadline).timestamp()).to_json()
 
 
-def _state_bytes(state: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
-    return buf.getvalue()
-
-
-def _state_load(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-def resolve_publisher(spec: str) -> Publisher:
-    """``"module:function"`` -> the callable (imported now, on first use)."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"PUBLISHER must be 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-class _LostClaim(RuntimeError):
-    """Another worker took the round over (our lease ran out): our result is discarded."""
-
-
 class RoundService:
     """Rounds on one app's database, blob store and keys (``app.extensions``)."""
 
-    def __init__(self, *, db: Database, blobs: BlobStore, keys: ServerKeys, scratch_dir: Path,
-                 publisher: Publisher | str, lease_s: int, metrics: Any = None,
-                 seed: str | None = None, accountant: str = DEFAULT_ACCOUNTANT) -> None:
+    def __init__(self, *, db: Database, blobs: BlobStore, keys: ServerKeyPairs,
+                 scratch_dir: Path, publisher: Publisher | str, lease_s: int,
+                 metrics: Any = None, seed: str | None = None,
+                 accountant: str = DEFAULT_ACCOUNTANT) -> None:
         self.db, self.blobs, self.keys = db, blobs, keys
-        self.scratch_dir = Path(scratch_dir)
-        self._publisher = publisher
         self.lease_s = lease_s
         self.seed = seed  # DETERMINISTIC_SEED: reproducible coins and noise (not private)
         self.accountant = accountant  # DP_ACCOUNTANT: "pld" | "rdp" (sync_server.privacy)
         self.metrics = metrics
-        self.secagg = secure_aggregation.SecAggStages(db, blobs)
+        self.schemes = upload_schemes.build(db=db, blobs=blobs, keys=keys, metrics=metrics,
+                                            advance=self.advance)
+        self.publishing = RoundPublishing(db=db, blobs=blobs, keys=keys,
+                                          scratch_dir=scratch_dir, publisher=publisher,
+                                          accountant=accountant, seed=seed, metrics=metrics)
         self._local = threading.local()  # the current request's deferred aggregations
         self._swept = False  # _sweep_ended_rounds ran in this process
 
-    @property
-    def publisher(self) -> Publisher:
-        if isinstance(self._publisher, str):
-            self._publisher = resolve_publisher(self._publisher)
-        return self._publisher
-
-    def _scratch(self) -> Path:
-        self.scratch_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return Path(tempfile.mkdtemp(dir=self.scratch_dir))
+    def _scheme(self, row: Round) -> upload_schemes.SealedRounds:
+        return self.schemes[row.config["upload_scheme"]]
 
     # --- admin ---------------------------------------------------------------------------
 
@@ -192,7 +138,7 @@ class RoundService:
                          else f"there is no published version {version}")
                 raise ApiError("no_model", f"a round trains a published model; {which}", 409)
             n_rounds = session.scalar(select(func.count()).select_from(Round)) or 0
-            entries = self._ledger_entries(session)
+            entries = ledger_entries(session)
         if config.noise_multiplier is None and (
             private or config.epsilon_budget is not None
         ):
@@ -209,20 +155,14 @@ class RoundService:
             plan.derived, model_version=version, trainable=trainable,
             expected_shapes=self._expected_shapes(base, trainable),
             selection="seeded" if self.seed is not None else "csprng"))
-        if config.upload_scheme == secagg.SCHEME:
-            try:
-                secure_aggregation.task_params(plan.stored())
-            except secagg.SecAggError as exc:
-                raise round_config.bad(exc.message) from None
+        scheme = upload_schemes.SCHEMES[config.upload_scheme]
+        scheme.task_params(plan.stored())  # 400 if the scheme cannot run on these shapes
         sampling_rate = plan.derived.sampling_rate  # never from a count of keys
         round_id = f"round-{n_rounds + 1}"
         if config.noise_multiplier is not None:
-            ledger = Ledger(plan.derived.delta, config.epsilon_budget, entries,
-                            accountant=self.accountant)
-            z = float(config.noise_multiplier)
-            if config.dp_mode == "distributed":  # the least noise that can reach the sum
-                z = secure_aggregation.effective_noise_multiplier(
-                    plan.stored(), plan.derived.min_clients)
+            ledger = PrivacyLedger(plan.derived.delta, config.epsilon_budget, entries,
+                                   accountant=self.accountant)
+            z = scheme.projected_noise(plan.stored())
             try:
                 projected = ledger.check(LedgerEntry(round_id, z, sampling_rate))
             except BudgetExceeded as exc:
@@ -248,7 +188,7 @@ class RoundService:
 
     def _expected_shapes(self, base: ModelVersion, trainable: tuple[str, ...] | None
                          ) -> dict[str, list[int]]:
-        scratch = self._scratch()
+        scratch = self.publishing.scratch()
         try:
             weights = extract_version(self.blobs.get(base.blob_sha256), scratch).weights()
         finally:
@@ -257,7 +197,7 @@ class RoundService:
         missing = sorted(set(names) - set(weights))
         if missing:
             raise round_config.bad(f"trainable names {missing} are not weights of version "
-                       f"{base.version} (it has {sorted(weights)})")
+                                   f"{base.version} (it has {sorted(weights)})")
         return {name: list(weights[name].shape) for name in names}
 
     @staticmethod
@@ -266,7 +206,7 @@ class RoundService:
         an earlier round (whatever its outcome) configured with noise or a budget. Once
         any round was private, a noiseless round would release data the accountant never
         sees, so every later round must be private too."""
-        if session.scalar(select(func.count()).select_from(PrivacyLedger)):
+        if session.scalar(select(func.count()).select_from(LedgerRow)):
             return "the privacy ledger has entries"
         for round_id, config in session.execute(select(Round.id, Round.config)):
             if config.get("noise_multiplier") is not None or config.get(
@@ -274,12 +214,6 @@ class RoundService:
             ) is not None:
                 return f"round {round_id} was configured with DP"
         return ""
-
-    @staticmethod
-    def _ledger_entries(session: Any) -> list[LedgerEntry]:
-        rows = session.scalars(select(PrivacyLedger).order_by(PrivacyLedger.id)).all()
-        return [LedgerEntry(r.round_id, r.noise_multiplier, r.sampling_rate, r.steps, r.mode)
-                for r in rows]
 
     def close_stage(self, round_id: str) -> dict[str, Any]:
         """Operator: stop waiting for the current stage (collecting, or a SecAgg+ stage). Its
@@ -305,8 +239,8 @@ class RoundService:
             row = session.get(Round, round_id)
             if row is None:
                 raise ApiError("not_found", f"no round {round_id}", 404)
-            ledger = session.scalars(select(PrivacyLedger)
-                                     .where(PrivacyLedger.round_id == round_id)).first()
+            ledger = session.scalars(select(LedgerRow)
+                                     .where(LedgerRow.round_id == round_id)).first()
             checked_in = session.scalar(select(func.count()).select_from(SelectionCoin)
                                         .where(SelectionCoin.round_id == round_id))
         config = {k: v for k, v in row.config.items() if k != "expected_shapes"}
@@ -328,17 +262,15 @@ class RoundService:
             "measurements": row.measurements,
             "reason": row.reason,
             "config": config,
-            "secagg": None if config["upload_scheme"] != secagg.SCHEME else {
-                **{k: v for k, v in (row.secagg or {}).items() if k != "graph_seed"},
-                **self.secagg.counts(row.id)},
+            "secagg": self._scheme(row).view(row),
         }
 
     def list_rounds(self) -> dict[str, Any]:
         self.advance()
         with self.db.session() as session:
             ids = session.scalars(select(Round.id).order_by(Round.created_at)).all()
-            spent = session.execute(select(PrivacyLedger.epsilon, PrivacyLedger.delta)
-                                    .order_by(PrivacyLedger.id.desc()).limit(1)).first()
+            spent = session.execute(select(LedgerRow.epsilon, LedgerRow.delta)
+                                    .order_by(LedgerRow.id.desc()).limit(1)).first()
         return {"rounds": [self.view(i) for i in ids],
                 "epsilon_spent": spent.epsilon if spent else 0.0,
                 "delta": spent.delta if spent else None}
@@ -367,103 +299,17 @@ class RoundService:
         return None
 
     def accept_update(self, device_id: str, round_id: str, sealed: bytes) -> dict[str, Any]:
-        """Open, validate and durably record an update; answers only after the commit."""
-        with self.db.session() as session:
-            row = session.get(Round, round_id)
-        if row is not None and row.state == "collecting" and utcnow() >= as_utc(row.deadline):
-            self.advance(round_id)
-            raise ApiError("round_closed", f"round {round_id}: the deadline has passed", 409)
-        if row is None or row.state != "collecting":
-            state = "unknown" if row is None else row.state
-            raise ApiError("round_closed", f"round {round_id} is not collecting ({state})", 409)
-        if row.config["upload_scheme"] != SEALED_SCHEME:
-            raise ApiError("wrong_scheme", f"round {round_id} takes uploads through "
-                           f"{row.config['upload_scheme']}", 409)
-        with self.db.session() as session:
-            if session.get(Selection, (round_id, device_id)) is None:
-                raise ApiError("not_selected", f"this device is not in round {round_id}", 403)
-            if session.scalar(select(Update.id).where(Update.round_id == round_id,
-                                                      Update.device_id == device_id)):
-                raise ApiError("duplicate_update", "this device already uploaded", 409)
-        tensors, meta = open_update(sealed, round_id=round_id, device_id=device_id,
-                                    transport_private_key=self.keys.transport)
-        if meta["base_version"] != row.model_version:
-            raise ProtocolError("update_rejected", f"update was trained on version "
-                                f"{meta['base_version']}, the round trains {row.model_version}")
-        examples, most = int(meta["num_examples"]), int(row.config["max_examples"])
-        if not 0 <= examples <= most:
-            # FedAvg weighs updates by this count: an unbounded claim would let one device
-            # outweigh every other update in the round.
-            raise ProtocolError("update_rejected", f"num_examples {examples} is outside "
-                                f"[0, max_examples {most}] of the task")
-        shapes = {k: tuple(v) for k, v in row.config["expected_shapes"].items()}
-        norm = validate_update(tensors, shapes, float(row.config["clip_norm"]))
-        # Stored: the validated plaintext PRT1 frame, not the sealed bytes. Aggregation then
-        # never needs the transport private key again (rotating it cannot strand accepted
-        # updates), and what is stored is exactly what was validated. Individual updates
-        # are plaintext at rest only until the round ends: their blobs are deleted then.
-        digest = self.blobs.put(encode_tensors(tensors, meta))  # fsynced before the commit
-        try:
-            with self.db.transaction() as session:
-                counted = session.execute(
-                    update(Round).where(Round.id == round_id, Round.state == "collecting")
-                    .values(received_count=Round.received_count + 1)
-                ).rowcount
-                if counted != 1:
-                    raise ApiError("round_closed", f"round {round_id} closed meanwhile", 409)
-                session.add(Update(round_id=round_id, device_id=device_id, blob_sha256=digest,
-                                   num_examples=int(meta["num_examples"]), size=len(sealed),
-                                   norm=norm))
-        except (ApiError, IntegrityError) as exc:
-            # Refused after all (a simultaneous upload of this device won, or the round
-            # closed): its plaintext frame must not stay behind, unless an accepted update
-            # has the very same bytes.
-            with self.db.session() as session:
-                if session.scalar(select(Update.id).where(Update.blob_sha256 == digest)) is None:
-                    self.blobs.delete(digest)
-            if isinstance(exc, ApiError):
-                raise
-            raise ApiError("duplicate_update", "this device already uploaded", 409) from None
-        if self.metrics is not None:
-            self.metrics.updates_accepted.inc()
-        log.info("round %s: update from %s accepted (%d bytes, norm %.4g)", round_id,
-                 device_id, len(sealed), norm,
-                 extra={"round_id": round_id, "device_id": device_id, "bytes": len(sealed),
-                        "norm": norm})
-        self.advance(round_id)  # the update that completes the round aggregates it now
-        return {"accepted": True, "round_id": round_id}
-
-    def _secagg_round(self, round_id: str, device_id: str) -> Round:
-        self.advance(round_id)
-        with self.db.session() as session:
-            row = session.get(Round, round_id)
-            selected = session.get(Selection, (round_id, device_id)) is not None
-        if row is None:
-            raise ApiError("not_found", f"no round {round_id}", 404)
-        if row.config["upload_scheme"] != secagg.SCHEME:
-            raise ApiError("wrong_scheme", f"round {round_id} takes uploads through "
-                           f"{row.config['upload_scheme']}", 409)
-        if not selected:
-            raise ApiError("not_selected", f"this device is not in round {round_id}", 403)
-        return row
+        """POST /v1/rounds/<id>/update: a sealed update (``upload_schemes.SealedRounds``)."""
+        return self.schemes[SEALED_SCHEME].accept(device_id, round_id, sealed)
 
     def secagg_poll(self, device_id: str, round_id: str) -> dict[str, Any]:
         """GET /v1/rounds/<id>/secagg: what this device should do next."""
-        return self.secagg.poll(self._secagg_round(round_id, device_id), device_id)
+        return self.schemes[secagg.SCHEME].poll(device_id, round_id)
 
-    def secagg_answer(self, device_id: str, round_id: str, stage: str, body: Any
+    def secagg_answer(self, device_id: str, round_id: str, stage: secagg.Stage, body: Any
                       ) -> dict[str, Any]:
-        """POST /v1/rounds/<id>/secagg/<stage>: one device's answer, durably recorded."""
-        row = self._secagg_round(round_id, device_id)
-        handler = {"advertise": self.secagg.advertise, "shares": self.secagg.post_shares,
-                   "masked": self.secagg.post_masked, "unmask": self.secagg.post_unmask}[stage]
-        handler(row, device_id, body)
-        if self.metrics is not None and stage == "masked":
-            self.metrics.updates_accepted.inc()
-        log.info("round %s: %s from %s accepted", round_id, stage, device_id,
-                 extra={"round_id": round_id, "device_id": device_id, "stage": stage})
-        self.advance(round_id)  # the answer that completes a stage moves the round on now
-        return {"accepted": True, "round_id": round_id, "stage": stage}
+        """POST /v1/rounds/<id>/secagg/<stage.path>: one device's answer."""
+        return self.schemes[secagg.SCHEME].answer(device_id, round_id, stage, body)
 
     # --- the state machine ---------------------------------------------------------------
 
@@ -486,10 +332,7 @@ class RoundService:
                                                         Round.state == "open")
                                     .values(state="collecting"))
                 row.state = "collecting"
-            if row.config["upload_scheme"] == secagg.SCHEME and (
-                row.state in secure_aggregation.STAGES
-            ):
-                self._advance_secagg(row, now)
+            if self._scheme(row).advance(row, now, self._finish_soon):
                 continue
             if row.state == "collecting" and selection.collecting_done(row, now):
                 self._finish_soon(row.id, takeover=False)
@@ -497,26 +340,6 @@ class RoundService:
                 row.lease_until is None or now >= as_utc(row.lease_until)
             ):
                 self._finish_soon(row.id, takeover=True)
-
-    def _advance_secagg(self, row: Round, now: Any) -> None:
-        """Close the current SecAgg+ stage when it is done; unmasking closes into the usual
-        aggregation claim. A round that can no longer finish fails here."""
-        if not self.secagg.ready(row, now):
-            return
-        if row.state == "unmasking":
-            self._finish_soon(row.id, takeover=False, from_state="unmasking")
-            return
-        reason = self.secagg.close_stage(row, now)
-        if reason is not None:
-            with self.db.transaction() as session:
-                failed = session.execute(
-                    update(Round).where(Round.id == row.id, Round.state == row.state,
-                                        Round.received_count == row.received_count)
-                    .values(state="failed", reason=reason, finished_at=utcnow())).rowcount
-            if failed == 1:
-                log.warning("round %s failed at %s: %s", row.id, row.state, reason,
-                            extra={"round_id": row.id, "status": "failed", "reason": reason})
-                self.secagg.forget(row.id)
 
     def defer_aggregations(self) -> list[Callable[[], None]]:
         """Until ``stop_deferring`` (one request, this thread), aggregations that ``advance``
@@ -566,14 +389,15 @@ class RoundService:
             log.warning("round %s: taking over an aggregation whose lease ran out", round_id,
                         extra={"round_id": round_id})
         try:
-            if row.config["upload_scheme"] == SEALED_SCHEME and (
-                row.received_count < int(row.config["min_clients"])
-            ):
-                self._fail(row, claim, f"{row.received_count} update(s) by the deadline, "
-                           f"min_clients is {row.config['min_clients']}")
+            scheme = self._scheme(row)
+            shortfall = scheme.shortfall(row)
+            if shortfall is not None:
+                self._fail(row, claim, shortfall)
                 return
-            self._aggregate(row, claim)
-        except _LostClaim:
+            self.publishing.publish(row, claim, scheme,
+                                    functools.partial(self._renew, row.id, claim))
+            self._drop_update_blobs(row.id)
+        except LostClaim:
             log.warning("round %s: lost the claim; another worker finishes it", round_id,
                         extra={"round_id": round_id})
         except secure_aggregation.SumAboveBound as exc:
@@ -583,40 +407,9 @@ class RoundService:
                           extra={"round_id": round_id})
             self._fail(row, claim, f"aggregation failed: {type(exc).__name__}: {exc}")
 
-    def _aggregate_secure(self, row: Round, strategy: Any, weights: dict[str, np.ndarray]
-                          ) -> tuple[strategies.RoundResult, int, LedgerEntry | None]:
-        """Unmask the SecAgg+ sum, dequantize it and hand it to the strategy. In distributed
-        DP mode the devices' noise is already in the sum; the ledger entry then carries the
-        effective noise multiplier of the survivors' noise."""
-        config = row.config
-        ring_sum, clients, secure_measurements = self.secagg.unmasked_sum(row)
-        scale = float(secure_aggregation.task_params(config)["scale"])
-        flat = secagg.dequantize(ring_sum, scale)
-        guard = secure_aggregation.check_sum_norm(config, flat, clients)  # before any noise
-        total, offset = {}, 0
-        for name in sorted(config["expected_shapes"]):
-            shape = tuple(config["expected_shapes"][name])
-            size = math.prod(shape)
-            total[name] = flat[offset : offset + size].reshape(shape)
-            offset += size
-        entry = None
-        if isinstance(strategy, strategies.DPFedAvg):
-            distributed = config["dp_mode"] == "distributed"
-            result = strategy.aggregate_sum(weights, total, clients,
-                                            server_noise=not distributed)
-            if distributed:
-                entry = LedgerEntry(row.id, secure_aggregation.effective_noise_multiplier(
-                    config, clients), float(row.sampling_rate), mode="distributed")
-        else:
-            result = strategy.aggregate_sum(weights, total, clients)
-        result.measurements.update(secure_measurements)
-        result.measurements.update(guard)
-        result.measurements["quantization_error_bound"] = clients / scale
-        return result, clients, entry
-
     def _renew(self, round_id: str, claim: str) -> None:
         """Extend our lease before a long step (aggregation, the publisher's export), so the
-        lease only has to cover the longest single step; _LostClaim if it was taken over."""
+        lease only has to cover the longest single step; LostClaim if it was taken over."""
         with self.db.transaction() as session:
             renewed = session.execute(
                 update(Round).where(Round.id == round_id, Round.state == "aggregating",
@@ -624,7 +417,7 @@ class RoundService:
                 .values(lease_until=utcnow() + timedelta(seconds=self.lease_s))
             ).rowcount
         if renewed != 1:
-            raise _LostClaim(round_id)
+            raise LostClaim(round_id)
 
     def _fail(self, row: Round, claim: str, reason: str) -> None:
         with self.db.transaction() as session:
@@ -655,122 +448,5 @@ class RoundService:
             self._drop_update_blobs(round_id)
 
     def _drop_update_blobs(self, round_id: str) -> None:
-        self.secagg.forget(round_id)
-        with self.db.session() as session:
-            digests = session.scalars(select(Update.blob_sha256)
-                                      .where(Update.round_id == round_id)).all()
-        for digest in digests:
-            self.blobs.delete(digest)
-
-    def _aggregate(self, row: Round, claim: str) -> None:
-        started = time.perf_counter()
-        config = row.config
-        target = int(config["target_clients"])
-        with self.db.session() as session:
-            base_row = session.get(ModelVersion, row.model_version)
-            updates = session.scalars(select(Update).where(Update.round_id == row.id)
-                                      .order_by(Update.id)).all()
-            previous = session.scalars(
-                select(Round).where(Round.state == "published", Round.id != row.id,
-                                    Round.strategy_state_sha256.is_not(None))
-                .order_by(Round.finished_at.desc())).all()
-            entries = self._ledger_entries(session)
-        # Central DP noise: a CSPRNG stream under a fresh OS key per aggregation; seeded per
-        # round only under DETERMINISTIC_SEED (simulations, tests).
-        noise = CryptoRandom() if self.seed is None else CryptoRandom.from_seed(
-            f"{self.seed}/noise/{row.id}")
-        strategy = strategies.build({**config, "expected_clients": target}, rng=noise)
-        dp = config["noise_multiplier"] is not None
-        for prev in previous:  # server optimizer state (momentum, Adam moments) carries over
-            if prev.config["strategy"] == config["strategy"] and (
-                (prev.config["noise_multiplier"] is not None) == dp
-            ):
-                strategy.load_state(_state_load(self.blobs.get(prev.strategy_state_sha256)))
-                break
-        if isinstance(strategy, strategies.DPFedAvg):
-            strategy.clip_norm = float(config["clip_norm"])  # what the devices clipped to
-        scratch = self._scratch()
-        try:
-            base = extract_version(self.blobs.get(base_row.blob_sha256), scratch / "base")
-            weights = base.weights()
-            self._renew(row.id, claim)
-            entry = None
-            if config["upload_scheme"] == secagg.SCHEME:
-                result, clients, entry = self._aggregate_secure(row, strategy, weights)
-                examples = None  # per-device counts stay on the devices
-            else:
-                result = strategy.aggregate(weights, [
-                    strategies.ClientUpdate(decode_tensors(self.blobs.get(u.blob_sha256))[0],
-                                            u.num_examples) for u in updates])
-                clients, examples = len(updates), sum(u.num_examples for u in updates)
-            aggregate_s = time.perf_counter() - started
-            epsilon, computed_by = None, None
-            if dp:
-                entry = entry or LedgerEntry(row.id, float(config["noise_multiplier"]),
-                                             float(row.sampling_rate))
-                ledger = Ledger(config["delta"], None, entries, accountant=self.accountant)
-                epsilon, computed_by = ledger.record(entry), ledger.computed_by
-            with self.db.session() as session:
-                version = (highest_version(session) or 0) + 1
-            base_provenance = base.manifest.get("provenance") or {}
-            provenance = {
-                "rounds": int(base_provenance.get("rounds") or 0) + 1,
-                "round_id": row.id,
-                "clients": clients,
-                "upload_scheme": config["upload_scheme"],
-                "strategy": strategy.name,
-                "clip_norm": float(config["clip_norm"]),
-                "noise_multiplier": config["noise_multiplier"],
-            }
-            self._renew(row.id, claim)
-            new_dir = Path(self.publisher(result.weights, base.directory, version,
-                                          dict(provenance)))
-            manifest = json.loads((new_dir / MANIFEST).read_bytes())
-            manifest.update(
-                model_version=version,
-                parent_version=row.model_version,
-                provenance={**base_provenance, **manifest.get("provenance", {}), **provenance},
-                privacy={"epsilon": epsilon, "delta": config["delta"] if dp else None,
-                         "unit": "device" if dp else None,
-                         "mode": entry.mode if dp else None,
-                         "mechanism": entry.mechanism if dp else None,
-                         "sampling_rate": entry.sampling_rate if dp else None,
-                         "selection": config.get("selection") if dp else None,
-                         "accountant": DESCRIPTIONS[computed_by] if dp else None},
-            )
-            (new_dir / MANIFEST).write_bytes(encode_manifest(manifest))
-            version_row = sign_and_store(new_dir, blobs=self.blobs, keys=self.keys)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        state_digest = self.blobs.put(_state_bytes(strategy.state()))
-        seconds = time.perf_counter() - started
-        measurements = {**result.measurements, "updates": float(clients),
-                        "aggregate_seconds": aggregate_s, "total_seconds": seconds}
-        if examples is not None:
-            measurements["examples"] = float(examples)
-        with self.db.transaction() as session:
-            done = session.execute(
-                update(Round).where(Round.id == row.id, Round.state == "aggregating",
-                                    Round.claim == claim)
-                .values(state="published", published_version=version,
-                        measurements=measurements, strategy_state_sha256=state_digest,
-                        finished_at=utcnow(), lease_until=None)
-            ).rowcount
-            if done != 1:
-                raise _LostClaim(row.id)
-            session.add(version_row)
-            if dp:
-                session.add(PrivacyLedger(
-                    round_id=row.id, noise_multiplier=entry.noise_multiplier,
-                    sampling_rate=entry.sampling_rate, steps=1, epsilon=epsilon,
-                    delta=float(config["delta"]), mode=entry.mode,
-                    mechanism=entry.mechanism, accountant=computed_by))
-        if self.metrics is not None:
-            self.metrics.aggregation_seconds.observe(seconds)
-        log.info("round %s published version %d (%d updates, epsilon %s at delta %s, "
-                 "%.2f s)", row.id, version, clients, epsilon,
-                 config["delta"] if dp else None, seconds,
-                 extra={"round_id": row.id, "status": "published", "version": version,
-                        "updates": clients, "epsilon": epsilon,
-                        "duration_ms": round(seconds * 1000, 3)})
-        self._drop_update_blobs(row.id)
+        for scheme in self.schemes.values():
+            scheme.forget(round_id)

@@ -36,7 +36,7 @@ import numpy as np
 from sqlalchemy import delete, select, update
 
 from device_sdk import secagg
-from device_sdk.protocol import b64, b64decode, decode_tensors
+from device_sdk.protocol import CLIP_SLACK, b64, b64decode, decode_tensors
 from sync_server import selection
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
@@ -53,9 +53,8 @@ from sync_server.models import (
 
 log = logging.getLogger(__name__)
 
-NEXT = {"collecting": "share_keys", "share_keys": "masked_input", "masked_input": "unmasking"}
-STAGES = (*NEXT, "unmasking")
-ACTION = {"share_keys": "share_keys", "masked_input": "masked_input", "unmasking": "unmask"}
+# The round states of the stages, in order (device_sdk.secagg.STAGES is the one table).
+STAGES = tuple(s.state for s in secagg.STAGES)
 MAX_CIPHERTEXT_CHARS = 1024
 # Recipients whose relayed shares one clean-up transaction deletes (about 64·k rows).
 FORGET_BATCH = 64
@@ -108,14 +107,15 @@ class SumAboveBound(Exception):
 
 def sum_norm_bound(config: Mapping[str, Any], clients: int) -> float:
     """The largest L2 norm the dequantized sum of ``clients`` honest inputs can have: each
-    update clipped to C (with the protocol's 1e-6 slack), stochastic rounding < 1 unit per
+    update clipped to C (with the protocol's CLIP_SLACK), stochastic rounding < 1 unit per
     coordinate per device (sqrt(d) clients / scale), and in distributed DP mode the devices'
     discrete Gaussian noise: a sum of std sigma = sqrt(clients) noise_std / scale per
     coordinate, sub-Gaussian, so its norm exceeds sigma (sqrt(d) + 10) with probability below
     exp(-50)."""
     params = task_params(config)
     scale, d = float(params["scale"]), int(params["vector_length"])
-    bound = clients * float(config["clip_norm"]) * (1 + 1e-6) + math.sqrt(d) * clients / scale
+    bound = (clients * float(config["clip_norm"]) * (1 + CLIP_SLACK)
+             + math.sqrt(d) * clients / scale)
     if config["dp_mode"] == "distributed":
         sigma = math.sqrt(clients) * float(params["noise_std"]) / scale
         bound += sigma * (math.sqrt(d) + 10)
@@ -258,6 +258,12 @@ class SecAggStages:
 
     # --- device answers --------------------------------------------------------------------
 
+    def answer(self, row: Round, device_id: str, stage: secagg.Stage, body: Any) -> None:
+        """Record one device's answer to ``stage`` (refused once the stage closed)."""
+        handler = {"collecting": self.advertise, "share_keys": self.post_shares,
+                   "masked_input": self.post_masked, "unmasking": self.post_unmask}[stage.state]
+        handler(row, device_id, body)
+
     def advertise(self, row: Round, device_id: str, advert: Any) -> None:
         if row.state != "collecting":
             raise _closed(row, "collecting")
@@ -351,7 +357,7 @@ class SecAggStages:
             return view
         if answered is not None:
             return view
-        view["action"] = ACTION[row.state]
+        view["action"] = secagg.STAGE_BY_STATE[row.state].action
         if row.state == "share_keys":
             neighbours = self.graph(row, u1)[device_id]
             with self.db.session() as session:
@@ -426,7 +432,8 @@ class SecAggStages:
             session.execute(
                 update(Round).where(Round.id == row.id, Round.state == row.state,
                                     Round.received_count == row.received_count)
-                .values(state=NEXT[row.state], received_count=0, secagg=sa,
+                .values(state=secagg.next_stage(secagg.STAGE_BY_STATE[row.state]).state,
+                        received_count=0, secagg=sa,
                         stage_deadline=now + timedelta(
                             seconds=float(config["secagg_stage_timeout_s"]))))
         return None

@@ -6,20 +6,21 @@ A ``Strategy`` turns one round's client deltas into new global weights:
 - ``FedAvgM`` the same with server momentum (Hsu et al. 2019);
 - ``FedAdam`` the mean delta as a pseudo-gradient for a server Adam (Reddi et al. 2021).
 
-``DPFedAvg`` wraps any of them (central DP, McMahan et al. 2018): every delta must already be
-clipped to the round's clip norm C (devices clip; the wrapper re-checks), the deltas are summed
-with equal weight, Gaussian noise with std = noise_multiplier x C is added to the *sum*, and
-the noised sum divided by the expected number of clients becomes the mean the inner
-optimizer applies. Optional adaptive clipping (Andrew et al. 2021) moves C towards a target
-quantile of the update norms from the noised count of clients that were under C.
+``DPFedAvg`` wraps any of them (central DP, McMahan et al. 2018; Flower's
+DifferentialPrivacyClientSideFixedClipping is the model) and owns the clip norm C: its
+``configure`` step puts C into the round task, devices clip to it, the wrapper re-checks
+every delta against it (``CLIP_SLACK``, ``l2_norm``: the protocol's), sums the deltas with
+equal weight, adds Gaussian noise with std = noise_multiplier x C to the *sum*, and the noised
+sum divided by the expected number of clients becomes the mean the inner optimizer applies.
+C is fixed for the round by its config; adaptive clipping would need each device's
+under-the-clip bit summed securely, which the protocol does not carry yet.
 
-State (momentum and Adam moments, the current clip norm) is plain numpy in ``state()`` /
-``load_state()`` so the server can persist it beside the weights and resume after a restart.
+State (momentum and Adam moments) is plain numpy in ``state()`` / ``load_state()`` so the
+server can persist it beside the weights and resume after a restart.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,19 +28,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from device_sdk.csprng import CryptoRandom
+from device_sdk.protocol import CLIP_SLACK, l2_norm
 
 Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One device's contribution: float32 deltas by parameter name, and its example count.
-    ``under_clip`` is the device's report that its unclipped norm was <= the clip norm (the
-    bit adaptive clipping counts); None when it did not say."""
+    """One device's contribution: float32 deltas by parameter name, and its example count."""
 
     delta: Mapping[str, np.ndarray]
     num_examples: int
-    under_clip: bool | None = None
 
 
 @dataclass
@@ -53,7 +52,19 @@ class RoundResult:
 class Strategy(Protocol):
     name: str
 
-    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult: ...
+    def configure(self) -> dict[str, Any]:
+        """The round-task fields this strategy sets (the DP wrapper: ``clip_norm``)."""
+        ...
+
+    def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult:
+        """From the individual deltas (sealed uploads)."""
+        ...
+
+    def aggregate_sum(self, weights: Weights, total: Weights, clients: int, *,
+                      server_noise: bool = True) -> RoundResult:
+        """From the sum of ``clients`` deltas (what secure aggregation reveals).
+        ``server_noise=False``: the devices already noised the sum (distributed DP)."""
+        ...
 
     def state(self) -> dict[str, np.ndarray]: ...
 
@@ -96,21 +107,24 @@ class _ServerOptimizer:
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
         self.server_lr = server_lr
 
+    def configure(self) -> dict[str, Any]:
+        return {}  # devices clip to the round config's clip_norm; nothing to add
+
     def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult:
         names = _check(weights, updates)
         return self.apply(weights, weighted_mean(updates, names), len(updates))
 
-    def aggregate_sum(self, weights: Weights, total: Weights, clients: int) -> RoundResult:
-        """From the sum of ``clients`` deltas (what secure aggregation reveals): the plain
-        mean, each device weighted equally (per-device example counts stay private)."""
+    def aggregate_sum(self, weights: Weights, total: Weights, clients: int, *,
+                      server_noise: bool = True) -> RoundResult:
+        """The plain mean of the sum, each device weighted equally (per-device example
+        counts stay private). Without the DP wrapper there is no noise to add or skip."""
         return self.apply(weights, {k: v / clients for k, v in total.items()}, clients)
 
     def apply(self, weights: Weights, mean: Weights, clients: int) -> RoundResult:
         new = dict(weights)
         for name, step in self.step(mean).items():
             new[name] = (weights[name].astype(np.float64) + step).astype(np.float32)
-        norm = math.sqrt(sum(float(np.sum(m * m)) for m in mean.values()))
-        return RoundResult(new, {"clients": float(clients), "mean_delta_norm": norm})
+        return RoundResult(new, {"clients": float(clients), "mean_delta_norm": l2_norm(mean)})
 
     def step(self, mean: Weights) -> Weights:
         return {k: self.server_lr * v for k, v in mean.items()}
@@ -187,17 +201,6 @@ class FedAdam(_ServerOptimizer):
         self._v = {k[2:]: np.asarray(v, np.float64) for k, v in state.items() if k[:2] == "v/"}
 
 
-@dataclass(frozen=True)
-class AdaptiveClip:
-    """Quantile-based adaptive clipping (Andrew et al. 2021, geometric update):
-    C <- C * exp(-lr * (noised fraction of clients under C - target_quantile)).
-    If more clients than the target are under C, C shrinks; if fewer, it grows."""
-
-    target_quantile: float = 0.5
-    lr: float = 0.2
-    count_noise_std: float = 0.0  # sigma_b: std of the noise on the under-clip count
-
-
 class DPFedAvg:
     """Central DP around a server optimizer; see the module docstring.
 
@@ -211,83 +214,52 @@ class DPFedAvg:
         clip_norm: float,
         noise_multiplier: float,
         expected_clients: int,
-        adaptive: AdaptiveClip | None = None,
         rng: Any = None,
     ) -> None:
         if not clip_norm > 0 or noise_multiplier < 0 or expected_clients < 1:
             raise ValueError("need clip_norm > 0, noise_multiplier >= 0, expected_clients >= 1")
-        if (
-            adaptive is not None
-            and noise_multiplier > 0
-            and not 2 * adaptive.count_noise_std > noise_multiplier
-        ):
-            raise ValueError(
-                "adaptive clipping needs count_noise_std > noise_multiplier / 2 "
-                "(Andrew et al. 2021); the remaining budget noises the updates"
-            )
         self.inner = inner
         self.name = f"dp-{inner.name}"
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_clients = int(expected_clients)
-        self.adaptive = adaptive
         # The noise that hides each device: AES-CTR under a fresh OS key (a numpy bit
         # generator's state can be recovered from its output). A seeded generator only when
         # a simulation configures one (``CryptoRandom.from_seed``).
         self._rng = rng or CryptoRandom()
 
-    @property
-    def update_noise_multiplier(self) -> float:
-        """The noise multiplier applied to the update sum. With adaptive clipping part of the
-        privacy budget goes to the clip count: z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)."""
-        z = self.noise_multiplier
-        if self.adaptive is None or z == 0:
-            return z
-        return (z**-2 - (2 * self.adaptive.count_noise_std) ** -2) ** -0.5
+    def configure(self) -> dict[str, Any]:
+        """The clip norm devices must clip to: the wrapper's noise is calibrated to it."""
+        return {**self.inner.configure(), "clip_norm": self.clip_norm}
 
     def aggregate(self, weights: Weights, updates: Sequence[ClientUpdate]) -> RoundResult:
         names = _check(weights, updates)
         for n, u in enumerate(updates):
-            norm = math.sqrt(sum(float(np.sum(np.square(u.delta[k], dtype=np.float64)))
-                                 for k in names))
-            if norm > self.clip_norm * (1 + 1e-5):
+            norm = l2_norm({k: u.delta[k] for k in names})
+            if norm > self.clip_norm * (1 + CLIP_SLACK):
                 raise ValueError(f"update {n} has norm {norm:.6g} > clip norm {self.clip_norm}")
         total = {k: sum(u.delta[k].astype(np.float64) for u in updates) for k in names}
-        result = self.aggregate_sum(weights, total, len(updates))
-        if self.adaptive is not None:
-            self.clip_norm = self._next_clip(updates)
-            result.measurements["next_clip_norm"] = self.clip_norm
-        return result
+        return self.aggregate_sum(weights, total, len(updates))
 
     def aggregate_sum(self, weights: Weights, total: Weights, clients: int, *,
                       server_noise: bool = True) -> RoundResult:
         """Noise the sum of ``clients`` clipped deltas and apply sum / expected_clients.
         ``server_noise=False`` when the devices already added the noise (distributed DP
         inside secure aggregation)."""
-        std = self.update_noise_multiplier * self.clip_norm if server_noise else 0.0
+        std = self.noise_multiplier * self.clip_norm if server_noise else 0.0
         noised = {k: v + self._rng.normal(0.0, std, size=v.shape) if std else v
                   for k, v in total.items()}
         mean = {k: v / self.expected_clients for k, v in noised.items()}
         result = self.inner.apply(weights, mean, clients)
         result.measurements.update({"clip_norm": self.clip_norm, "noise_std": std,
-                                    "update_noise_multiplier": self.update_noise_multiplier})
+                                    "update_noise_multiplier": self.noise_multiplier})
         return result
 
-    def _next_clip(self, updates: Sequence[ClientUpdate]) -> float:
-        a = self.adaptive
-        assert a is not None
-        under = sum(1 for u in updates if u.under_clip)
-        noisy = under + self._rng.normal(0.0, a.count_noise_std)
-        fraction = noisy / self.expected_clients
-        return self.clip_norm * math.exp(-a.lr * (fraction - a.target_quantile))
-
     def state(self) -> dict[str, np.ndarray]:
-        return {**self.inner.state(), "dp/clip_norm": np.array(self.clip_norm)}
+        return self.inner.state()
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         self.inner.load_state(state)
-        if "dp/clip_norm" in state:
-            self.clip_norm = float(state["dp/clip_norm"])
 
 
 SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
@@ -298,8 +270,7 @@ SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
 def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
     """A strategy from a round config: ``strategy`` (fedavg | fedavgm | fedadam), its
     ``server_lr`` / ``momentum`` / ``beta1`` / ``beta2`` / ``tau``, and, when
-    ``noise_multiplier`` is set, the DP wrapper with ``clip_norm``, ``expected_clients`` and
-    optional ``adaptive_clip`` {target_quantile, lr, count_noise_std}."""
+    ``noise_multiplier`` is set, the DP wrapper with ``clip_norm`` and ``expected_clients``."""
     name = config.get("strategy", "fedavg")
     if name not in SERVER_OPTIMIZERS:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(SERVER_OPTIMIZERS)}")
@@ -309,12 +280,10 @@ def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
     inner = cls(**{k: float(config[k]) for k in keys if k in config})
     if config.get("noise_multiplier") is None:
         return inner
-    adaptive = config.get("adaptive_clip")
     return DPFedAvg(
         inner,
         clip_norm=float(config["clip_norm"]),
         noise_multiplier=float(config["noise_multiplier"]),
         expected_clients=int(config["expected_clients"]),
-        adaptive=AdaptiveClip(**adaptive) if adaptive else None,
         rng=rng,
     )

@@ -73,7 +73,8 @@ from device_sdk.protocol import (
     encode_tensors,
     seal_update,
 )
-from device_sdk.sync_client import SecAggUpload, SyncClient
+from device_sdk.sync_client import SyncClient
+from device_sdk.uploads import SecAggUpload
 
 ADMIN = "admin-secret"
 MAX_BODY = 256 * 1024

@@ -84,7 +84,8 @@ from device_sdk.protocol import (
     verify_request,
 )
 from device_sdk.secagg import SecAggDevice, SecAggError, TaskParams
-from device_sdk.sync_client import SecAggSession, ServerKeys, SyncClient, SyncError
+from device_sdk.sync_client import ServerKeys, SyncClient, SyncError
+from device_sdk.uploads import SecAggSession
 
 FAST = settings(max_examples=80, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

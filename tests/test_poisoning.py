@@ -34,7 +34,7 @@ from test_server_rounds import masked_frames_left, publish, sync_client
 
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
-from device_sdk.sync_client import SealedUpload, SecAggUpload
+from device_sdk.uploads import SealedUpload, SecAggUpload
 
 C = 1.0
 SETTINGS = {"ADMIN_TOKEN": "admin-secret", "PUBLISHER": "sync_server.registry:republish_weights",

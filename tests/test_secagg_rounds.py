@@ -31,7 +31,8 @@ from device_sdk.bundle import load_bundle
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import RoundTask
-from device_sdk.sync_client import SecAggSession, SecAggUpload, SyncError
+from device_sdk.sync_client import SyncError
+from device_sdk.uploads import SecAggSession, SecAggUpload
 
 # Stage timeouts and deadlines are guards here, never waited for: a stage that some device
 # drops out of is ended by ``stage_closer`` as soon as every other device has answered it.

@@ -47,7 +47,8 @@ from test_server_rounds import masked_frames_left, publish, signing_key_of, sync
 from device_sdk import secagg
 from device_sdk.bundle import extract_bundle_zip, load_bundle
 from device_sdk.protocol import SEALED_SCHEME
-from device_sdk.sync_client import SealedUpload, SecAggUpload, SyncError
+from device_sdk.sync_client import SyncError
+from device_sdk.uploads import SealedUpload, SecAggUpload
 
 ADMIN = "admin-secret"
 LEASE_S = 2

@@ -1,4 +1,4 @@
-"""Strategies and the DP wrapper: the maths each one promises, and the adaptive clip's sign."""
+"""Strategies and the DP wrapper: the maths each one promises, and who owns the clip norm."""
 
 import math
 
@@ -7,7 +7,6 @@ import pytest
 
 from sync_server.privacy import BudgetExceeded, LedgerEntry, PrivacyLedger
 from sync_server.strategies import (
-    AdaptiveClip,
     ClientUpdate,
     DPFedAvg,
     FedAdam,
@@ -82,27 +81,12 @@ def test_dp_refuses_an_update_above_the_clip_bound(rng):
         dp.aggregate(_weights(), [_update(rng, 1, norm=1.5)])
 
 
-@pytest.mark.parametrize(("under", "direction"), [(10, "down"), (0, "up")])
-def test_adaptive_clip_moves_towards_the_target_quantile(rng, under, direction):
-    """All clients under C -> C is too large -> it must shrink; none under -> grow."""
-    clients = 10
-    updates = [ClientUpdate(_update(rng, 1, norm=0.1).delta, 1, under_clip=i < under)
-               for i in range(clients)]
-    dp = DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=0.0, expected_clients=clients,
-                  adaptive=AdaptiveClip(target_quantile=0.5, lr=0.2))
-    result = dp.aggregate(_weights(), updates)
-    new = result.measurements["next_clip_norm"]
-    assert (new < 1.0) if direction == "down" else (new > 1.0)
-    assert new == pytest.approx(math.exp(-0.2 * (under / clients - 0.5)))
-
-
-def test_adaptive_clip_takes_its_share_of_the_noise():
-    dp = DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, expected_clients=10,
-                  adaptive=AdaptiveClip(count_noise_std=5.0))
-    assert dp.update_noise_multiplier == pytest.approx((1 - 1 / 100) ** -0.5)
-    with pytest.raises(ValueError, match="count_noise_std"):
-        DPFedAvg(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, expected_clients=10,
-                 adaptive=AdaptiveClip(count_noise_std=0.4))
+def test_the_dp_wrapper_owns_the_clip_norm():
+    """Its configure step puts C into the task; the optimizer state never carries it."""
+    dp = build({"strategy": "fedavgm", "noise_multiplier": 1.0, "clip_norm": 0.3,
+                "expected_clients": 4})
+    assert dp.configure() == {"clip_norm": 0.3} and FedAvgM().configure() == {}
+    assert not any("clip" in key for key in dp.state())
 
 
 def test_build_from_a_round_config():

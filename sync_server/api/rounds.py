@@ -1,11 +1,14 @@
 """Federated rounds, device side: check-in (sampling), sealed update upload, and the SecAgg+
-stages (poll, advertise, shares, masked, unmask). The state machine lives in
-``sync_server.rounds``, the SecAgg+ stages in ``sync_server.secure_aggregation``."""
+stages (poll, then one answer route per ``device_sdk.secagg.STAGES`` entry). The state
+machine lives in ``sync_server.rounds``, the schemes in ``sync_server.upload_schemes``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Blueprint, Response, current_app, g, jsonify
 
+from device_sdk import secagg
 from sync_server import fleet
 from sync_server.api import json_object, octet_stream
 from sync_server.auth import device_required
@@ -50,29 +53,18 @@ def secagg_poll(round_id: str) -> Response:
     return jsonify(service().secagg_poll(g.device_id, round_id))
 
 
-def _answer(round_id: str, stage: str, body: object) -> tuple[Response, int]:
-    return jsonify(service().secagg_answer(g.device_id, round_id, stage, body)), 202
+def _answer(stage: secagg.Stage) -> Callable[[str], tuple[Response, int]]:
+    """The view taking one SecAgg+ stage's answer (a JSON object or a PRT1 frame)."""
+
+    @device_required
+    def answer(round_id: str) -> tuple[Response, int]:
+        body = octet_stream() if stage.media == "application/octet-stream" else json_object()
+        return jsonify(service().secagg_answer(g.device_id, round_id, stage, body)), 202
+
+    return answer
 
 
-@bp.post("/v1/rounds/<name:round_id>/secagg/advertise")
-@device_required
-def secagg_advertise(round_id: str) -> tuple[Response, int]:
-    return _answer(round_id, "advertise", json_object())
-
-
-@bp.post("/v1/rounds/<name:round_id>/secagg/shares")
-@device_required
-def secagg_shares(round_id: str) -> tuple[Response, int]:
-    return _answer(round_id, "shares", json_object())
-
-
-@bp.post("/v1/rounds/<name:round_id>/secagg/masked")
-@device_required
-def secagg_masked(round_id: str) -> tuple[Response, int]:
-    return _answer(round_id, "masked", octet_stream())
-
-
-@bp.post("/v1/rounds/<name:round_id>/secagg/unmask")
-@device_required
-def secagg_unmask(round_id: str) -> tuple[Response, int]:
-    return _answer(round_id, "unmask", json_object())
+for _stage in secagg.STAGES:  # one route per stage, named by the stage table
+    bp.add_url_rule(f"/v1/rounds/<name:round_id>/secagg/{_stage.path}",
+                    endpoint=f"secagg_{_stage.path}", view_func=_answer(_stage),
+                    methods=["POST"])

@@ -28,14 +28,17 @@ from typing import Any
 import numpy as np
 import urllib3
 
+from device_sdk import secagg
 from device_sdk.device_client import DeviceClient
 from device_sdk.files import load_or_create_private_bytes
 from device_sdk.recommender import HistoryPolicy
-from device_sdk.sync_client import SecAggSession, SyncError
+from device_sdk.sync_client import SyncError
+from device_sdk.uploads import SecAggSession
 
 K = 10
-# Where a device may fail in a SecAgg+ round (it stops answering from then on).
-STAGES = ("collecting", "share_keys", "masked_input", "unmasking")
+# Where a device may fail in a SecAgg+ round (it stops answering from then on): the round
+# states of the stages.
+STAGES = tuple(stage.state for stage in secagg.STAGES)
 
 
 @dataclass

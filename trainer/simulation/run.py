@@ -52,8 +52,8 @@ from trainer.simulation.devices import STAGES, device_id
 from trainer.simulation.population import Population
 
 K = 10
-SECAGG_STAGES = ("share_keys", "masked_input", "unmasking")
-TERMINAL = ("published", "failed")
+SECAGG_STAGES = STAGES[1:]  # the stages after collecting, which the simulator drives
+TERMINAL = secagg.ENDED_STATES
 
 
 # The server's defaults (the training ones are device_sdk.protocol.TrainingParams').
