@@ -166,7 +166,8 @@ class SelectionCoin(Base):
 
 class Update(Base):
     """An accepted, validated update: its plaintext PRT1 frame is a blob (see
-    ``sync_server.rounds.accept_update`` for why plaintext), one per device per round."""
+    ``sync_server.upload_schemes.SealedRounds.accept`` for why plaintext), one per device
+    per round."""
 
     __tablename__ = "updates"
     __table_args__ = (UniqueConstraint("round_id", "device_id"),)

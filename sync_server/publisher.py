@@ -37,7 +37,7 @@ def patch_bundle(
     weights: Mapping[str, np.ndarray], base_bundle_dir: Path, version: int,
     provenance: Mapping[str, Any],
 ) -> Path:
-    """A publisher (``sync_server.rounds.Publisher``) that patches the base's model file.
+    """A publisher (``sync_server.publishing.Publisher``) that patches the base's model file.
     Raises ``Unpatchable`` when it cannot; ``patch_or_export`` then re-exports."""
     base = load_bundle(base_bundle_dir)
     arch = model_zoo.get(base.architecture)

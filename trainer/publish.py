@@ -1,6 +1,6 @@
 """The sync server's real publisher: a round's new float weights -> a freshly exported bundle.
 
-``export_weights`` matches ``sync_server.rounds.Publisher``. The server's default publisher
+``export_weights`` matches ``sync_server.publishing.Publisher``. The server's default publisher
 (``sync_server.publisher:patch_or_export``) writes new weights into the base's LiteRT file
 and imports this by name only when a base cannot be patched, so sync_server itself never
 imports trainer (nor torch)."""
