@@ -210,6 +210,8 @@ def plan(obj: Mapping[str, Any]) -> RoundPlan:
         raise bad("with sampling_rate and population, set target_clients too (the expected "
                   "cohort, q x population): it is the mean's denominator")
     selection.resolve(config)
+    if config["upload_scheme"] not in SCHEMES:  # before the scheme's defaults are asked
+        raise bad(f"upload_scheme must be one of {SCHEMES}, got {config['upload_scheme']!r}")
     if config["min_clients"] is None:
         config["min_clients"] = upload_schemes.default_min_clients(config)
     _check_number(config, "min_clients")
@@ -218,8 +220,6 @@ def plan(obj: Mapping[str, Any]) -> RoundPlan:
     for key in ("deadline_s", "noise_multiplier", "epsilon_budget", "model_version"):
         _check_number(config, key)
     selection.resolve_delta(config)
-    if config["upload_scheme"] not in SCHEMES:
-        raise bad(f"upload_scheme must be one of {SCHEMES}, got {config['upload_scheme']!r}")
     if config["dp_mode"] not in DP_MODES:
         raise bad(f"dp_mode must be 'central' or 'distributed', got {config['dp_mode']!r}")
     for key in ("secagg_stage_timeout_s", "secagg_poll_s", "secagg_degree",
