@@ -43,7 +43,7 @@ from sync_server.keys import ServerKeyPairs
 from sync_server.models import LedgerRow, ModelVersion, Round, utcnow
 from sync_server.privacy import DESCRIPTIONS, LedgerEntry, PrivacyLedger
 from sync_server.registry import extract_version, highest_version, sign_and_store
-from sync_server.upload_schemes import SealedRounds
+from sync_server.upload_schemes import RoundScheme
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class RoundPublishing:
                 break
         return strategy
 
-    def publish(self, row: Round, claim: str, scheme: SealedRounds,
+    def publish(self, row: Round, claim: str, scheme: RoundScheme,
                 renew: Callable[[], None]) -> None:
         """Aggregate and publish ``row`` (we hold ``claim``); ``renew`` extends the lease
         before each long step and raises LostClaim when the round was taken over."""

@@ -113,7 +113,7 @@ class RoundService:
         self._local = threading.local()  # the current request's deferred aggregations
         self._swept = False  # _sweep_ended_rounds ran in this process
 
-    def _scheme(self, row: Round) -> upload_schemes.SealedRounds:
+    def _scheme(self, row: Round) -> upload_schemes.RoundScheme:
         return self.schemes[row.config["upload_scheme"]]
 
     # --- admin ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,10 +61,11 @@ class Aggregate:
     entry: LedgerEntry | None = None
 
 
-class SealedRounds:
-    """``sealed-x25519-v1``: one sealed POST per device, validated and stored one by one."""
+class RoundScheme(ABC):
+    """What the state machine and publishing ask of a round's upload scheme. The class-level
+    half (defaults, checks, task parameters) needs no server."""
 
-    name: ClassVar[str] = SEALED_SCHEME
+    name: ClassVar[str]
     # A floor on min_clients where the config leaves it to the server (Poisson cohorts).
     min_clients_floor: ClassVar[int] = 1
 
@@ -72,22 +74,19 @@ class SealedRounds:
         self.db, self.blobs, self.keys, self.metrics = db, blobs, keys, metrics
         self._advance = advance
 
-    # --- config ----------------------------------------------------------------------------
-
     @classmethod
     def default_min_clients(cls, config: Mapping[str, Any]) -> int:
         """min_clients when the operator sent none and selection is first come (q = 1)."""
         return int(config["target_clients"])
 
     @classmethod
+    @abstractmethod
     def check_config(cls, config: Mapping[str, Any]) -> None:
-        if config["dp_mode"] == "distributed":
-            raise bad_round_config("dp_mode 'distributed' needs upload_scheme secagg+-v1: the "
-                                   "devices' noise shares only protect a sum")
+        """400 ``bad_round_config`` on settings this scheme cannot run."""
 
     @classmethod
     def task_params(cls, stored: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The task's scheme parameters (its ``secagg`` field): none."""
+        """The task's scheme parameters (its ``secagg`` field), or None."""
         return None
 
     @classmethod
@@ -95,14 +94,38 @@ class SealedRounds:
         """The noise multiplier the ledger projects for the round before it runs."""
         return float(stored["noise_multiplier"])
 
-    # --- the round -------------------------------------------------------------------------
-
     def view(self, row: Round) -> dict[str, Any] | None:
+        """The scheme's part of the round view (``secagg``), or None."""
         return None
 
     def advance(self, row: Round, now: datetime, finish_soon: Callable[..., None]) -> bool:
         """Move a round through this scheme's own states; False: not in one of them."""
         return False
+
+    def shortfall(self, row: Round) -> str | None:
+        """Why the round cannot be aggregated, or None."""
+        return None
+
+    @abstractmethod
+    def aggregate(self, row: Round, strategy: strategies.Strategy,
+                  weights: strategies.Weights) -> Aggregate:
+        """The round's sum through the strategy: new weights and what it measured."""
+
+    @abstractmethod
+    def forget(self, round_id: str) -> None:
+        """Delete what only mattered while the round ran."""
+
+
+class SealedRounds(RoundScheme):
+    """``sealed-x25519-v1``: one sealed POST per device, validated and stored one by one."""
+
+    name: ClassVar[str] = SEALED_SCHEME
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        if config["dp_mode"] == "distributed":
+            raise bad_round_config("dp_mode 'distributed' needs upload_scheme secagg+-v1: the "
+                                   "devices' noise shares only protect a sum")
 
     def shortfall(self, row: Round) -> str | None:
         """Why the round cannot be aggregated (too few updates), or None."""
@@ -200,7 +223,7 @@ class SealedRounds:
         return {"accepted": True, "round_id": round_id}
 
 
-class SecAggRounds(SealedRounds):
+class SecAggRounds(RoundScheme):
     """``secagg+-v1``: the SecAgg+ stages (``sync_server.secure_aggregation``), then the
     unmasked, dequantized sum, norm-guarded, goes to the strategy."""
 
@@ -284,9 +307,6 @@ class SecAggRounds(SealedRounds):
                 self.stages.forget(row.id)
         return True
 
-    def shortfall(self, row: Round) -> str | None:
-        return None  # each stage transition checked min_clients already
-
     def aggregate(self, row: Round, strategy: strategies.Strategy,
                   weights: strategies.Weights) -> Aggregate:
         """Unmask the SecAgg+ sum, dequantize it and hand it to the strategy. In distributed
@@ -318,10 +338,6 @@ class SecAggRounds(SealedRounds):
         self.stages.forget(round_id)
 
     # --- devices ---------------------------------------------------------------------------
-
-    def accept(self, device_id: str, round_id: str, sealed: bytes) -> dict[str, Any]:
-        raise ApiError("wrong_scheme", f"round {round_id} takes uploads through "
-                       f"{self.name}", 409)
 
     def _round(self, round_id: str, device_id: str) -> Round:
         self._advance(round_id)
@@ -355,10 +371,10 @@ class SecAggRounds(SealedRounds):
 
 
 # The registry: a round's upload_scheme -> its server side.
-SCHEMES: dict[str, type[SealedRounds]] = {cls.name: cls for cls in (SecAggRounds, SealedRounds)}
+SCHEMES: dict[str, type[RoundScheme]] = {cls.name: cls for cls in (SecAggRounds, SealedRounds)}
 
 
-def build(**kwargs: Any) -> dict[str, SealedRounds]:
+def build(**kwargs: Any) -> dict[str, RoundScheme]:
     """One instance of each scheme over the service's database, blobs, keys and metrics."""
     return {name: cls(**kwargs) for name, cls in SCHEMES.items()}
 
