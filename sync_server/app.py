@@ -1,7 +1,7 @@
 """The app factory: ``create_app(config)`` wires config, database (migrated to head), keys,
-blob store, rate limiter, metrics, rounds, the dashboard, error handlers and blueprints. No
-module-level app. Templates (``templates/``) and the dashboard's script and stylesheet
-(``static/``, served at ``/static/``) ship inside the package."""
+blob store, rate limits (shared by all workers), metrics, rounds, the dashboard, error
+handlers and blueprints. No module-level app. Templates (``templates/``) and the dashboard's
+script and stylesheet (``static/``, served at ``/static/``) ship inside the package."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from sync_server.errors import register_error_handlers
 from sync_server.keys import ServerKeys
 from sync_server.logs import install as install_logging
 from sync_server.metrics import Metrics
-from sync_server.rate_limit import RateLimiter
+from sync_server.rate_limit import RateLimits
 from sync_server.rounds import Publisher, RoundService
 
 
@@ -53,7 +53,7 @@ def create_app(
     app.extensions["pocketrec_nonces"] = NonceStore(db)
     app.extensions["pocketrec_keys"] = ServerKeys.load_or_create(data_dir / "keys")
     app.extensions["pocketrec_blobs"] = BlobStore(data_dir / "blobs")
-    app.extensions["pocketrec_rate_limiter"] = RateLimiter(settings["RATE_LIMIT"])
+    app.extensions["pocketrec_rate_limits"] = rate_limits = RateLimits(app, db, settings)
     metrics = Metrics(db)
     metrics.install(app)
     app.extensions["pocketrec_metrics"] = metrics
@@ -76,6 +76,7 @@ def create_app(
     app.url_map.merge_slashes = False
     for bp in blueprints():
         app.register_blueprint(bp)
+    rate_limits.limit_views(app)
     logging.getLogger(__name__).info("sync server ready: data in %s", data_dir,
                                       extra={"data_dir": str(data_dir)})
     return app

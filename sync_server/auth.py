@@ -85,7 +85,9 @@ def verify_device_request(public_key: bytes | None) -> str:
 
 
 def check_rate_limit(device_id: str) -> None:
-    wait = current_app.extensions["pocketrec_rate_limiter"].take(device_id)
+    """429 ``rate_limited`` once ``device_id`` made RATE_LIMIT requests this minute (counted
+    in the database: all workers share one count)."""
+    wait = current_app.extensions["pocketrec_rate_limits"].device_wait(device_id)
     if wait:
         raise ApiError("rate_limited", f"too many requests from this device; retry in {wait} s",
                        429, {"Retry-After": str(wait)})

@@ -10,7 +10,24 @@ Keys:
                       registration consumes a token minted by POST /v1/admin/enrollment-tokens
     MAX_BODY_BYTES    largest request body a device may send (bytes)
     MAX_BUNDLE_BYTES  largest bundle zip an admin may upload (bytes)
-    RATE_LIMIT        requests per minute per device (token bucket, burst = the same number)
+    RATE_LIMIT        requests per minute per device (a fixed one-minute window, counted after
+                      the request's signature verified), shared by all workers
+    REGISTER_LIMIT_PER_ADDRESS  registrations per client address, in ``limits`` notation
+                      (``"N per second|minute|hour|day"``, several joined by ``;``, each must
+                      hold); default ``"20 per minute;200 per day"``; ``"off"`` disables it.
+                      Counted before anything else is checked, in the database, so it holds
+                      across workers (``sync_server.rate_limit``). Raise it for fleets behind
+                      one carrier NAT
+    CHECKIN_LIMIT_PER_ADDRESS  check-ins per client address (same notation); default
+                      ``"600 per minute"`` (devices check in every CHECKIN_RETRY_AFTER s)
+    TRUSTED_PROXY_HOPS  0 (default): the client address is the TCP peer (REMOTE_ADDR). N > 0:
+                      N reverse proxies the server's operator runs append to
+                      X-Forwarded-For, and the client is the Nth address from its right.
+                      Set it to exactly the proxies in front: with one too many, a client
+                      chooses its own address (and escapes the per-address limits)
+    RATE_LIMIT_STORAGE  "database" (default: counters in DATABASE_URL's ``rate_limits``
+                      table) or a ``limits`` storage URI such as ``redis://host:6379`` (its
+                      client library installed separately)
     CHECKIN_RETRY_AFTER  seconds a device is told to wait when no task is offered
     PUBLISHER         "module:function" turning a round's new float weights into a bundle
                       directory (see ``sync_server.rounds``); imported on first use. Default
@@ -49,6 +66,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BODY_BYTES": 16 * 2**20,
     "MAX_BUNDLE_BYTES": 256 * 2**20,
     "RATE_LIMIT": 120,
+    "REGISTER_LIMIT_PER_ADDRESS": "20 per minute;200 per day",
+    "CHECKIN_LIMIT_PER_ADDRESS": "600 per minute",
+    "TRUSTED_PROXY_HOPS": 0,
+    "RATE_LIMIT_STORAGE": "database",
     "CHECKIN_RETRY_AFTER": 60,
     "PUBLISHER": "sync_server.publisher:patch_or_export",
     "AGGREGATION_LEASE_S": 120,
@@ -112,6 +133,7 @@ def load_config(
                           f"{config['ENROLLMENT_MODE']!r}")
     if config["ENROLLMENT_MODE"] == "one-time" and config["ENROLLMENT_TOKEN"] is not None:
         raise ConfigError("ENROLLMENT_MODE one-time replaces ENROLLMENT_TOKEN: unset it")
+    _check_rate_limits(config)
     config["DP_ACCOUNTANT"] = str(config["DP_ACCOUNTANT"] or "pld").lower()
     if config["DP_ACCOUNTANT"] not in ("pld", "rdp"):
         raise ConfigError(f"DP_ACCOUNTANT must be 'pld' or 'rdp', got "
@@ -123,3 +145,33 @@ def load_config(
     if config["DATABASE_URL"] is None:
         config["DATABASE_URL"] = f"sqlite:///{Path(config['DATA_DIR']) / 'pocketrec.db'}"
     return config
+
+
+def _check_rate_limits(config: dict[str, Any]) -> None:
+    """Parse the per-address limits ("off" -> None), the proxy hops and the storage."""
+    from limits import parse_many
+
+    for key in ("REGISTER_LIMIT_PER_ADDRESS", "CHECKIN_LIMIT_PER_ADDRESS"):
+        value = str(config[key] if config[key] is not None else "off").strip()
+        if value.lower() == "off":
+            config[key] = None
+            continue
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a limit such as '20 per minute;200 per day' "
+                              f"(or 'off'), got {value!r}") from None
+        config[key] = value
+    try:
+        hops = int(config["TRUSTED_PROXY_HOPS"])
+    except (TypeError, ValueError):
+        hops = -1
+    if hops < 0:
+        raise ConfigError(f"TRUSTED_PROXY_HOPS must be an integer >= 0, got "
+                          f"{config['TRUSTED_PROXY_HOPS']!r}")
+    config["TRUSTED_PROXY_HOPS"] = hops
+    storage = str(config["RATE_LIMIT_STORAGE"] or "database")
+    if storage != "database" and "://" not in storage:
+        raise ConfigError(f"RATE_LIMIT_STORAGE must be 'database' or a limits storage URI "
+                          f"(e.g. redis://host:6379), got {storage!r}")
+    config["RATE_LIMIT_STORAGE"] = storage
