@@ -14,10 +14,11 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from sync_server import attestation
 from sync_server.api import CONVERTERS, blueprints
 from sync_server.auth import NonceStore
 from sync_server.blobs import BlobStore
-from sync_server.config import load_config
+from sync_server.config import ConfigError, load_config
 from sync_server.dashboard import Dashboard
 from sync_server.db import Database, upgrade
 from sync_server.errors import register_error_handlers
@@ -25,6 +26,7 @@ from sync_server.keys import ServerKeys
 from sync_server.logs import install as install_logging
 from sync_server.metrics import Metrics
 from sync_server.rate_limit import RateLimits
+from sync_server.retention import Retention
 from sync_server.rounds import Publisher, RoundService
 
 
@@ -69,7 +71,15 @@ def create_app(
             "it, so they protect nobody from whoever knows it; for simulations and tests only")
     app.extensions["pocketrec_dashboard"] = Dashboard(db, app.extensions["pocketrec_rounds"])
 
+    app.extensions["pocketrec_retention"] = Retention(db, settings)
+    try:
+        app.extensions["pocketrec_attestation"] = attestation.resolve(
+            settings["ATTESTATION_VERIFIER"])
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"ATTESTATION_VERIFIER: {exc}") from None
+
     _defer_aggregations(app)
+    _sweep_retention(app)
     register_error_handlers(app)
     app.url_map.converters.update(CONVERTERS)
     # No 308 redirect (an HTML page) from "/v1//x" to "/v1/x": such a path is simply unknown.
@@ -142,3 +152,22 @@ def _defer_aggregations(app: Flask) -> None:
         rounds.stop_deferring()
         for job in g.pop("pocketrec_deferred", []):  # no response went out: run them now
             job()
+
+
+def _sweep_retention(app: Flask) -> None:
+    """Each worker's retention sweep (``sync_server.retention``): at its first response and
+    then every RETENTION_SWEEP_S, after the response is sent, in a thread of its own."""
+    retention: Retention = app.extensions["pocketrec_retention"]
+
+    def run() -> None:
+        try:
+            retention.sweep()
+        except Exception:  # the database may be away; the next sweep tries again
+            logging.getLogger("sync_server.retention").exception("retention sweep failed")
+
+    @app.after_request
+    def _maybe_sweep(response: Response) -> Response:
+        if retention.due():
+            response.call_on_close(lambda: threading.Thread(
+                target=run, name="pocketrec-retention", daemon=True).start())
+        return response

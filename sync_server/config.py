@@ -37,6 +37,16 @@ Keys:
                       120); a round whose worker died (or whose server was killed) is taken
                       over by the first request after that. The holder renews it before each
                       long step, so it must outlast the longest one (the publisher's export)
+    DEVICE_RETENTION_DAYS  a registered device not seen for this many days is deleted once no
+                      round record names it (default 180; 0 = never): it must register again
+    ROUND_RECORD_RETENTION_DAYS  per-device rows of rounds that ended this many days ago
+                      (selection coins, selections, update records, SecAgg+ membership) are
+                      deleted (default 30; 0 = never); rounds and the ledger stay
+    RETENTION_SWEEP_S  seconds between a worker's retention sweeps (default 3600; also on
+                      demand: POST /v1/admin/retention/sweep). See ``sync_server.retention``
+    ATTESTATION_VERIFIER  "module:function" called at each registration of a new key with the
+                      registration's ``attestation`` evidence (``sync_server.attestation``);
+                      unset (default): no attestation
     LOG_FORMAT        "json" (default: one JSON object per line on stderr) or "text"
     DP_ACCOUNTANT     "pld" (default: privacy loss distributions, tight) or "rdp" (Renyi DP),
                       both from Google's dp_accounting; the ledger's epsilon, every row
@@ -77,9 +87,15 @@ DEFAULTS: dict[str, Any] = {
     "DETERMINISTIC_SEED": None,
     "DP_ACCOUNTANT": "pld",
     "ENROLLMENT_MODE": "open",
+    "DEVICE_RETENTION_DAYS": 180,
+    "ROUND_RECORD_RETENTION_DAYS": 30,
+    "RETENTION_SWEEP_S": 3600,
+    "ATTESTATION_VERIFIER": None,
 }
 _INTEGERS = {"MAX_BODY_BYTES", "MAX_BUNDLE_BYTES", "RATE_LIMIT", "CHECKIN_RETRY_AFTER",
-             "AGGREGATION_LEASE_S"}
+             "AGGREGATION_LEASE_S", "RETENTION_SWEEP_S"}
+# Integers where 0 means "never".
+_COUNTS = {"DEVICE_RETENTION_DAYS", "ROUND_RECORD_RETENTION_DAYS"}
 
 
 class ConfigError(ValueError):
@@ -123,7 +139,15 @@ def load_config(
             raise ConfigError(f"{key} must be an integer, got {config[key]!r}") from None
         if config[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {config[key]}")
-    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL", "DETERMINISTIC_SEED"):
+    for key in _COUNTS:
+        try:
+            config[key] = int(config[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {config[key]!r}") from None
+        if config[key] < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 = keep forever), got {config[key]}")
+    for key in ("ADMIN_TOKEN", "ENROLLMENT_TOKEN", "DATABASE_URL", "DETERMINISTIC_SEED",
+                "ATTESTATION_VERIFIER"):
         config[key] = config[key] or None  # an empty variable means unset
     if config["DETERMINISTIC_SEED"] is not None:
         config["DETERMINISTIC_SEED"] = str(config["DETERMINISTIC_SEED"])
