@@ -10,6 +10,7 @@ asks the server to sweep (``POST /v1/admin/retention/sweep``)."""
 import base64
 import json
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -139,6 +140,20 @@ def test_only_silent_unnamed_devices_and_old_round_rows_are_pruned(server):
 
     again = sweep(server)["pruned"]
     assert set(again.values()) == {0}
+
+
+def test_every_worker_sweeps_by_itself_after_its_first_response(tmp_path, db_settings):
+    """No admin call: a restarted server (a new worker) sweeps after its first response."""
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as server:
+        kept, silent = new_client(server), new_client(server)
+        kept.register()
+        silent.register()
+        age(server, "devices", "last_seen_at", "id", silent.identity.device_id, days=31)
+    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as server:
+        deadline = time.monotonic() + 60  # the sweep runs in a thread after the response
+        while silent.identity.device_id in device_ids(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert device_ids(server) == {kept.identity.device_id}
 
 
 def test_a_pruned_device_client_registers_again_by_itself(server, tmp_path):
