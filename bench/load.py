@@ -15,9 +15,10 @@ round's outcome (published? received == selected? every device then holds the ne
     python bench/load.py --devices 16 64 128 --json load.json
     python bench/load.py --devices 64 --worker-class sync --database sqlite
 
-The server's rate limit is per device per worker (in process memory); it is raised here
-(``--rate-limit``) so the run measures the server, not the limiter. The round publishes with
-the weights-only publisher (the served tflite is unchanged): the real export is a
+The server's per-device rate limit (counted in the database, shared by the workers) is
+raised here (``--rate-limit``) so the run measures the server, not the limiter; the
+per-address limits are off (every simulated device shares one loopback address). The round
+publishes with the weights-only publisher (the served tflite is unchanged): the real export is a
 minutes-long job of its own (bench/export_latency.py), not a request path. No timings are
 asserted anywhere; tests/test_load.py runs a small bounded version and checks correctness."""
 
@@ -108,7 +109,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="client connect/read timeout, seconds (10: the SDK's default)")
     parser.add_argument("--rate-limit", type=int, default=100_000,
-                        help="server RATE_LIMIT (per device, per worker, per minute)")
+                        help="server RATE_LIMIT (per device, per minute)")
     parser.add_argument("--json", type=Path, help="write the summaries here")
     args = parser.parse_args()
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +33,8 @@ from device_sdk.model_store import InstallResult, ModelStore, StaleVersionError
 from device_sdk.recommender import HistoryPolicy, Recommendation, Recommender
 from device_sdk.sync_client import SyncClient, SyncError
 from device_sdk.uploads import SecAggSession
+
+log = logging.getLogger(__name__)
 
 ANSWERED_KEPT = 100
 
@@ -72,6 +76,7 @@ class DeviceClient:
         server_key: bytes,
         server_url: str | None = None,
         enrollment_token: str | None = None,
+        attestation: Callable[[bytes], Any] | None = None,
         policy: HistoryPolicy | None = None,
         durability: str = "normal",
         max_age_days: float | None = None,
@@ -100,6 +105,7 @@ class DeviceClient:
         self._recommender: Recommender | None = self.models.open_recommender(num_threads)
         self._server_url = server_url
         self._enrollment_token = enrollment_token
+        self._attestation = attestation  # fn(public_key_raw) -> evidence (SyncClient)
         self._client: SyncClient | None = None
         self._http_pool = http_pool  # an urllib3.PoolManager to share; default: its own
         self._sync_lock = threading.Lock()
@@ -186,6 +192,7 @@ class DeviceClient:
                 server_signing_key=self.models.public_key,
                 outbox_dir=self.data_dir / "outbox",
                 enrollment_token=self._enrollment_token,
+                attestation=self._attestation,
                 pool=self._http_pool,
             )
         return self._client
@@ -205,11 +212,19 @@ class DeviceClient:
             state = self._read_state()
             report = SyncReport()
             if not state.get("registered"):
-                client.register()
-                state["registered"] = True
-                self._write_state(state)
-            report.outbox_delivered = client.flush_outbox()
-            self._update_model(client, state, report)
+                self._register(client, state)
+            try:
+                report.outbox_delivered = client.flush_outbox()
+                self._update_model(client, state, report)
+            except SyncError as exc:
+                if exc.code != "unknown_device":
+                    raise
+                # The server pruned this device after a long silence (its retention
+                # policy): register the same key again, then carry on.
+                log.info("the server no longer knows this device: registering again")
+                self._register(client, state)
+                report.outbox_delivered = client.flush_outbox()
+                self._update_model(client, state, report)
             report.model_version = self.model_version
             task = client.checkin(self.model_version, self.events.count())
             if task is None or not train:
@@ -254,6 +269,11 @@ class DeviceClient:
             state["answered"] = [*answered, task.round_id][-ANSWERED_KEPT:]
             self._write_state(state)
             return report
+
+    def _register(self, client: SyncClient, state: dict) -> None:
+        client.register()
+        state["registered"] = True
+        self._write_state(state)
 
     def _update_model(self, client: SyncClient, state: dict, report: SyncReport) -> None:
         manifest = client.fetch_manifest(etag=state.get("etag"))

@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ class SyncClient:
         server_signing_key: bytes,
         outbox_dir: str | Path,
         enrollment_token: str | None = None,
+        attestation: Callable[[bytes], Any] | None = None,
         timeout: float = 10.0,
         retries: int = 4,
         backoff_factor: float = 0.2,
@@ -131,6 +133,9 @@ class SyncClient:
         self._pinned_key = bytes(server_signing_key)
         self.outbox_dir = Path(outbox_dir)
         self._enrollment_token = enrollment_token
+        # fn(public_key_raw) -> JSON evidence sent at registration (the server's attestation
+        # hook checks it): e.g. a platform attestation whose nonce binds this key.
+        self._attestation = attestation
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         self._retry = _FullJitterRetry(
             total=retries,
@@ -263,6 +268,8 @@ class SyncClient:
             "public_key": b64(self.identity.public_key_raw),
             "enrollment_token": self._enrollment_token,
         }
+        if self._attestation is not None:
+            body["attestation"] = self._attestation(self.identity.public_key_raw)
         obj = self.json_of(self.request("POST", "/v1/devices", json=body), (200, 201))
         if obj.get("device_id") != self.identity.device_id:
             raise SyncError("bad_response", f"server registered {obj.get('device_id')!r}, "

@@ -17,9 +17,23 @@ response that completed it, and tests/test_load.py checks that a gthread worker 
 aggregation longer than ``--timeout``. Threads at most SQLAlchemy's pool size (5 + 10
 overflow connections per worker).
 Each worker runs ``alembic upgrade head`` on start under a file lock, so workers on one host
-never migrate concurrently. The per-device rate limit is kept in process memory: with N
-workers a device may get up to N times RATE_LIMIT requests per minute."""
+never migrate concurrently. Rate limits (per device, and per client address on registration
+and check-in) are counted in the database (``sync_server.rate_limit``), so they hold across
+all workers.
 
-from sync_server.app import create_app
+``create_app`` is imported on first use: ``sync_server.privacy`` (the delta rule, which
+central DP-SGD in ``trainer`` shares) then imports without Flask or SQLAlchemy."""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from sync_server.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'sync_server' has no attribute {name!r}")

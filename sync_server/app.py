@@ -1,7 +1,7 @@
 """The app factory: ``create_app(config)`` wires config, database (migrated to head), keys,
-blob store, rate limiter, metrics, rounds, the dashboard, error handlers and blueprints. No
-module-level app. Templates (``templates/``) and the dashboard's script and stylesheet
-(``static/``, served at ``/static/``) ship inside the package."""
+blob store, rate limits (shared by all workers), metrics, rounds, the dashboard, error
+handlers and blueprints. No module-level app. Templates (``templates/``) and the dashboard's
+script and stylesheet (``static/``, served at ``/static/``) ship inside the package."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from sync_server import attestation
 from sync_server.api import CONVERTERS, blueprints
 from sync_server.auth import NonceStore
 from sync_server.blobs import BlobStore
-from sync_server.config import load_config
+from sync_server.config import ConfigError, load_config
 from sync_server.dashboard import Dashboard
 from sync_server.db import Database, upgrade
 from sync_server.errors import register_error_handlers
@@ -25,7 +26,8 @@ from sync_server.keys import ServerKeyPairs
 from sync_server.logs import install as install_logging
 from sync_server.metrics import Metrics
 from sync_server.publishing import Publisher
-from sync_server.rate_limit import RateLimiter
+from sync_server.rate_limit import RateLimits
+from sync_server.retention import Retention
 from sync_server.rounds import RoundService
 
 
@@ -54,7 +56,7 @@ def create_app(
     app.extensions["pocketrec_nonces"] = NonceStore(db)
     app.extensions["pocketrec_keys"] = ServerKeyPairs.load_or_create(data_dir / "keys")
     app.extensions["pocketrec_blobs"] = BlobStore(data_dir / "blobs")
-    app.extensions["pocketrec_rate_limiter"] = RateLimiter(settings["RATE_LIMIT"])
+    app.extensions["pocketrec_rate_limits"] = rate_limits = RateLimits(app, db, settings)
     metrics = Metrics(db)
     metrics.install(app)
     app.extensions["pocketrec_metrics"] = metrics
@@ -70,13 +72,22 @@ def create_app(
             "it, so they protect nobody from whoever knows it; for simulations and tests only")
     app.extensions["pocketrec_dashboard"] = Dashboard(db, app.extensions["pocketrec_rounds"])
 
+    app.extensions["pocketrec_retention"] = Retention(db, settings)
+    try:
+        app.extensions["pocketrec_attestation"] = attestation.resolve(
+            settings["ATTESTATION_VERIFIER"])
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"ATTESTATION_VERIFIER: {exc}") from None
+
     _defer_aggregations(app)
+    _sweep_retention(app)
     register_error_handlers(app)
     app.url_map.converters.update(CONVERTERS)
     # No 308 redirect (an HTML page) from "/v1//x" to "/v1/x": such a path is simply unknown.
     app.url_map.merge_slashes = False
     for bp in blueprints():
         app.register_blueprint(bp)
+    rate_limits.limit_views(app)
     logging.getLogger(__name__).info("sync server ready: data in %s", data_dir,
                                       extra={"data_dir": str(data_dir)})
     return app
@@ -142,3 +153,22 @@ def _defer_aggregations(app: Flask) -> None:
         rounds.stop_deferring()
         for job in g.pop("pocketrec_deferred", []):  # no response went out: run them now
             job()
+
+
+def _sweep_retention(app: Flask) -> None:
+    """Each worker's retention sweep (``sync_server.retention``): at its first response and
+    then every RETENTION_SWEEP_S, after the response is sent, in a thread of its own."""
+    retention: Retention = app.extensions["pocketrec_retention"]
+
+    def run() -> None:
+        try:
+            retention.sweep()
+        except Exception:  # the database may be away; the next sweep tries again
+            logging.getLogger("sync_server.retention").exception("retention sweep failed")
+
+    @app.after_request
+    def _maybe_sweep(response: Response) -> Response:
+        if retention.due():
+            response.call_on_close(lambda: threading.Thread(
+                target=run, name="pocketrec-retention", daemon=True).start())
+        return response

@@ -22,7 +22,7 @@ from flask import current_app, g, request
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from device_sdk.protocol import MAX_SKEW_S, claimed_device_id, verify_request
+from device_sdk.protocol import MAX_SKEW_S, ProtocolError, claimed_device_id, verify_request
 from sync_server.db import Database, get_db
 from sync_server.errors import ApiError
 from sync_server.models import Device, Nonce, utcnow
@@ -85,7 +85,9 @@ def verify_device_request(public_key: bytes | None) -> str:
 
 
 def check_rate_limit(device_id: str) -> None:
-    wait = current_app.extensions["pocketrec_rate_limiter"].take(device_id)
+    """429 ``rate_limited`` once ``device_id`` made RATE_LIMIT requests this minute (counted
+    in the database: all workers share one count)."""
+    wait = current_app.extensions["pocketrec_rate_limits"].device_wait(device_id)
     if wait:
         raise ApiError("rate_limited", f"too many requests from this device; retry in {wait} s",
                        429, {"Retry-After": str(wait)})
@@ -101,7 +103,10 @@ def authenticate_device() -> str:
     verify_device_request(public_key)
     check_rate_limit(device_id)
     with db.transaction() as session:
-        session.execute(update(Device).where(Device.id == device_id).values(last_seen_at=utcnow()))
+        seen = session.execute(update(Device).where(Device.id == device_id)
+                               .values(last_seen_at=utcnow())).rowcount
+    if seen != 1:  # pruned for silence (sync_server.retention) since the key was read
+        raise ProtocolError("unknown_device", f"device {device_id} is not registered")
     g.device_id = device_id
     return device_id
 

@@ -37,7 +37,8 @@ def mint(db: Database, count: int) -> list[str]:
 def register_with_token(db: Database, device_id: str, public_key: bytes, token: object
                         ) -> bool:
     """Register ``device_id`` by consuming ``token``, in one transaction; True when the
-    device was already registered with this very token (a retry). 403
+    device was already registered with this very token (a retry). A device pruned for
+    silence registers again with the token it first used. 403
     ``enrollment_refused`` for a missing, unknown or already used token."""
     refused = ApiError("enrollment_refused", "registration needs an unused one-time "
                        "enrollment token from the app's backend", 403)
@@ -49,9 +50,14 @@ def register_with_token(db: Database, device_id: str, public_key: bytes, token: 
         if row is None:
             raise refused
         if row.used_at is not None:
-            if row.device_id == device_id:
+            if row.device_id != device_id:
+                raise refused
+            if session.get(Device, device_id) is not None:
                 return True
-            raise refused
+            # The key this token registered was pruned after a long silence
+            # (``sync_server.retention``): the token still vouches for that key alone.
+            session.add(Device(id=device_id, public_key=public_key))
+            return False
         if session.get(Device, device_id) is not None:
             raise ApiError("enrollment_refused", "this device is already registered", 403)
         # Conditional: of two concurrent registrations with one token, one wins.

@@ -45,7 +45,9 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Indexed: retention prunes devices silent past DEVICE_RETENTION_DAYS by it.
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                   index=True)
     # The model version reported at the latest check-in (None: none yet, or none held).
     model_version: Mapped[int | None] = mapped_column(Integer)
 
@@ -60,6 +62,17 @@ class EnrollmentToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     device_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class RateLimitCounter(Base):
+    """A fixed-window rate-limit counter (``sync_server.rate_limit.DatabaseStorage``): hits
+    in the window ending at ``expires_at`` (epoch seconds). Expired rows are deleted."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hits: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class Nonce(Base):

@@ -99,6 +99,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
         422: "update_rejected",
         429: "rate_limited (see Retry-After)",
+        503: "attestation_unavailable or database_unavailable (see Retry-After)",
     }
     return {str(s): _json(_ERROR, text[s]) for s in statuses}
 
@@ -292,12 +293,16 @@ def openapi_document() -> dict[str, Any]:
                                    "enrollment_token": {
                                        "type": ["string", "null"], "description":
                                        "ENROLLMENT_TOKEN, or (ENROLLMENT_MODE one-time) "
-                                       "an unused token from the app's backend"}},
+                                       "an unused token from the app's backend"},
+                                   "attestation": {
+                                       "description": "evidence for the server's "
+                                       "ATTESTATION_VERIFIER (any JSON), e.g. a platform "
+                                       "attestation bound to public_key"}},
                 }}}},
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/DeviceId"}, "registered"),
                     "200": _json({"$ref": "#/components/schemas/DeviceId"}, "already known"),
-                    **_errors(400, 401, 403, 413, 415, 429),
+                    **_errors(400, 401, 403, 413, 415, 429, 503),
                 },
             }},
             "/v1/models/current": {"get": {
@@ -452,6 +457,25 @@ def openapi_document() -> dict[str, Any]:
                                                  "items": {"type": "string"}},
                                       "mode": {"enum": ["open", "one-time"]}}}, "minted"),
                     **_errors(400, 401, 403, 413, 415),
+                },
+            }},
+            "/v1/admin/retention/sweep": {"post": {
+                "summary": "Delete what is past its retention now (devices silent past "
+                "DEVICE_RETENTION_DAYS, per-device rows of rounds ended past "
+                "ROUND_RECORD_RETENTION_DAYS); every worker also does so every "
+                "RETENTION_SWEEP_S",
+                "security": _ADMIN,
+                "responses": {
+                    "200": _json({"type": "object", "required": ["pruned", "policy"],
+                                  "properties": {
+                                      "pruned": {"type": "object", "description":
+                                                 "rows deleted per table",
+                                                 "additionalProperties": {
+                                                     "type": "integer"}},
+                                      "policy": {"type": "object",
+                                                 "additionalProperties": {
+                                                     "type": "integer"}}}}, "swept"),
+                    **_errors(401, 403),
                 },
             }},
             "/v1/admin/server-keys": {"get": {

@@ -16,6 +16,7 @@ aggregation) is accounted as the Gaussian of the summed variance with its effect
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +31,14 @@ PLD_DISCRETIZATION = 1e-3
 # 7.6 GiB. Beyond this RDP epsilon (itself a valid upper bound) the ledger reports RDP's
 # figure and says so (``computed_by``) rather than building that grid.
 PLD_MAX_EPSILON = 500.0
+
+
+def default_delta(n: int) -> float:
+    """The default delta for ``n`` privacy units: the power of ten at or below 1 / (10 n).
+    A mechanism that publishes one unit's data outright with probability delta is
+    (0, delta)-DP, so delta must stay well below 1 / n. The one rule for the server's
+    rounds, the simulator and central DP-SGD (``trainer.train``)."""
+    return 10.0 ** -math.ceil(math.log10(10 * max(n, 1)) - 1e-9)
 
 
 @dataclass(frozen=True)

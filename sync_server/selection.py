@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sync_server.db import Database
 from sync_server.models import Round, Selection, SelectionCoin, as_utc
+from sync_server.privacy import default_delta
 
 _BITS = 53  # a uniform double's worth of bits
 
@@ -90,7 +91,7 @@ def resolve_delta(config: dict[str, Any]) -> None:
         where = "target_clients / sampling_rate"
     delta = config["delta"]
     if delta is None:
-        delta = 10.0 ** -math.ceil(math.log10(10 * n) - 1e-9)
+        delta = default_delta(n)
         config["delta_basis"] = f"default: the power of ten <= 1/(10 N), N = {n} ({where})"
     elif type(delta) not in (int, float) or not 0 < delta < 1:
         raise _bad(f"delta must be in (0, 1), got {delta!r}")
@@ -98,7 +99,7 @@ def resolve_delta(config: dict[str, Any]) -> None:
         raise ApiError("delta_too_large", f"delta {delta:g} is above 1/N = {1 / n:.3g} "
                        f"(N = {n}, {where}): a round that published one device's data "
                        f"outright with probability delta would meet it; use at most "
-                       f"1/(10 N), e.g. {10.0 ** -math.ceil(math.log10(10 * n) - 1e-9):g}",
+                       f"1/(10 N), e.g. {default_delta(n):g}",
                        400)
     else:
         config["delta_basis"] = f"configured (N = {n}, {where})"

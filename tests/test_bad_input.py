@@ -251,8 +251,31 @@ def assert_nothing_stored(before: Snapshot, after: Snapshot,
                 seen = seen if seen.tzinfo else seen.replace(tzinfo=UTC)
                 assert seen < cutoff, f"a fresh nonce was removed: {r}"
             continue
+        if name == "rate_limits":
+            assert_only_counted(before.rows[name], after.rows[name], after.columns[name],
+                                own_nonce)
+            continue
         assert after.tables[name] == before.tables[name], (
             f"table {name} changed: added {added}, removed {removed}")
+
+
+def assert_only_counted(before: set, after: set, cols: list[str],
+                        own_nonce: tuple[str, str] | None) -> None:
+    """Rate-limit counters (``sync_server.rate_limit``) count every request, refused or not:
+    the request may add one hit to its own device's and its address's counters (or start
+    their window); other counters may only vanish once expired."""
+    key, hits, ends = (cols.index(c) for c in ("key", "hits", "expires_at"))
+    old = {r[key]: r for r in before}
+    new = {r[key]: r for r in after}
+    for k, row in new.items():
+        if old.get(k) == row:
+            continue
+        ours = ("/127.0.0.1/" in k) or (
+            own_nonce is not None and k.startswith(f"LIMITER/device/{own_nonce[0]}/"))
+        assert ours, f"a counter this request does not own changed: {row}"
+        assert row[hits] == 1 or (k in old and row[hits] == old[k][hits] + 1), (old.get(k), row)
+    for k in set(old) - set(new):
+        assert old[k][ends] < time.time(), f"a running counter was removed: {old[k]}"
 
 
 class World:

@@ -8,6 +8,7 @@ from opacus.accountants import RDPAccountant
 
 import model_zoo
 from model_zoo.dual_encoder.torch_module import PooledEmbedding
+from sync_server.privacy import default_delta
 from trainer.data.dataset import DataSpec, prepare
 from trainer.train import DPConfig, TrainConfig, train
 
@@ -53,6 +54,17 @@ def test_dp_training_reports_the_accountants_epsilon():
     assert 0 < p["epsilon"] < 100 and p["delta"] == 1e-5 and p["unit"] == "example"
     changed = [k for k, v in result.params.items() if not np.allclose(v, before[k].numpy())]
     assert "out.weight" in changed and "item_emb.weight" in changed
+
+
+def test_default_delta_is_the_servers_rule_at_most_a_tenth_of_one_over_n():
+    """Central DP-SGD uses the server's one delta rule (``sync_server.privacy``)."""
+    prepared, module, cfg = _tiny_dp_run(1, DPConfig(noise_multiplier=1.1, max_grad_norm=0.5))
+    result = train(module, prepared.split, cfg, progress=False)
+    n = len(prepared.split.train_examples(10)[1])
+    assert result.privacy["delta"] == default_delta(n) <= 1 / (10 * n)
+    assert result.privacy["delta"] > 1 / (100 * n)  # the largest power of ten that fits
+    for count, expected in ((1, 0.1), (10, 1e-2), (1000, 1e-4), (1001, 1e-5), (896, 1e-4)):
+        assert default_delta(count) == pytest.approx(expected, rel=1e-12)
 
 
 def test_target_epsilon_calibrates_the_noise():

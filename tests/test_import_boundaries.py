@@ -48,3 +48,16 @@ def test_the_privacy_ledger_computes_without_torch_or_opacus(accountant):
     loaded = set(out.stdout.strip().split(","))
     assert "dp_accounting" in loaded
     assert not loaded & {"torch", "opacus", "trainer"}, sorted(loaded & {"torch", "opacus"})
+
+
+def test_the_delta_rule_imports_without_flask_or_sqlalchemy():
+    """``trainer.train`` shares the server's delta rule: importing it loads no web stack."""
+    code = (
+        "import sys\n"
+        "from sync_server.privacy import default_delta\n"
+        "assert default_delta(1900) == 1e-5\n"
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.strip().split(","))
+    assert not loaded & {"flask", "sqlalchemy", "torch"}, sorted(loaded)

@@ -37,8 +37,8 @@ from trainer.simulation.server import GunicornServer
 
 ADMIN = "load-admin"
 DEVICES, ITERATIONS, WORKERS = 16, 5, 3
-# Per device per worker per minute (the limiter is in each worker's memory): raised so the
-# run measures the server, not the limiter.
+# Per device per minute (counted in the database, shared by the workers): raised so the run
+# measures the server, not the limiter.
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 100_000,
             "PUBLISHER": "sync_server.registry:republish_weights"}
 EXPECTED_STATUS = {"register": {201}, "manifest": {200}, "manifest-conditional": {200, 304},

@@ -14,7 +14,7 @@ from sync_server.models import Base
 
 TABLES = {"alembic_version", "devices", "nonces", "model_versions", "rounds", "updates",
           "selections", "privacy_ledger", "secagg_members", "secagg_shares", "model_metrics",
-          "selection_coins", "enrollment_tokens"}
+          "selection_coins", "enrollment_tokens", "rate_limits"}
 
 
 def _state(url):
@@ -70,7 +70,7 @@ def test_model_metrics_revision_downgrades_and_upgrades_again(url):
     _migrate(url, "downgrade", "0004")
     tables, version, _ = _state(url)
     assert version == "0004" and set(tables) == TABLES - {"model_metrics", "selection_coins",
-                                                          "enrollment_tokens"}
+                                                          "enrollment_tokens", "rate_limits"}
     upgrade(url)
     assert _state(url) == (head_tables, head, [])
 
@@ -81,7 +81,7 @@ def test_selection_coins_revision_downgrades_and_upgrades_again(url):
     _migrate(url, "downgrade", "0005")
     tables, version, _ = _state(url)
     assert version == "0005" and set(tables) == TABLES - {"selection_coins",
-                                                          "enrollment_tokens"}
+                                                          "enrollment_tokens", "rate_limits"}
     upgrade(url)
     assert _state(url) == (head_tables, head, [])
 
@@ -92,7 +92,17 @@ def test_device_model_version_revision_downgrades_and_upgrades_again(url):
     _migrate(url, "downgrade", "0007")
     tables, version, _ = _state(url)
     assert version == "0007" and "model_version" not in tables["devices"]
-    assert "enrollment_tokens" not in tables
+    assert "enrollment_tokens" not in tables and "rate_limits" not in tables
+    upgrade(url)
+    assert _state(url) == (head_tables, head, [])
+
+
+def test_rate_limits_revision_downgrades_and_upgrades_again(url):
+    upgrade(url)
+    head_tables, head, _ = _state(url)
+    _migrate(url, "downgrade", "0009")
+    tables, version, _ = _state(url)
+    assert version == "0009" and set(tables) == TABLES - {"rate_limits"}
     upgrade(url)
     assert _state(url) == (head_tables, head, [])
 

@@ -3,7 +3,6 @@ HR@10, optional DP-SGD through Opacus (ghost clipping, RDP accountant)."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sync_server.privacy import default_delta
 from trainer.data.split import EvalSet, LeaveLastOut
 from trainer.metrics import ranking_metrics
 
@@ -69,11 +69,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     privacy: dict | None = None
     seconds: float = 0.0
-
-
-def default_delta(n_examples: int) -> float:
-    """The largest power of ten below 1/n: the usual 'delta < 1/N' rule, rounded."""
-    return 10.0 ** -math.ceil(math.log10(max(n_examples, 10)))
 
 
 @torch.no_grad()

@@ -64,6 +64,16 @@ def octet_stream() -> bytes:
 
 
 def blueprints() -> list[Blueprint]:
-    from sync_server.api import admin, dashboard, devices, enrollment, models, ops, rounds
+    from sync_server.api import (
+        admin,
+        dashboard,
+        devices,
+        enrollment,
+        models,
+        ops,
+        retention,
+        rounds,
+    )
 
-    return [devices.bp, models.bp, rounds.bp, admin.bp, enrollment.bp, dashboard.bp, ops.bp]
+    return [devices.bp, models.bp, rounds.bp, admin.bp, enrollment.bp, retention.bp,
+            dashboard.bp, ops.bp]

@@ -9,12 +9,13 @@ import hmac
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy.exc import IntegrityError
 
-from sync_server import enrollment
+from sync_server import attestation, enrollment
 from sync_server.api import json_object
 from sync_server.auth import check_rate_limit, verify_device_request
 from sync_server.db import get_db
 from sync_server.errors import ApiError
 from sync_server.models import Device, EnrollmentToken
+from sync_server.rate_limit import client_address
 
 bp = Blueprint("devices", __name__)
 
@@ -26,7 +27,8 @@ def server_keys() -> Response:
 
 @bp.post("/v1/devices")
 def register() -> tuple[Response, int]:
-    """Register the key that signs this very request (proof of possession); idempotent."""
+    """Register the key that signs this very request (proof of possession); idempotent. A
+    new key passes the attestation hook (``sync_server.attestation``) when one is set."""
     obj = json_object()
     try:
         public_key = base64.b64decode(str(obj.get("public_key")), validate=True)
@@ -36,6 +38,13 @@ def register() -> tuple[Response, int]:
         raise ApiError("bad_request", "public_key must be 32 raw bytes, base64", 400)
     device_id = verify_device_request(public_key)
     check_rate_limit(device_id)
+    with get_db().session() as session:
+        new = session.get(Device, device_id) is None
+    if new:  # before any enrollment token is used: a refused device spends none
+        attestation.check(current_app.extensions["pocketrec_attestation"],
+                          attestation.AttestationRequest(device_id, public_key,
+                                                         obj.get("attestation"),
+                                                         client_address()))
     settings = current_app.config["POCKETREC"]
     expected = settings["ENROLLMENT_TOKEN"]
     given = obj.get("enrollment_token")

@@ -44,6 +44,7 @@ from device_sdk import secagg
 from device_sdk.bundle import zip_bundle_dir
 from device_sdk.protocol import b64decode
 from device_sdk.sync_client import SyncError
+from sync_server.privacy import default_delta
 from sync_server.round_config import TASK_KEYS, RoundConfig
 from sync_server.selection import coin
 from trainer.metrics import basket_metrics, ranking_metrics
@@ -142,13 +143,6 @@ class RoundRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def default_delta(n: int) -> float:
-    """The power of ten at or below 1 / (10 n) (the privacy unit is a device): a mechanism
-    that publishes one device's data outright with probability delta is (0, delta)-DP, so
-    delta must stay well below 1 / n."""
-    return 10.0 ** -math.ceil(math.log10(10 * max(n, 1)) - 1e-9)
 
 
 class Simulation:

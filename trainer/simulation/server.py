@@ -9,7 +9,8 @@
 Settings are passed as POCKETREC_* environment variables, the way an operator would. The
 server picks a free port (``--port 0``) and prints it; the helper waits for /healthz. A
 ``port`` binds that port instead: a server restarted after a crash comes back where its
-devices (and their in-flight SecAgg+ sessions) expect it."""
+devices (and their in-flight SecAgg+ sessions) expect it. The per-address rate limits are
+off unless given (all its devices share 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ class ServerProcess:
     def _prepare(self) -> dict[str, str]:
         """The child's environment (settings as POCKETREC_* variables, this checkout first on
         the path) and its log file beside DATA_DIR."""
+        # Every virtual device here shares one loopback address, so the per-address limits
+        # would throttle a whole simulated fleet as one client: off unless a caller sets them.
+        for key in ("REGISTER_LIMIT_PER_ADDRESS", "CHECKIN_LIMIT_PER_ADDRESS"):
+            self.settings.setdefault(key, "off")
         env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETREC_")}
         env.update({f"POCKETREC_{k}": v for k, v in self.settings.items()})
         # This checkout's packages first on the path, whatever else is installed.
@@ -144,7 +149,7 @@ class GunicornServer(ServerProcess):
 
     The listening socket is bound here and handed to gunicorn (``--bind fd://N``): the port
     is known before the server starts, with no window for another process to take it.
-    The rate limiter is in process memory, so ``RATE_LIMIT`` applies per worker."""
+    Rate limits are counted in the database: they hold across the workers."""
 
     def __init__(self, data_dir: str | Path, *, workers: int = 4, worker_class: str = "gthread",
                  threads: int = 8, options: tuple[str, ...] = (), **settings: Any) -> None:
