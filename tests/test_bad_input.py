@@ -52,8 +52,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import resign_bundle, zip_bundle
-from server_process import ServerProcess
 from sqlalchemy import MetaData, create_engine, select
 
 from device_sdk import secagg
@@ -74,6 +72,8 @@ from device_sdk.protocol import (
     seal_update,
 )
 from device_sdk.sync_client import SecAggUpload, SyncClient
+from tests.support.bundles import resign_bundle, zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 MAX_BODY = 256 * 1024

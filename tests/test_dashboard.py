@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
-from test_server_rounds import error_of, make_device, publish
 
 from device_sdk.protocol import SEALED_SCHEME
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
+from tests.test_server_rounds import error_of, make_device, publish
 
 ADMIN = "admin-secret"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",

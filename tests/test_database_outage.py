@@ -9,10 +9,13 @@ import threading
 import time
 
 import pytest
-from conftest import REQUIRE_POSTGRES, zip_bundle
-from postgres import PostgresServer, find_bindir
-from server_process import ServerProcess
-from test_server_rounds import (
+
+from device_sdk.device_client import DeviceClient
+from device_sdk.sync_client import SyncError
+from tests.support.bundles import zip_bundle
+from tests.support.postgres import REQUIRE_POSTGRES, PostgresServer, find_bindir
+from tests.support.server import ServerProcess
+from tests.test_server_rounds import (
     SETTINGS,
     make_device,
     open_round,
@@ -20,9 +23,6 @@ from test_server_rounds import (
     signing_key_of,
     sync_client,
 )
-
-from device_sdk.device_client import DeviceClient
-from device_sdk.sync_client import SyncError
 
 pytestmark = pytest.mark.skipif(find_bindir() is None and not REQUIRE_POSTGRES,
                                 reason="PostgreSQL not installed")

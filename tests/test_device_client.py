@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import public_raw
-from protocol_server import ProtocolServer
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient, ModelNotReadyError
+from tests.support.bundles import public_raw
+from tests.support.protocol_server import ProtocolServer
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Device kill -9 faults, with real processes, real SQLite files and the real sync server:
 
-- event writes: a writer process (tests/event_log_writer.py) SIGKILLed after a random number
-  of reported commits,
+- event writes: a writer process (tests/support/event_log_writer.py) SIGKILLed after a random
+  number of reported commits,
   25 times on one database file; after EVERY kill the file passes integrity_check, every
   event reported committed is there exactly once and no batch is half stored;
 - model download: a DeviceClient process syncing from the real server, SIGKILLed while the
@@ -33,20 +33,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient
 from device_sdk.event_log import EventLog
 from device_sdk.model_store import INSTALL_STEPS
 from sync_server.registry import republish_weights
+from tests.support.bundles import copy_bundle, zip_bundle
+from tests.support.paths import SUPPORT
+from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
-TESTS = Path(__file__).resolve().parent
-WRITER = TESTS / "event_log_writer.py"
-RUNNER = TESTS / "device_sync_runner.py"
+WRITER = SUPPORT / "event_log_writer.py"
+RUNNER = SUPPORT / "device_sync_runner.py"
 ADMIN = "admin-secret"
 GUARD_S = 60  # a guard against a hung child, not a measurement
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 from sqlalchemy import create_engine, text
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.sync_client import SyncClient, SyncError
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 

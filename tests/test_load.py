@@ -23,8 +23,8 @@ import json
 import time
 
 import numpy as np
-from conftest import zip_bundle
 
+from tests.support.bundles import zip_bundle
 from trainer.simulation.load import (
     bundle_shapes,
     format_table,
@@ -96,7 +96,7 @@ def test_a_gthread_worker_outlives_an_aggregation_longer_than_its_timeout(
     gate = tmp_path / "gate"
     monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
     timeout_s = 2
-    settings = {**SETTINGS, "PUBLISHER": "tests.gated_publisher:publish"}
+    settings = {**SETTINGS, "PUBLISHER": "tests.support.gated_publisher:publish"}
     with GunicornServer(tmp_path / "server", workers=2, options=("--timeout", str(timeout_s)),
                         **settings, **db_settings) as server:
         workers = sorted(server.worker_pids())

@@ -25,7 +25,6 @@ import json
 import pytest
 import requests
 import schemathesis
-from conftest import zip_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -36,12 +35,13 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.protocol import b64
 from device_sdk.sync_client import SyncClient
 from sync_server.openapi import openapi_document
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",

@@ -26,15 +26,15 @@ import time
 
 import numpy as np
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
-from test_secagg_rounds import weights_of
-from test_server_faults import drive
-from test_server_rounds import masked_frames_left, publish, sync_client
 
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
 from device_sdk.sync_client import SealedUpload, SecAggUpload
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
+from tests.test_secagg_rounds import weights_of
+from tests.test_server_faults import drive
+from tests.test_server_rounds import masked_frames_left, publish, sync_client
 
 C = 1.0
 SETTINGS = {"ADMIN_TOKEN": "admin-secret", "PUBLISHER": "sync_server.registry:republish_weights",

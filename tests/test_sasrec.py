@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
 
 from device_sdk import DeviceClient, EventLog, HistoryPolicy, Recommender
 from device_sdk.bundle import load_bundle
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from model_zoo.serving import INPUT_NAME, OUTPUT_IDS, OUTPUT_SCORES
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
 from trainer.metrics import topk_agreement
 from trainer.train import torch_topk
 

@@ -15,16 +15,6 @@ import zipfile
 import numpy as np
 import pytest
 import sqlalchemy
-from conftest import pass_deadline, zip_bundle
-from server_process import ServerProcess
-from test_server_rounds import (
-    SETTINGS,
-    make_device,
-    masked_frames_left,
-    publish,
-    round_view,
-    sync_client,
-)
 
 from device_sdk import secagg
 from device_sdk.bundle import load_bundle
@@ -32,6 +22,16 @@ from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import RoundTask
 from device_sdk.sync_client import SecAggSession, SecAggUpload, SyncError
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess, pass_deadline
+from tests.test_server_rounds import (
+    SETTINGS,
+    make_device,
+    masked_frames_left,
+    publish,
+    round_view,
+    sync_client,
+)
 
 # Stage timeouts and deadlines are guards here, never waited for: a stage that some device
 # drops out of is ended by ``stage_closer`` as soon as every other device has answered it.

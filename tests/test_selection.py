@@ -13,11 +13,9 @@ import dp_accounting
 import numpy as np
 import pytest
 import urllib3
-from conftest import zip_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting import pld
 from scipy.stats import binom
-from server_process import ServerProcess
 from sqlalchemy import create_engine, text
 
 from device_sdk.bundle import load_bundle
@@ -26,6 +24,8 @@ from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SyncClient
 from sync_server.privacy import PLD_DISCRETIZATION
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",

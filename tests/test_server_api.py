@@ -9,8 +9,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import extract_bundle_zip, load_bundle, save_weights, write_bundle
 from device_sdk.device_client import DeviceClient
@@ -18,6 +16,8 @@ from device_sdk.device_identity import DeviceIdentity
 from device_sdk.item_vocab import ItemVocab
 from device_sdk.protocol import b64
 from device_sdk.sync_client import SyncClient, SyncError
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 MAX_BODY = 64 * 1024

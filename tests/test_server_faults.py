@@ -38,16 +38,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pass_deadline, zip_bundle
-from server_process import ServerProcess
 from sqlalchemy import create_engine, text
-from test_secagg_rounds import random_update, weights_of
-from test_server_rounds import masked_frames_left, publish, signing_key_of, sync_client
 
 from device_sdk import secagg
 from device_sdk.bundle import extract_bundle_zip, load_bundle
 from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SealedUpload, SecAggUpload, SyncError
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess, pass_deadline
+from tests.test_secagg_rounds import random_update, weights_of
+from tests.test_server_rounds import masked_frames_left, publish, signing_key_of, sync_client
 
 ADMIN = "admin-secret"
 LEASE_S = 2
@@ -67,7 +67,7 @@ class Harness:
         if hold is None:
             self.gate.touch()  # nothing held
         self.data_dir = root / "server"
-        self.settings = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "tests.gated_publisher:publish",
+        self.settings = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "tests.support.gated_publisher:publish",
                          "RATE_LIMIT": 100_000, "AGGREGATION_LEASE_S": LEASE_S,
                          **db_settings}
         self.database_url = db_settings.get("DATABASE_URL") or (

@@ -10,12 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import MODEL, load_bundle, run_golden_check
 from device_sdk.device_client import DeviceClient
 from device_sdk.protocol import SEALED_SCHEME
+from tests.support.bundles import zip_bundle
+from tests.support.paths import REPO
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 

@@ -9,8 +9,6 @@ import logging
 import sys
 
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.protocol import SEALED_SCHEME
@@ -18,6 +16,8 @@ from device_sdk.sync_client import SyncClient
 from sync_server import logs
 from sync_server.app import create_app
 from sync_server.config import ConfigError, load_config
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 

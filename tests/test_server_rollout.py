@@ -8,13 +8,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient
 from device_sdk.protocol import SEALED_SCHEME
 from sync_server.registry import in_rollout, republish_weights
+from tests.support.bundles import copy_bundle, zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",

@@ -14,8 +14,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import pass_deadline, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle, run_golden_check
 from device_sdk.device_client import DeviceClient
@@ -24,6 +22,8 @@ from device_sdk.local_trainer import LocalTrainer
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
 from device_sdk.sync_client import SyncClient
+from tests.support.bundles import zip_bundle
+from tests.support.server import ServerProcess, pass_deadline
 
 ADMIN = "admin-secret"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 1000}
@@ -304,7 +304,7 @@ def test_the_completing_upload_is_answered_before_the_round_is_aggregated(
     the response (a device never waits on, nor times out during, an export)."""
     gate = tmp_path / "publish-gate"
     monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
-    settings = {**SETTINGS, "PUBLISHER": "tests.gated_publisher:publish"}
+    settings = {**SETTINGS, "PUBLISHER": "tests.support.gated_publisher:publish"}
     with ServerProcess(tmp_path / "server", **settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         devices = [make_device(server, tmp_path / f"d{i}", tiny_checkpoint, user)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, zip_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 
 from device_sdk.bundle import ITEMS, MANIFEST, MODEL, SIGNATURE, WEIGHTS, load_bundle
 from device_sdk.device_client import DeviceClient
 from sync_server.registry import republish_weights
+from tests.support.bundles import copy_bundle, zip_bundle
+from tests.support.server import ServerProcess
 
 ADMIN = "admin-secret"
 
