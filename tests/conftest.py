@@ -5,6 +5,7 @@ import pytest
 
 from tests.support.bundles import resign_bundle
 from tests.support.postgres import REQUIRE_POSTGRES, PostgresServer, find_bindir
+from tests.support.server import make_device
 
 
 @pytest.fixture(scope="session")
@@ -124,4 +125,17 @@ def db_settings(request) -> dict[str, str]:
 def module_db_settings(request) -> dict[str, str]:
     """``db_settings`` for a server shared by a module's tests."""
     return _db_settings(request)
+
+
+@pytest.fixture
+def devices(server, tmp_path, tiny_checkpoint):
+    """Three DeviceClients with shopping histories (test users 0-2) on the module's ``server``
+    fixture, registered and holding its version 1."""
+    made = [make_device(server, tmp_path / f"device{n}", tiny_checkpoint, n) for n in range(3)]
+    for device in made:
+        report = device.sync(train=False)  # registers and installs version 1
+        assert report.model_version == 1
+    yield made
+    for device in made:
+        device.close()
 

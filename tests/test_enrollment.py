@@ -14,9 +14,7 @@ from sqlalchemy import create_engine, text
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.sync_client import SyncClient, SyncError
-from tests.support.server import ServerProcess
-
-ADMIN = "admin-secret"
+from tests.support.server import ADMIN, ServerProcess
 
 
 @pytest.fixture

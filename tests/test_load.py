@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from tests.support.bundles import zip_bundle
+from tests.support.server import GATED_PUBLISHER, REPUBLISH
 from trainer.simulation.load import (
     bundle_shapes,
     format_table,
@@ -40,7 +41,7 @@ DEVICES, ITERATIONS, WORKERS = 16, 5, 3
 # Per device per worker per minute (the limiter is in each worker's memory): raised so the
 # run measures the server, not the limiter.
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 100_000,
-            "PUBLISHER": "sync_server.registry:republish_weights"}
+            "PUBLISHER": REPUBLISH}
 EXPECTED_STATUS = {"register": {201}, "manifest": {200}, "manifest-conditional": {200, 304},
                    "bundle": {200}, "checkin": {200}, "server-keys": {200}, "upload": {202}}
 
@@ -96,7 +97,7 @@ def test_a_gthread_worker_outlives_an_aggregation_longer_than_its_timeout(
     gate = tmp_path / "gate"
     monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
     timeout_s = 2
-    settings = {**SETTINGS, "PUBLISHER": "tests.support.gated_publisher:publish"}
+    settings = {**SETTINGS, "PUBLISHER": GATED_PUBLISHER}
     with GunicornServer(tmp_path / "server", workers=2, options=("--timeout", str(timeout_s)),
                         **settings, **db_settings) as server:
         workers = sorted(server.worker_pids())

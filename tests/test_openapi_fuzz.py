@@ -41,10 +41,9 @@ from device_sdk.protocol import b64
 from device_sdk.sync_client import SyncClient
 from sync_server.openapi import openapi_document
 from tests.support.bundles import zip_bundle
-from tests.support.server import ServerProcess
+from tests.support.server import ADMIN, REPUBLISH, ServerProcess
 
-ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
+SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": REPUBLISH,
             "RATE_LIMIT": 1_000_000}
 POSITIVE_EXAMPLES = 25
 NEGATIVE_EXAMPLES = 10

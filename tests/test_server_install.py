@@ -16,9 +16,7 @@ from device_sdk.device_client import DeviceClient
 from device_sdk.protocol import SEALED_SCHEME
 from tests.support.bundles import zip_bundle
 from tests.support.paths import REPO
-from tests.support.server import ServerProcess
-
-ADMIN = "admin-secret"
+from tests.support.server import ADMIN, ServerProcess
 
 
 @pytest.fixture(scope="module")

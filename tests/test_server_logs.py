@@ -17,9 +17,7 @@ from sync_server import logs
 from sync_server.app import create_app
 from sync_server.config import ConfigError, load_config
 from tests.support.bundles import zip_bundle
-from tests.support.server import ServerProcess
-
-ADMIN = "admin-secret"
+from tests.support.server import ADMIN, REPUBLISH, ServerProcess
 
 
 def log_lines(path):
@@ -28,7 +26,7 @@ def log_lines(path):
 
 def test_the_server_logs_one_json_object_per_line_with_access_fields(tmp_path, tiny_export):
     with ServerProcess(tmp_path / "server", ADMIN_TOKEN=ADMIN, RATE_LIMIT=1000,
-                       PUBLISHER="sync_server.registry:republish_weights") as server:
+                       PUBLISHER=REPUBLISH) as server:
         published = server.admin("POST", "/v1/admin/models",
                                  body=zip_bundle(tiny_export.bundle_dir),
                                  headers={"Content-Type": "application/zip"})

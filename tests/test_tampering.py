@@ -31,9 +31,7 @@ from device_sdk.bundle import ITEMS, MANIFEST, MODEL, SIGNATURE, WEIGHTS, load_b
 from device_sdk.device_client import DeviceClient
 from sync_server.registry import republish_weights
 from tests.support.bundles import copy_bundle, zip_bundle
-from tests.support.server import ServerProcess
-
-ADMIN = "admin-secret"
+from tests.support.server import ADMIN, ServerProcess
 
 
 @dataclass
