@@ -139,3 +139,15 @@ def devices(server, tmp_path, tiny_checkpoint):
     for device in made:
         device.close()
 
+
+# -- the `slow` marker: `pytest -m "not slow"` leaves out every test that trains or exports ----
+
+# A test using one of these fixtures trains or exports a real model (once per session).
+MODEL_FIXTURES = frozenset({"tiny_checkpoint", "tiny_export", "tiny_sasrec_checkpoint",
+                            "tiny_sasrec_export", "signed_bundles"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
