@@ -2,7 +2,7 @@
 a private PostgreSQL (or SQLite), all on loopback.
 
 Builds a tiny real model (small dual encoder on a synthetic shop, real litert-torch export),
-starts PostgreSQL (tests/postgres.py) and ``gunicorn 'sync_server:create_app()'``, publishes
+starts PostgreSQL (tests/support/postgres.py) and ``gunicorn 'sync_server:create_app()'``, publishes
 the model, opens a sealed FedAvg round for exactly N clients, then drives N devices (the
 real SDK, one Ed25519 identity and one keep-alive connection each, threads in
 ``--processes`` client processes): register, manifest (full, then 304), bundle, then
@@ -34,7 +34,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "tests"))  # postgres.py: the private PostgreSQL of the tests
 
 from device_sdk.bundle import zip_bundle_dir  # noqa: E402
 from trainer.simulation.load import (  # noqa: E402
@@ -122,7 +121,7 @@ def main() -> int:
               f"({len(bundle_zip):,} byte bundle)\n", flush=True)
         pg = None
         if args.database == "postgresql":
-            from postgres import PostgresServer
+            from tests.support.postgres import PostgresServer
 
             pg = PostgresServer()  # a directory of its own: the server user must reach it
         try:

@@ -1,6 +1,6 @@
 """What a rate-limited request costs: one ``DatabaseStorage.incr`` (the counter the
 per-address and per-device limits share, ``sync_server.rate_limit``) on SQLite (a WAL file,
-as the server uses it) and on PostgreSQL (the tests' private server, tests/postgres.py).
+as the server uses it) and on PostgreSQL (the tests' private server, tests/support/postgres.py).
 
     python bench/rate_limit.py --hits 2000 --threads 4
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(1, str(REPO / "tests"))  # postgres.py: the private PostgreSQL of the tests
+sys.path.insert(0, str(REPO))  # tests.support.postgres: the private PostgreSQL of the tests
 
 from sync_server.db import Database, upgrade  # noqa: E402
 from sync_server.rate_limit import DatabaseStorage  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     hits = args.hits - args.hits % args.threads
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        from postgres import PostgresServer
+        from tests.support.postgres import PostgresServer
 
         pg = PostgresServer()
         try:

@@ -1,13 +1,11 @@
-import os
-from pathlib import Path
+"""The suite's fixtures; what tests share besides fixtures is in tests/support."""
 
 import numpy as np
 import pytest
 
-from device_sdk.bundle import zip_bundle_dir as zip_bundle  # noqa: F401  (tests import it)
-
-REPO = Path(__file__).resolve().parents[1]
-ONLINE_RETAIL = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
+from tests.support.bundles import resign_bundle
+from tests.support.postgres import REQUIRE_POSTGRES, PostgresServer, find_bindir
+from tests.support.server import make_device
 
 
 @pytest.fixture(scope="session")
@@ -70,13 +68,6 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     return export_bundle(ckpt, out, histories=prepared.split.test.history[:3])
 
 
-def copy_bundle(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
@@ -88,26 +79,6 @@ def server_key():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     return Ed25519PrivateKey.generate()
-
-
-def public_raw(private_key) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    return private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def resign_bundle(src: Path, dst: Path, key, **manifest_changes) -> Path:
-    """A copy of bundle ``src`` with manifest fields replaced, signed by ``key``."""
-    import json
-
-    from device_sdk.bundle import MANIFEST, SIGNATURE, encode_manifest
-
-    copy_bundle(src, dst)
-    manifest = {**json.loads((dst / MANIFEST).read_bytes()), **manifest_changes}
-    raw = encode_manifest(manifest)
-    (dst / MANIFEST).write_bytes(raw)
-    (dst / SIGNATURE).write_bytes(key.sign(raw))
-    return dst
 
 
 @pytest.fixture(scope="session")
@@ -123,15 +94,10 @@ def signed_bundles(tiny_export, server_key, tmp_path_factory):
 
 # -- databases: every server integration test runs on SQLite and on a real PostgreSQL ----------
 
-REQUIRE_POSTGRES = os.environ.get("POCKETREC_REQUIRE_POSTGRES") == "1"
-
-
 @pytest.fixture(scope="session")
 def postgres():
-    """One private PostgreSQL server for the session (tests/postgres.py). Missing binaries skip
-    the PostgreSQL half locally and fail it in CI (POCKETREC_REQUIRE_POSTGRES=1)."""
-    from postgres import PostgresServer, find_bindir
-
+    """One private PostgreSQL server for the session (tests/support/postgres.py). Missing
+    binaries skip the PostgreSQL half locally and fail it in CI (POCKETREC_REQUIRE_POSTGRES=1)."""
     if find_bindir() is None:
         message = "PostgreSQL server binaries not installed (apt-get install postgresql)"
         if REQUIRE_POSTGRES:
@@ -161,24 +127,27 @@ def module_db_settings(request) -> dict[str, str]:
     return _db_settings(request)
 
 
-def pass_deadline(database_url: str, round_id: str, column: str = "deadline") -> None:
-    """Move a round's ``deadline`` (or ``stage_deadline``) a second into the past in the
-    server's database, as if the clock had run on: the server meets it at its next request
-    by its own clock comparison. Tests use this instead of a short deadline that their own
-    steps would have to beat, so the outcome does not depend on how fast the machine is."""
-    from datetime import UTC, datetime, timedelta
+@pytest.fixture
+def devices(server, tmp_path, tiny_checkpoint):
+    """Three DeviceClients with shopping histories (test users 0-2) on the module's ``server``
+    fixture, registered and holding its version 1."""
+    made = [make_device(server, tmp_path / f"device{n}", tiny_checkpoint, n) for n in range(3)]
+    for device in made:
+        report = device.sync(train=False)  # registers and installs version 1
+        assert report.model_version == 1
+    yield made
+    for device in made:
+        device.close()
 
-    from sqlalchemy import DateTime, bindparam, create_engine, text
 
-    assert column in ("deadline", "stage_deadline"), column
-    past = datetime.now(UTC) - timedelta(seconds=1)
-    engine = create_engine(database_url)
-    try:
-        with engine.begin() as connection:
-            changed = connection.execute(
-                text(f"UPDATE rounds SET {column} = :past WHERE id = :round_id").bindparams(
-                    bindparam("past", type_=DateTime(timezone=True))),
-                {"past": past, "round_id": round_id}).rowcount
-    finally:
-        engine.dispose()
-    assert changed == 1, f"no round {round_id}"
+# -- the `slow` marker: `pytest -m "not slow"` leaves out every test that trains or exports ----
+
+# A test using one of these fixtures trains or exports a real model (once per session).
+MODEL_FIXTURES = frozenset({"tiny_checkpoint", "tiny_export", "tiny_sasrec_checkpoint",
+                            "tiny_sasrec_export", "signed_bundles"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

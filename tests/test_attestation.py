@@ -18,10 +18,10 @@ import textwrap
 import pytest
 import urllib3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.sync_client import SyncClient, SyncError
+from tests.support.server import ServerProcess
 
 PLATFORM_SECRET = b"platform-secret"
 VERIFIER = textwrap.dedent('''

@@ -52,8 +52,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import resign_bundle, zip_bundle
-from server_process import ServerProcess
 from sqlalchemy import MetaData, create_engine, select
 
 from device_sdk import secagg
@@ -75,11 +73,12 @@ from device_sdk.protocol import (
 )
 from device_sdk.sync_client import SyncClient
 from device_sdk.uploads import SecAggUpload
+from tests.support.bundles import resign_bundle, zip_bundle
+from tests.support.server import ADMIN, REPUBLISH, ServerProcess, random_update
 
-ADMIN = "admin-secret"
 MAX_BODY = 256 * 1024
 MAX_BUNDLE = 4 * 2**20
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
+SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": REPUBLISH,
             "RATE_LIMIT": 1_000_000, "MAX_BODY_BYTES": MAX_BODY, "MAX_BUNDLE_BYTES": MAX_BUNDLE}
 SEALED, SECURE = "round-1", "round-2"
 NONCE_TTL_S = 600  # sync_server.auth.NONCE_TTL_S: older nonces may be pruned at any time
@@ -156,13 +155,6 @@ MALFORMED = b'{"num_examples": 1,'
 
 
 # --- the world: one server, its devices and rounds, moved through PHASES ----------------------
-
-
-def random_update(shapes, rng, clip, version):
-    delta = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-    norm = float(np.sqrt(sum(np.square(v, dtype=np.float64).sum() for v in delta.values())))
-    delta = {k: (v * (0.9 * clip / norm)).astype(np.float32) for k, v in delta.items()}
-    return ModelUpdate(version, delta, 10, clip, 0.9 * clip, norm)
 
 
 def seal_frame(frame: bytes, round_id: str, device_id: str, transport_pub: bytes) -> bytes:

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import ONLINE_RETAIL
 
 from device_sdk.item_vocab import ItemVocab
+from tests.support.paths import ONLINE_RETAIL
 from trainer.baselines import (
     TIFUKNN,
     PersonalPopularity,

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import copy_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -23,6 +22,7 @@ from device_sdk.bundle import (
     write_bundle,
 )
 from device_sdk.topk_model import ModelLoadError, TopKModel
+from tests.support.bundles import copy_bundle
 from trainer.export import FLOAT_MODEL
 from trainer.metrics import topk_agreement
 

@@ -7,6 +7,7 @@ import pytest
 from trainer.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
         tmp_path, capsys):
     run = tmp_path / "run"
@@ -36,6 +37,7 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
     assert "federated+DP: HR@10" in out and "federated: HR@10" in out
 
 
+@pytest.mark.slow
 def test_train_export_evaluate_end_to_end_beats_popularity(tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--run", str(run)]

@@ -13,18 +13,22 @@ import json
 import os
 import time
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
-from test_server_rounds import error_of, make_device, publish
 
 from device_sdk.protocol import SEALED_SCHEME
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    ADMIN,
+    REPUBLISH_SETTINGS,
+    ServerProcess,
+    error_of,
+    publish,
+    try_open_round,
+)
 
-ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
-            "RATE_LIMIT": 1000}
 DP_ROUND = {"target_clients": 3, "noise_multiplier": 1.0, "clip_norm": 0.5,
             "local_epochs": 1, "learning_rate": 0.3, "batch_size": 8, "max_examples": 100,
             "delta": 1e-5, "epsilon_budget": 50.0, "upload_scheme": SEALED_SCHEME}
@@ -36,28 +40,15 @@ WAIT_MS = 20_000  # the page polls every 2 s; a bound for each wait, not a measu
 # Opening the first DP round imports the accountant (opacus, torch) in the server process:
 # seconds on a busy machine, more than the helper's default 10 s read timeout.
 OPEN_TIMEOUT_S = 120.0
+# It answers (status, body); the tests check the status themselves.
+open_round = partial(try_open_round, timeout=OPEN_TIMEOUT_S)
 
 
 @pytest.fixture
 def server(tmp_path, tiny_export, db_settings):
-    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
+    with ServerProcess(tmp_path / "server", **REPUBLISH_SETTINGS, **db_settings) as srv:
         assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201  # version 1
         yield srv
-
-
-@pytest.fixture
-def devices(server, tmp_path, tiny_checkpoint):
-    made = [make_device(server, tmp_path / f"device{n}", tiny_checkpoint, n) for n in range(3)]
-    for device in made:
-        assert device.sync(train=False).model_version == 1  # registers, installs version 1
-    yield made
-    for device in made:
-        device.close()
-
-
-def open_round(server, **config):
-    response = server.admin("POST", "/v1/admin/rounds", json=config, timeout=OPEN_TIMEOUT_S)
-    return response.status, json.loads(response.data)
 
 
 def basic(user: str, password: str) -> dict[str, str]:

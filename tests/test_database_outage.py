@@ -9,20 +9,21 @@ import threading
 import time
 
 import pytest
-from conftest import REQUIRE_POSTGRES, zip_bundle
-from postgres import PostgresServer, find_bindir
-from server_process import ServerProcess
-from test_server_rounds import (
+
+from device_sdk.device_client import DeviceClient
+from device_sdk.protocol import SEALED_SCHEME
+from device_sdk.sync_client import SyncError
+from tests.support.bundles import zip_bundle
+from tests.support.postgres import REQUIRE_POSTGRES, PostgresServer, find_bindir
+from tests.support.server import (
     SETTINGS,
+    ServerProcess,
     make_device,
-    open_round,
     publish,
     signing_key_of,
     sync_client,
+    try_open_round,
 )
-
-from device_sdk.device_client import DeviceClient
-from device_sdk.sync_client import SyncError
 
 pytestmark = pytest.mark.skipif(find_bindir() is None and not REQUIRE_POSTGRES,
                                 reason="PostgreSQL not installed")
@@ -45,8 +46,8 @@ def test_a_stopped_database_gives_503s_and_the_server_recovers_without_restart(
         outage, tmp_path, tiny_checkpoint):
     pg, server = outage
     client = sync_client(server, tmp_path, "early")  # registered before the outage
-    status, opened = open_round(server, target_clients=2, min_clients=2, deadline_s=600,
-                                strategy="fedavg")
+    status, opened = try_open_round(server, target_clients=2, min_clients=2, deadline_s=600,
+                                    strategy="fedavg", upload_scheme=SEALED_SCHEME)
     assert status == 201, opened
     pid = server.process.pid
 

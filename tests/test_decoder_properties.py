@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, public_raw, zip_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -86,6 +85,7 @@ from device_sdk.protocol import (
 from device_sdk.secagg import SecAggDevice, SecAggError, TaskParams
 from device_sdk.sync_client import ServerKeys, SyncClient, SyncError
 from device_sdk.uploads import SecAggSession
+from tests.support.bundles import copy_bundle, public_raw, zip_bundle
 
 FAST = settings(max_examples=80, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -7,11 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import public_raw
-from protocol_server import ProtocolServer
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient, ModelNotReadyError
+from tests.support.bundles import public_raw
+from tests.support.protocol_server import ProtocolServer
+from tests.support.server import shop
 
 
 @pytest.fixture
@@ -37,14 +38,6 @@ def task_json(round_id="r1", model_version=1, **change):
     return {**task, **change}
 
 
-def _shop(device, tiny_checkpoint, user=0):
-    _, prepared = tiny_checkpoint
-    keys = [prepared.vocab.keys[i] for i in prepared.split.test.history[user] if i]
-    device.log_many([(key, kind, 1000.0 + 3 * n + j) for n, key in enumerate(keys)
-                     for j, kind in enumerate(("view", "click", "add_to_cart"))])
-    return keys
-
-
 def _bundle_gets(server):
     return [r for r in server.requests if r.path.endswith("/bundle")]
 
@@ -57,7 +50,7 @@ def test_first_sync_installs_then_etag_avoids_downloads(device, server, signed_b
     report = device.sync()
     assert (report.installed, report.model_version, report.install_error) == (1, 1, None)
     assert device.recommend(5)[0].source == "popular"  # empty history: popularity
-    keys = _shop(device, tiny_checkpoint)
+    keys = shop(device, tiny_checkpoint)
     recs = device.recommend(10)
     assert len(recs) == 10 and recs[0].source == "model"
     device.sync()
@@ -74,7 +67,7 @@ def test_a_round_trains_locally_and_the_server_opens_a_clipped_update(
 ):
     server.publish(signed_bundles[1])
     device.sync()
-    _shop(device, tiny_checkpoint)
+    shop(device, tiny_checkpoint)
     server.set_task(task_json())
     report = device.sync()
     assert report.uploaded and not report.queued and report.round_id == "r1"
@@ -94,7 +87,7 @@ def test_an_upload_the_server_cannot_take_now_is_queued_and_delivered_later(
 ):
     server.publish(signed_bundles[1])
     device.sync()
-    _shop(device, tiny_checkpoint)
+    shop(device, tiny_checkpoint)
     server.set_task(task_json("r7"))
     server.fail_next(50, status=503, path="/v1/rounds/r7/update")  # Retry-After: 0
     report = device.sync()
@@ -118,7 +111,7 @@ def test_export_forget_and_private_files(device, server, signed_bundles, tiny_ch
                                          tmp_path):
     server.publish(signed_bundles[1])
     device.sync()
-    keys = _shop(device, tiny_checkpoint)
+    keys = shop(device, tiny_checkpoint)
     out = tmp_path / "export.jsonl"
     assert device.export(out) == 3 * len(keys)
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -1,7 +1,7 @@
 """Device kill -9 faults, with real processes, real SQLite files and the real sync server:
 
-- event writes: a writer process (tests/event_log_writer.py) SIGKILLed after a random number
-  of reported commits,
+- event writes: a writer process (tests/support/event_log_writer.py) SIGKILLed after a random
+  number of reported commits,
   25 times on one database file; after EVERY kill the file passes integrity_check, every
   event reported committed is there exactly once and no batch is half stored;
 - model download: a DeviceClient process syncing from the real server, SIGKILLed while the
@@ -18,7 +18,6 @@ stand-in for any of our components."""
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 import re
@@ -33,21 +32,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient
 from device_sdk.event_log import EventLog
 from device_sdk.model_store import INSTALL_STEPS
 from sync_server.registry import republish_weights
+from tests.support.bundles import copy_bundle, zip_bundle
+from tests.support.paths import SUPPORT
+from tests.support.server import ADMIN, ServerProcess, signing_key_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
-TESTS = Path(__file__).resolve().parent
-WRITER = TESTS / "event_log_writer.py"
-RUNNER = TESTS / "device_sync_runner.py"
-ADMIN = "admin-secret"
+WRITER = SUPPORT / "event_log_writer.py"
+RUNNER = SUPPORT / "device_sync_runner.py"
 GUARD_S = 60  # a guard against a hung child, not a measurement
 
 
@@ -225,11 +223,6 @@ def _publish(server: ServerProcess, zip_bytes: bytes) -> int:
     return json.loads(response.data)["model_version"]
 
 
-def _signing_key(server: ServerProcess) -> bytes:
-    keys = json.loads(server.request("GET", "/v1/server-keys").data)
-    return base64.b64decode(keys["signing_key"])
-
-
 def _version_zip(bundle_dir: Path, scratch: Path, version: int) -> bytes:
     """The tiny export as version ``version`` with its weights shifted (so every version's
     files differ); unsigned: the server signs what it publishes."""
@@ -291,7 +284,7 @@ def server(tmp_path, db_settings):
 
 
 def test_kill_9_during_bundle_download_keeps_the_old_model(server, tiny_export, tmp_path):
-    key = _signing_key(server)
+    key = signing_key_of(server)
     _publish(server, _version_zip(tiny_export.bundle_dir, tmp_path, 1))
     device_dir = tmp_path / "device"
     assert _shopper(device_dir, key, server.url) == 1
@@ -323,7 +316,7 @@ def test_kill_9_during_install_inside_sync_keeps_a_serving_model(server, tiny_ex
     killed), twice round. Each kill leaves the old version current, or the new one once
     state.json was replaced; the install's traces are on disk where the step says; a new
     DeviceClient sweeps them and serves exactly what state.json names."""
-    key = _signing_key(server)
+    key = signing_key_of(server)
     _publish(server, _version_zip(tiny_export.bundle_dir, tmp_path, 1))
     device_dir = tmp_path / "device"
     assert _shopper(device_dir, key, server.url) == 1

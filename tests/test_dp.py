@@ -38,6 +38,7 @@ def _tiny_dp_run(seed: int, dp: DPConfig):
     return prepared, arch.torch_module(config), cfg
 
 
+@pytest.mark.slow
 def test_dp_training_reports_the_accountants_epsilon():
     dp = DPConfig(noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-5)
     prepared, module, cfg = _tiny_dp_run(3, dp)
@@ -67,6 +68,7 @@ def test_default_delta_is_the_servers_rule_at_most_a_tenth_of_one_over_n():
         assert default_delta(count) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_target_epsilon_calibrates_the_noise():
     dp = DPConfig(target_epsilon=3.0, max_grad_norm=1.0, delta=1e-5)
     prepared, module, cfg = _tiny_dp_run(4, dp)
@@ -134,6 +136,7 @@ def test_sasrec_ghost_clipping_clips_each_sequence_chunk_exactly():
         torch.testing.assert_close(step, expected[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_sasrec_dp_training_accounts_per_chunk():
     prepared = prepare(DataSpec(synthetic_users=120, synthetic_items=60, seed=5), max_len=8)
     arch = model_zoo.get("sasrec")

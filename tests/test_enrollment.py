@@ -2,7 +2,6 @@
 the admin mints them, each registers exactly one device key, only digests are stored, and
 a server in one-time mode refuses registration without one. No mocks."""
 
-import base64
 import hashlib
 import json
 import tempfile
@@ -10,13 +9,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 from sqlalchemy import create_engine, text
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.sync_client import SyncClient, SyncError
-
-ADMIN = "admin-secret"
+from tests.support.server import ADMIN, ServerProcess, signing_key_of
 
 
 @pytest.fixture
@@ -27,9 +24,8 @@ def server(tmp_path, db_settings):
 
 
 def client(server, token=None) -> SyncClient:
-    keys = json.loads(server.request("GET", "/v1/server-keys").data)
     return SyncClient(server.url, DeviceIdentity(Ed25519PrivateKey.generate()),
-                      server_signing_key=base64.b64decode(keys["signing_key"]),
+                      server_signing_key=signing_key_of(server),
                       outbox_dir=Path(tempfile.mkdtemp()), enrollment_token=token,
                       retries=0)
 

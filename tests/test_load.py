@@ -18,13 +18,13 @@ heartbeat stops meanwhile and gunicorn kills it after ``--timeout`` (default 30 
 than a real export), leaving the round ``aggregating`` until its lease passes. A gthread
 worker keeps its heartbeat: the same round publishes and no worker is replaced."""
 
-import base64
 import json
 import time
 
 import numpy as np
-from conftest import zip_bundle
 
+from tests.support.bundles import zip_bundle
+from tests.support.server import GATED_PUBLISHER, REPUBLISH, signing_key_of
 from trainer.simulation.load import (
     bundle_shapes,
     format_table,
@@ -40,7 +40,7 @@ DEVICES, ITERATIONS, WORKERS = 16, 5, 3
 # Per device per minute (counted in the database, shared by the workers): raised so the run
 # measures the server, not the limiter.
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 100_000,
-            "PUBLISHER": "sync_server.registry:republish_weights"}
+            "PUBLISHER": REPUBLISH}
 EXPECTED_STATUS = {"register": {201}, "manifest": {200}, "manifest-conditional": {200, 304},
                    "bundle": {200}, "checkin": {200}, "server-keys": {200}, "upload": {202}}
 
@@ -96,14 +96,13 @@ def test_a_gthread_worker_outlives_an_aggregation_longer_than_its_timeout(
     gate = tmp_path / "gate"
     monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
     timeout_s = 2
-    settings = {**SETTINGS, "PUBLISHER": "tests.gated_publisher:publish"}
+    settings = {**SETTINGS, "PUBLISHER": GATED_PUBLISHER}
     with GunicornServer(tmp_path / "server", workers=2, options=("--timeout", str(timeout_s)),
                         **settings, **db_settings) as server:
         workers = sorted(server.worker_pids())
         round_id, base = publish_and_open_round(server, zip_bundle(tiny_export.bundle_dir), 1)
-        keys = json.loads(server.request("GET", "/v1/server-keys").data)
         client = SyncClient(server.url, DeviceIdentity(Ed25519PrivateKey.generate()),
-                            server_signing_key=base64.b64decode(keys["signing_key"]),
+                            server_signing_key=signing_key_of(server),
                             outbox_dir=tmp_path / "outbox", retries=0, timeout=30.0)
         client.register()
         manifest = client.fetch_manifest()

@@ -11,10 +11,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import REPO, public_raw, resign_bundle, zip_bundle
 
 from device_sdk.bundle import MODEL, BundleError, GoldenCheckError
 from device_sdk.model_store import INSTALL_STEPS, ModelStore, StaleVersionError
+from tests.support.bundles import public_raw, resign_bundle, zip_bundle
+from tests.support.paths import REPO, SUPPORT
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_kill_during_install_leaves_a_serving_model(store, signed_bundles, serve
         step = INSTALL_STEPS[kills % len(INSTALL_STEPS)]
         nth = 1 + (kills // len(INSTALL_STEPS)) % 2  # kill in the 1st or the 2nd install
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "model_store_installer.py"), str(store.root),
+            [sys.executable, str(SUPPORT / "model_store_installer.py"), str(store.root),
              public_raw(server_key).hex(), str(zips), step, str(nth)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         )

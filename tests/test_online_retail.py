@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ONLINE_RETAIL, REPO, resign_bundle
 
 from device_sdk.files import load_or_create_ed25519
+from tests.support.bundles import resign_bundle
+from tests.support.paths import ONLINE_RETAIL, REPO
+
+pytestmark = pytest.mark.slow  # trains and exports on the real data set
 
 
 def _pocketrec(*args: str) -> str:

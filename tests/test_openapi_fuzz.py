@@ -19,13 +19,11 @@ may pause the model or close the round; that is allowed input too)."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
 import requests
 import schemathesis
-from conftest import zip_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -36,15 +34,14 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.protocol import b64
-from device_sdk.sync_client import SyncClient
 from sync_server.openapi import openapi_document
+from tests.support.bundles import zip_bundle
+from tests.support.server import ADMIN, REPUBLISH, ServerProcess, sync_client
 
-ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
+SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": REPUBLISH,
             "RATE_LIMIT": 1_000_000}
 POSITIVE_EXAMPLES = 25
 NEGATIVE_EXAMPLES = 10
@@ -101,12 +98,8 @@ class Fuzz:
                                 body=zip_bundle(tiny_export.bundle_dir),
                                 headers={"Content-Type": "application/zip"})
         assert response.status == 201, response.data
-        identity = DeviceIdentity.load_or_create(root / "D.key")
-        keys = json.loads(server.request("GET", "/v1/server-keys").data)
-        client = SyncClient(server.url, identity,
-                            server_signing_key=base64.b64decode(keys["signing_key"]),
-                            outbox_dir=root / "D.outbox", retries=0, timeout=60.0)
-        client.register()
+        client = sync_client(server, root, "D", timeout=60.0)  # registered
+        identity = client.identity
         opened = server.admin("POST", "/v1/admin/rounds", json={
             "target_clients": 3, "min_clients": 3, "deadline_s": 3600.0})
         assert opened.status == 201 and json.loads(opened.data)["round_id"] == KNOWN["round_id"]

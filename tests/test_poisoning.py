@@ -22,24 +22,31 @@ range proofs) this protocol does not have.
 import json
 import math
 import os
-import time
+from functools import partial
 
 import numpy as np
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
-from test_secagg_rounds import weights_of
-from test_server_faults import drive
-from test_server_rounds import masked_frames_left, publish, sync_client
 
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
 from device_sdk.uploads import SealedUpload, SecAggUpload
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    REPUBLISH_SETTINGS,
+    ServerProcess,
+    drive,
+    masked_frames_left,
+    open_round,
+    publish,
+    settled,
+    sync_client,
+    weights_of,
+)
 
 C = 1.0
-SETTINGS = {"ADMIN_TOKEN": "admin-secret", "PUBLISHER": "sync_server.registry:republish_weights",
-            "RATE_LIMIT": 100_000}
+SETTINGS = {**REPUBLISH_SETTINGS, "RATE_LIMIT": 100_000}
 FEDAVG = {"strategy": "fedavg", "server_lr": 1.0, "clip_norm": C, "deadline_s": 600.0}
+open_round = partial(open_round, **FEDAVG)  # a test's own config overrides FEDAVG
 
 
 def report(**row):
@@ -55,23 +62,6 @@ def server(tmp_path, tiny_export, db_settings):
         assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201
         srv.backend = "postgresql" if db_settings else "sqlite"
         yield srv
-
-
-def open_round(server, **config):
-    response = server.admin("POST", "/v1/admin/rounds", json={**FEDAVG, **config})
-    assert response.status == 201, response.data
-    return json.loads(response.data)
-
-
-def settled(server, round_id, timeout=60.0):
-    """The round's view once it ended. The request that completed it was answered before its
-    aggregation claimed the round, so a GET right after may still see it collecting."""
-    deadline = time.monotonic() + timeout
-    while True:
-        view = server.round(round_id)
-        if view["state"] in ("published", "failed") or time.monotonic() > deadline:
-            return view
-        time.sleep(0.1)
 
 
 def unit(shapes, rng):
@@ -147,7 +137,7 @@ def test_sealed_path_refuses_oversized_updates_and_bounds_a_max_norm_attacker(
                 delta, version, honest_examples))["accepted"]
         assert SealedUpload().submit(attacker, tasks[3], as_update(
             poison, version, attacker_examples))["accepted"]
-        view = settled(server, round_id)
+        view = settled(server, round_id, timeout=60.0)
         assert view["state"] == "published" and view["received"] == 4
         total = 3 * honest_examples + attacker_examples
         without = {k: honest_sum[k] * honest_examples / total for k in shapes}
@@ -201,7 +191,7 @@ def test_secagg_guard_fails_an_unclipped_sum_and_lets_honest_max_norm_rounds_pub
         for session in sessions:
             session.start()
         drive(sessions, "unmask")
-        view = settled(server, round_id)
+        view = settled(server, round_id, timeout=60.0)
         ledger = view["epsilon"]
         if attack == "unclipped_one_coordinate":
             assert view["state"] == "failed" and view["published_version"] is None

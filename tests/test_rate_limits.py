@@ -15,11 +15,11 @@ import tempfile
 import pytest
 import urllib3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.sync_client import SyncClient, SyncError
 from sync_server.config import ConfigError, load_config
+from tests.support.server import ServerProcess
 from trainer.simulation.server import GunicornServer
 
 ADMIN = "limits-admin"

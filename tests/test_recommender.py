@@ -4,11 +4,11 @@ exported tiny model, the real LiteRT interpreter and a real SQLite event log."""
 import threading
 
 import pytest
-from conftest import public_raw, resign_bundle
 
 from device_sdk.bundle import GoldenCheckError, load_bundle
 from device_sdk.event_log import EventLog
 from device_sdk.recommender import HistoryPolicy, Recommender, history_ids
+from tests.support.bundles import public_raw, resign_bundle
 
 
 def _id_of(key):

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import urllib3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 from sqlalchemy import DateTime, bindparam, create_engine, text
 
 from device_sdk.bundle import zip_bundle_dir
@@ -24,6 +23,7 @@ from device_sdk.device_client import DeviceClient
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SyncClient, SyncError
+from tests.support.server import ServerProcess
 
 ADMIN = "retention-admin"
 SETTINGS = {"ADMIN_TOKEN": ADMIN, "DEVICE_RETENTION_DAYS": 30,

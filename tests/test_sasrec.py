@@ -3,23 +3,20 @@ export keeps the dual encoder's serving signature and serves through the device 
 a device trains the federated subset with the numpy twin, and that subset learns; one
 federated round runs through the real sync server over loopback HTTP with real DeviceClients."""
 
-import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
 
 from device_sdk import DeviceClient, EventLog, HistoryPolicy, Recommender
 from device_sdk.bundle import load_bundle
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
 from model_zoo.serving import INPUT_NAME, OUTPUT_IDS, OUTPUT_SCORES
+from tests.support.bundles import zip_bundle
+from tests.support.server import ADMIN, ServerProcess, signing_key_of
 from trainer.metrics import topk_agreement
 from trainer.train import torch_topk
-
-ADMIN = "admin-secret"
 
 
 def test_export_keeps_the_serving_signature_and_agrees_with_torch(
@@ -104,11 +101,6 @@ def test_the_device_trains_the_federated_subset_and_it_learns(
     assert after < 0.9 * before, (before, after)
 
 
-def _signing_key(server) -> bytes:
-    return base64.b64decode(json.loads(server.request("GET", "/v1/server-keys").data)
-                            ["signing_key"])
-
-
 def test_a_sasrec_bundle_takes_part_in_a_federated_round(
     tiny_sasrec_checkpoint, tiny_sasrec_export, tmp_path
 ):
@@ -127,7 +119,7 @@ def test_a_sasrec_bundle_takes_part_in_a_federated_round(
         assert published.status == 201
         devices = []
         for n in range(3):
-            device = DeviceClient(tmp_path / f"device{n}", server_key=_signing_key(server),
+            device = DeviceClient(tmp_path / f"device{n}", server_key=signing_key_of(server),
                                   server_url=server.url)
             keys = [prepared.vocab.keys[i] for i in prepared.split.test.history[n] if i]
             device.log_many([(key, "purchase", 1000.0 + t) for t, key in enumerate(keys)])

@@ -6,38 +6,41 @@ The math in one process: test_secagg.py."""
 
 import contextlib
 import hashlib
-import io
 import json
 import threading
 import time
-import zipfile
+from functools import partial
 
 import numpy as np
 import pytest
 import sqlalchemy
-from conftest import pass_deadline, zip_bundle
-from server_process import ServerProcess
-from test_server_rounds import (
-    SETTINGS,
-    make_device,
-    masked_frames_left,
-    publish,
-    round_view,
-    sync_client,
-)
 
 from device_sdk import secagg
 from device_sdk.bundle import load_bundle
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
-from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import RoundTask
 from device_sdk.sync_client import SyncError
 from device_sdk.uploads import SecAggSession, SecAggUpload
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    SETTINGS,
+    ServerProcess,
+    bundle_member,
+    make_device,
+    masked_frames_left,
+    open_round,
+    pass_deadline,
+    publish,
+    random_update,
+    sync_client,
+    weights_of,
+)
 
 # Stage timeouts and deadlines are guards here, never waited for: a stage that some device
 # drops out of is ended by ``stage_closer`` as soon as every other device has answered it.
 FAST = {"secagg_poll_s": 0.1, "secagg_stage_timeout_s": 600.0, "strategy": "fedavg",
         "server_lr": 1.0, "clip_norm": 1.0}
+open_round = partial(open_round, **FAST)  # a test's own config overrides FAST
 # DropAt's stage (the request a device does not send) -> the round's state while that stage
 # waits, the view's count of its answers, and the column holding its deadline.
 STAGE_WAIT = {"advertise": ("collecting", "advertised", "deadline"),
@@ -83,7 +86,7 @@ def stage_closer(server, round_id, stage, answers, droppers):
 
     def watch():
         while not done.is_set():
-            view = round_view(server, round_id)
+            view = server.round(round_id)
             if (view["state"] == state and all(d.dropped.is_set() for d in droppers)
                     and (view.get("secagg") or {}).get(count, 0) >= answers):
                 pass_deadline(server.database_url, round_id, column)
@@ -101,29 +104,6 @@ def stage_closer(server, round_id, stage, answers, droppers):
     finally:
         done.set()
         watcher.join(60)
-
-
-def open_round(server, **config):
-    response = server.admin("POST", "/v1/admin/rounds", json={**FAST, **config})
-    assert response.status == 201, response.data
-    return json.loads(response.data)
-
-
-def bundle_member(client, version, name):
-    with zipfile.ZipFile(io.BytesIO(client.download_bundle(version))) as zf:
-        return zf.read(name)
-
-
-def weights_of(client, version):
-    with np.load(io.BytesIO(bundle_member(client, version, "weights.npz"))) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-def random_update(shapes, rng, clip=1.0, version=1):
-    delta = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-    norm = float(np.sqrt(sum(np.square(v, dtype=np.float64).sum() for v in delta.values())))
-    delta = {k: (v * (0.9 * clip / norm)).astype(np.float32) for k, v in delta.items()}
-    return ModelUpdate(version, delta, 10, clip, 0.9 * clip, norm)
 
 
 def run_devices(clients, version, updates, schemes):
@@ -162,10 +142,10 @@ def finished_view(server, round_id, wait_s=30.0):
     """The round's view once it ended. A stage some device never answered closes at its
     deadline, on the first request after it: here, the admin's GET."""
     deadline = time.monotonic() + wait_s
-    view = round_view(server, round_id)
+    view = server.round(round_id)
     while view["state"] not in ("published", "failed") and time.monotonic() < deadline:
         time.sleep(0.2)
-        view = round_view(server, round_id)
+        view = server.round(round_id)
     return view
 
 

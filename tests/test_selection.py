@@ -7,17 +7,16 @@ the binomial distribution."""
 
 import json
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import dp_accounting
 import numpy as np
 import pytest
 import urllib3
-from conftest import zip_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting import pld
 from scipy.stats import binom
-from server_process import ServerProcess
 from sqlalchemy import create_engine, text
 
 from device_sdk.bundle import load_bundle
@@ -26,20 +25,23 @@ from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SyncClient
 from sync_server.privacy import PLD_DISCRETIZATION
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    REPUBLISH_SETTINGS,
+    ServerProcess,
+    open_round,
+    publish,
+    signing_key_of,
+)
 
-ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
-            "RATE_LIMIT": 1000}
 FALSE_ALARM = 1e-6
+open_round = partial(open_round, upload_scheme=SEALED_SCHEME)  # unless a test says otherwise
 
 
 @pytest.fixture
 def server(tmp_path, tiny_export, db_settings):
-    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
-        response = srv.admin("POST", "/v1/admin/models",
-                             body=zip_bundle(tiny_export.bundle_dir),
-                             headers={"Content-Type": "application/zip"})
-        assert response.status == 201  # version 1
+    with ServerProcess(tmp_path / "server", **REPUBLISH_SETTINGS, **db_settings) as srv:
+        assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201  # version 1
         yield srv
 
 
@@ -47,10 +49,7 @@ class Fleet:
     """Registered SyncClients sharing one connection pool (fresh Ed25519 keys each)."""
 
     def __init__(self, server) -> None:
-        keys = json.loads(server.request("GET", "/v1/server-keys").data)
-        import base64
-
-        self.server, self.signing_key = server, base64.b64decode(keys["signing_key"])
+        self.server, self.signing_key = server, signing_key_of(server)
         self.pool = urllib3.PoolManager(maxsize=2)
         self.outbox = Path(tempfile.mkdtemp())
 
@@ -63,13 +62,6 @@ class Fleet:
             client.register()
             clients.append(client)
         return clients
-
-
-def open_round(server, **config):
-    config.setdefault("upload_scheme", SEALED_SCHEME)
-    response = server.admin("POST", "/v1/admin/rounds", json=config)
-    assert response.status == 201, response.data
-    return json.loads(response.data)
 
 
 def acceptance(n: int, q: float) -> tuple[int, int]:
@@ -219,7 +211,7 @@ def _seeded_run(root: Path, tiny_export, seed: str | None) -> tuple[list[bool], 
     import io
     import zipfile
 
-    settings = {**SETTINGS, **({"DETERMINISTIC_SEED": seed} if seed else {})}
+    settings = {**REPUBLISH_SETTINGS, **({"DETERMINISTIC_SEED": seed} if seed else {})}
     with ServerProcess(root / "server", **settings) as server:
         assert server.admin("POST", "/v1/admin/models", body=zip_bundle(tiny_export.bundle_dir),
                             headers={"Content-Type": "application/zip"}).status == 201

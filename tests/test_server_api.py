@@ -1,26 +1,34 @@
 """The real sync server (subprocess, real HTTP on loopback, SQLite, keys on disk) driven by
 the device SDK's SyncClient and DeviceClient. No mocks; no timing assertions."""
 
-import base64
 import io
 import json
 import stat
 import zipfile
+from functools import partial
 
 import numpy as np
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import extract_bundle_zip, load_bundle, save_weights, write_bundle
 from device_sdk.device_client import DeviceClient
-from device_sdk.device_identity import DeviceIdentity
 from device_sdk.item_vocab import ItemVocab
 from device_sdk.protocol import b64
-from device_sdk.sync_client import SyncClient, SyncError
+from device_sdk.sync_client import SyncError
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    ADMIN,
+    ServerProcess,
+    error_of,
+    publish,
+    signing_key_of,
+    sync_client,
+)
 
-ADMIN = "admin-secret"
 MAX_BODY = 64 * 1024
+# Unregistered (a test registers when it means to), short timeouts and backoff.
+sync_client = partial(sync_client, register=False, timeout=10.0, backoff_factor=0.001)
+error_of = partial(error_of, check_shape=True)  # the error document's shape checked too
 
 
 @pytest.fixture
@@ -28,19 +36,6 @@ def server(tmp_path, db_settings):
     with ServerProcess(tmp_path / "server", ADMIN_TOKEN=ADMIN, MAX_BODY_BYTES=MAX_BODY,
                        **db_settings) as srv:
         yield srv
-
-
-def signing_key_of(server) -> bytes:
-    return base64.b64decode(json.loads(server.request("GET", "/v1/server-keys").data)
-                            ["signing_key"])
-
-
-def sync_client(server, directory, name="device", **kwargs) -> SyncClient:
-    identity = DeviceIdentity.load_or_create(directory / f"{name}.key")
-    kwargs.setdefault("retries", 0)
-    return SyncClient(server.url, identity, server_signing_key=signing_key_of(server),
-                      outbox_dir=directory / f"{name}.outbox", backoff_factor=0.001,
-                      timeout=10.0, **kwargs)
 
 
 @pytest.fixture
@@ -66,18 +61,6 @@ def make_bundle_zip(directory, version, parent=None, extra_files=None) -> bytes:
     for name, data in (extra_files or {}).items():
         (bundle_dir / name).write_bytes(data)
     return zip_bundle(bundle_dir)
-
-
-def publish(server, zip_bytes):
-    return server.admin("POST", "/v1/admin/models", body=zip_bytes,
-                        headers={"Content-Type": "application/zip"})
-
-
-def error_of(response):
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = json.loads(response.data)
-    assert set(body) == {"error"} and body["error"]["message"]
-    return response.status, body["error"]["code"]
 
 
 # --- keys and registration ------------------------------------------------------------------

@@ -31,30 +31,44 @@ in play while a lost or double-counted update would stand out 10x above the nois
 {1, 2} (or {1}) with the current one verified by the SDK (signature, files), and no update
 frame or masked input left in the blob store."""
 
-import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pass_deadline, zip_bundle
-from server_process import ServerProcess
 from sqlalchemy import create_engine, text
-from test_secagg_rounds import random_update, weights_of
-from test_server_rounds import masked_frames_left, publish, signing_key_of, sync_client
 
 from device_sdk import secagg
 from device_sdk.bundle import extract_bundle_zip, load_bundle
 from device_sdk.protocol import SEALED_SCHEME
 from device_sdk.sync_client import SyncError
 from device_sdk.uploads import SealedUpload, SecAggUpload
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    ADMIN,
+    GATED_PUBLISHER,
+    SECAGG_ORDER,
+    ServerProcess,
+    drive,
+    masked_frames_left,
+    open_round,
+    pass_deadline,
+    publish,
+    random_update,
+    settled,
+    signing_key_of,
+    sync_client,
+    weights_of,
+)
 
-ADMIN = "admin-secret"
 LEASE_S = 2
 Z = 1e-3  # DP on (the ledger is exercised); noise far below one update's share
 CLIP = 1.0
-ORDER = ("advertise", "share_keys", "masked_input", "unmask")
+# Every round here: FedAvg with a little DP noise, unless a test says otherwise.
+open_round = partial(open_round, strategy="fedavg", server_lr=1.0, clip_norm=CLIP,
+                     noise_multiplier=Z, deadline_s=600.0)
 
 
 class Harness:
@@ -68,7 +82,7 @@ class Harness:
         if hold is None:
             self.gate.touch()  # nothing held
         self.data_dir = root / "server"
-        self.settings = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "tests.gated_publisher:publish",
+        self.settings = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": GATED_PUBLISHER,
                          "RATE_LIMIT": 100_000, "AGGREGATION_LEASE_S": LEASE_S,
                          **db_settings}
         self.database_url = db_settings.get("DATABASE_URL") or (
@@ -116,48 +130,15 @@ def harness_for(tmp_path, tiny_export, db_settings, monkeypatch):
         harness.server.close()
 
 
-def open_round(server, **config):
-    response = server.admin("POST", "/v1/admin/rounds", json={
-        "strategy": "fedavg", "server_lr": 1.0, "clip_norm": CLIP, "noise_multiplier": Z,
-        "deadline_s": 600.0, **config})
-    assert response.status == 201, response.data
-    return json.loads(response.data)
-
-
 def state_of(harness, round_id):
     return harness.server.round(round_id, settled=False)["state"]
-
-
-def settled(harness, round_id, timeout=90.0):
-    """The round's view once it published or failed (each admin GET advances it: that is
-    the request that closes an overdue stage or takes over an expired claim)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        view = harness.server.round(round_id, settled=False)
-        if view["state"] in ("published", "failed") or time.monotonic() > deadline:
-            return view
-        time.sleep(0.2)
-
-
-def drive(sessions, stage):
-    """Step each session until it has answered ``stage`` (ORDER)."""
-    target = ORDER.index(stage)
-    deadline = time.monotonic() + 60
-    while True:
-        behind = [s for s in sessions if ORDER.index(s.answered) < target]
-        if not behind:
-            return
-        assert time.monotonic() < deadline, [s.answered for s in sessions]
-        for session in behind:
-            session.step()
-        time.sleep(0.05)
 
 
 def check_published(harness, client, round_id, updates, *, tolerance_per_coord=0.0):
     """The round published version 2 = base + the mean of ``updates`` (nothing lost or
     counted twice), one ledger row, versions {1, 2}, the served bundle verifies, and no
     update frame or masked input is left."""
-    view = settled(harness, round_id)
+    view = settled(harness.server, round_id)
     assert (view["state"], view["published_version"]) == ("published", 2), view["reason"]
     n = len(updates)
     assert view["measurements"]["updates"] == n
@@ -179,7 +160,7 @@ def check_published(harness, client, round_id, updates, *, tolerance_per_coord=0
 
 
 def check_failed(harness, client, round_id, reason):
-    view = settled(harness, round_id)
+    view = settled(harness.server, round_id)
     assert (view["state"], view["published_version"]) == ("failed", None)
     assert reason in view["reason"]
     assert harness.query("SELECT round_id FROM privacy_ledger") == []
@@ -290,7 +271,7 @@ def test_kill_9_in_a_secagg_round(harness_for, tmp_path, kill_at):
         for session in first if stage == "advertise" else sessions:
             session.start()
         if stage != "advertise":
-            drive(sessions, ORDER[ORDER.index(stage) - 1])
+            drive(sessions, SECAGG_ORDER[SECAGG_ORDER.index(stage) - 1])
             drive(first, stage)
         view = harness.server.round(round_id, settled=False)
         assert view["state"] == kill_at.removesuffix("_past_deadline")

@@ -3,21 +3,19 @@ venv (no torch, no trainer extra), a real round of real devices over HTTP, a DP 
 published by writing the round's weights into the base's LiteRT file, which the devices verify
 and serve."""
 
-import base64
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import MODEL, load_bundle, run_golden_check
 from device_sdk.device_client import DeviceClient
 from device_sdk.protocol import SEALED_SCHEME
-
-ADMIN = "admin-secret"
+from tests.support.bundles import zip_bundle
+from tests.support.paths import REPO
+from tests.support.server import ADMIN, ServerProcess, signing_key_of
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +47,7 @@ def test_the_server_extra_runs_a_dp_round_and_publishes_without_torch(
         response = server.admin("POST", "/v1/admin/models", body=zip_bundle(tiny_export.bundle_dir),
                                 headers={"Content-Type": "application/zip"})
         assert response.status == 201
-        keys = json.loads(server.request("GET", "/v1/server-keys").data)
-        signing_key = base64.b64decode(keys["signing_key"])
+        signing_key = signing_key_of(server)
         _, prepared = tiny_checkpoint
         devices = []
         for n in range(3):

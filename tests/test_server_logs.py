@@ -2,15 +2,12 @@
 an access line per request (method, path, status, duration_ms, device_id once known) and the
 round events with their fields; the formatter and its installation on their own."""
 
-import base64
 import io
 import json
 import logging
 import sys
 
 import pytest
-from conftest import zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.protocol import SEALED_SCHEME
@@ -18,8 +15,8 @@ from device_sdk.sync_client import SyncClient
 from sync_server import logs
 from sync_server.app import create_app
 from sync_server.config import ConfigError, load_config
-
-ADMIN = "admin-secret"
+from tests.support.bundles import zip_bundle
+from tests.support.server import ADMIN, REPUBLISH, ServerProcess, signing_key_of
 
 
 def log_lines(path):
@@ -28,16 +25,14 @@ def log_lines(path):
 
 def test_the_server_logs_one_json_object_per_line_with_access_fields(tmp_path, tiny_export):
     with ServerProcess(tmp_path / "server", ADMIN_TOKEN=ADMIN, RATE_LIMIT=1000,
-                       PUBLISHER="sync_server.registry:republish_weights") as server:
+                       PUBLISHER=REPUBLISH) as server:
         published = server.admin("POST", "/v1/admin/models",
                                  body=zip_bundle(tiny_export.bundle_dir),
                                  headers={"Content-Type": "application/zip"})
         assert published.status == 201
         assert server.request("GET", "/no/such/thing").status == 404
-        keys = json.loads(server.request("GET", "/v1/server-keys").data)
         identity = DeviceIdentity.load_or_create(tmp_path / "device.key")
-        client = SyncClient(server.url, identity,
-                            server_signing_key=base64.b64decode(keys["signing_key"]),
+        client = SyncClient(server.url, identity, server_signing_key=signing_key_of(server),
                             outbox_dir=tmp_path / "outbox", retries=0, timeout=30.0)
         client.register()
         opened = server.admin("POST", "/v1/admin/rounds", json={

@@ -3,45 +3,38 @@ by real DeviceClients: a percentage of devices chosen by a stable hash of the de
 anti-rollback on the devices, and a rollback that republishes the parent under a new
 version. No mocks; no timed assertions."""
 
-import base64
 import json
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle
 from device_sdk.device_client import DeviceClient
 from device_sdk.protocol import SEALED_SCHEME
 from sync_server.registry import in_rollout, republish_weights
+from tests.support.bundles import copy_bundle, zip_bundle
+from tests.support.server import (
+    REPUBLISH_SETTINGS,
+    ServerProcess,
+    answer_of,
+    publish,
+    signing_key_of,
+)
 
-ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "PUBLISHER": "sync_server.registry:republish_weights",
-            "RATE_LIMIT": 1000}
 N_DEVICES = 20
 
 
-def publish(server, zip_bytes, percent=None):
-    query = "" if percent is None else f"?rollout_percent={percent}"
-    response = server.admin("POST", "/v1/admin/models" + query, body=zip_bytes,
-                            headers={"Content-Type": "application/zip"})
-    return response.status, json.loads(response.data)
+def publish_answer(server, zip_bytes, percent=None):
+    return answer_of(publish(server, zip_bytes, rollout_percent=percent))
 
 
 def admin_post(server, path, **kwargs):
-    response = server.admin("POST", path, **kwargs)
-    return response.status, json.loads(response.data)
-
-
-def signing_key_of(server) -> bytes:
-    keys = json.loads(server.request("GET", "/v1/server-keys").data)
-    return base64.b64decode(keys["signing_key"])
+    return answer_of(server.admin("POST", path, **kwargs))
 
 
 @pytest.fixture
 def server(tmp_path, db_settings):
-    with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
+    with ServerProcess(tmp_path / "server", **REPUBLISH_SETTINGS, **db_settings) as srv:
         yield srv
 
 
@@ -65,13 +58,13 @@ def close_all(devices):
 
 
 def test_staged_rollout_pause_and_rollback(server, tmp_path, tiny_export, v2_zip):
-    status, v1 = publish(server, zip_bundle(tiny_export.bundle_dir))
+    status, v1 = publish_answer(server, zip_bundle(tiny_export.bundle_dir))
     assert (status, v1["model_version"], v1["rollout_percent"]) == (201, 1, 100)
     devices = new_devices(server, tmp_path, "device", N_DEVICES)
     try:
         assert all(d.sync(train=False).model_version == 1 for d in devices)
 
-        status, v2 = publish(server, v2_zip, percent=50)
+        status, v2 = publish_answer(server, v2_zip, percent=50)
         assert (status, v2["model_version"], v2["rollout_percent"]) == (201, 2, 50)
         first = [d.sync(train=False).model_version for d in devices]
         assert set(first) == {1, 2}
@@ -135,8 +128,8 @@ def test_staged_rollout_pause_and_rollback(server, tmp_path, tiny_export, v2_zip
 
 
 def test_rollout_admin_errors(server, tiny_export):
-    assert publish(server, zip_bundle(tiny_export.bundle_dir), percent="half")[0] == 400
-    assert publish(server, zip_bundle(tiny_export.bundle_dir), percent=0)[0] == 201
+    assert publish_answer(server, zip_bundle(tiny_export.bundle_dir), percent="half")[0] == 400
+    assert publish_answer(server, zip_bundle(tiny_export.bundle_dir), percent=0)[0] == 201
     status, body = admin_post(server, "/v1/admin/models/9/pause")
     assert (status, body["error"]["code"]) == (404, "not_found")
     status, body = admin_post(server, "/v1/admin/models/1/rollback")

@@ -8,28 +8,38 @@ LiteRT file, ``sync_server.publisher``);
 it falls back to.
 No mocks; no timed assertions (the deadline test waits for a deadline, asserts no time)."""
 
-import base64
 import json
-import time
+from functools import partial
 
 import numpy as np
 import pytest
-from conftest import pass_deadline, zip_bundle
-from server_process import ServerProcess
 
 from device_sdk.bundle import load_bundle, run_golden_check
-from device_sdk.device_client import DeviceClient
-from device_sdk.device_identity import DeviceIdentity
 from device_sdk.local_trainer import LocalTrainer
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
-from device_sdk.sync_client import SyncClient
+from tests.support.bundles import zip_bundle
+from tests.support.server import (
+    GATED_PUBLISHER,
+    SETTINGS,
+    ServerProcess,
+    error_of,
+    make_device,
+    masked_frames_left,
+    pass_deadline,
+    publish,
+    signing_key_of,
+    sync_client,
+    try_open_round,
+)
 
-ADMIN = "admin-secret"
-SETTINGS = {"ADMIN_TOKEN": ADMIN, "RATE_LIMIT": 1000}
 DP_ROUND = {"target_clients": 3, "noise_multiplier": 1.0, "clip_norm": 0.5,
             "local_epochs": 1, "learning_rate": 0.3, "batch_size": 8, "max_examples": 100,
             "delta": 1e-5}
+# Sealed uploads unless a test says otherwise: these tests drive devices one after another,
+# which SecAgg+'s synchronous stages cannot (test_secagg_rounds.py runs rounds with the
+# default scheme). It answers (status, body): some opens here are meant to be refused.
+open_round = partial(try_open_round, upload_scheme=SEALED_SCHEME)
 
 
 @pytest.fixture
@@ -37,84 +47,6 @@ def server(tmp_path, tiny_export, db_settings):
     with ServerProcess(tmp_path / "server", **SETTINGS, **db_settings) as srv:
         assert publish(srv, zip_bundle(tiny_export.bundle_dir)).status == 201  # version 1
         yield srv
-
-
-def publish(server, zip_bytes):
-    return server.admin("POST", "/v1/admin/models", body=zip_bytes,
-                        headers={"Content-Type": "application/zip"})
-
-
-def signing_key_of(server) -> bytes:
-    keys = json.loads(server.request("GET", "/v1/server-keys").data)
-    return base64.b64decode(keys["signing_key"])
-
-
-def open_round(server, **config):
-    """Open a round; sealed uploads unless the test says otherwise (these tests drive
-    devices one after another, which SecAgg+'s synchronous stages cannot; see
-    test_secagg_rounds.py for rounds with the default scheme)."""
-    config.setdefault("upload_scheme", SEALED_SCHEME)
-    response = server.admin("POST", "/v1/admin/rounds", json=config)
-    return response.status, json.loads(response.data)
-
-
-def round_view(server, round_id):
-    return server.round(round_id)
-
-
-def masked_frames_left(server, wait_s=10.0):
-    """Update frames still in the blob store: deleted right after a publish commits (the
-    aggregation runs after the response that completed the round), so wait a little."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        frames = [p for p in (server.data_dir / "blobs").rglob("*")
-                  if p.is_file() and _head(p) == b"PRT1"]
-        if not frames or time.monotonic() > deadline:
-            return frames
-        time.sleep(0.1)
-
-
-def _head(path):
-    """A blob's first 4 bytes, or b"" when the server deleted it meanwhile."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4)
-    except FileNotFoundError:
-        return b""
-
-
-def error_of(response):
-    body = json.loads(response.data)
-    return response.status, body["error"]["code"]
-
-
-def make_device(server, directory, tiny_checkpoint, user):
-    """A DeviceClient with a shopping history (test user ``user`` of the tiny data set)."""
-    device = DeviceClient(directory, server_key=signing_key_of(server), server_url=server.url)
-    _, prepared = tiny_checkpoint
-    keys = [prepared.vocab.keys[i] for i in prepared.split.test.history[user] if i]
-    device.log_many([(key, kind, 1000.0 + 3 * n + j) for n, key in enumerate(keys)
-                     for j, kind in enumerate(("view", "click", "add_to_cart"))])
-    return device
-
-
-@pytest.fixture
-def devices(server, tmp_path, tiny_checkpoint):
-    made = [make_device(server, tmp_path / f"device{n}", tiny_checkpoint, n) for n in range(3)]
-    for device in made:
-        report = device.sync(train=False)  # registers and installs version 1
-        assert report.model_version == 1
-    yield made
-    for device in made:
-        device.close()
-
-
-def sync_client(server, directory, name) -> SyncClient:
-    identity = DeviceIdentity.load_or_create(directory / f"{name}.key")
-    client = SyncClient(server.url, identity, server_signing_key=signing_key_of(server),
-                        outbox_dir=directory / f"{name}.outbox", retries=0, timeout=30.0)
-    client.register()
-    return client
 
 
 def metric(server, line_start):
@@ -134,7 +66,7 @@ def test_dp_rounds_publish_signed_versions_epsilon_grows_and_a_budget_stops_them
 
     reports = [device.sync() for device in devices]
     assert [(r.round_id, r.uploaded) for r in reports] == [(round_id, True)] * 3
-    view = round_view(server, round_id)
+    view = server.round(round_id)
     assert (view["state"], view["selected"], view["received"]) == ("published", 3, 3)
     assert view["published_version"] == 2 and view["reason"] is None
     epsilon1 = view["epsilon"]
@@ -164,7 +96,7 @@ def test_dp_rounds_publish_signed_versions_epsilon_grows_and_a_budget_stops_them
     status, second = open_round(server, **DP_ROUND)
     assert status == 201 and second["model_version"] == 2
     assert all(device.sync().uploaded for device in devices)
-    view2 = round_view(server, second["round_id"])
+    view2 = server.round(second["round_id"])
     assert (view2["state"], view2["published_version"]) == ("published", 3)
     assert view2["epsilon"] > epsilon1
     assert devices[1].sync().installed == 3
@@ -196,7 +128,7 @@ def test_only_selected_devices_upload_once_and_bad_updates_do_not_count(
     # No sampling_rate or population: q = 1, every device first come up to target_clients
     # (no amplification claimed, see sync_server/selection.py; Poisson: test_selection.py).
     b.sync(train=False)  # checks in (selected: the second and last slot), does not train
-    assert round_view(server, round_id)["selected"] == 2
+    assert server.round(round_id)["selected"] == 2
     assert c.sync().round_id is None  # no slot left
 
     path = f"/v1/rounds/{round_id}/update"
@@ -214,11 +146,11 @@ def test_only_selected_devices_upload_once_and_bad_updates_do_not_count(
         422, "update_rejected")
     assert error_of(b.sync_client.request("POST", "/v1/rounds/round-99/update",
                                           body=sealed)) == (409, "round_closed")
-    view = round_view(server, round_id)
+    view = server.round(round_id)
     assert (view["state"], view["selected"], view["received"]) == ("collecting", 2, 1)
 
     assert b.sync().uploaded  # re-offered at check-in: it was selected and had not uploaded
-    view = round_view(server, round_id)
+    view = server.round(round_id)
     assert (view["state"], view["received"], view["epsilon"]) == ("published", 2, None)
     assert error_of(a.sync_client.request("POST", path, body=b"PRS1...")) == (
         409, "round_closed")
@@ -237,7 +169,7 @@ def test_a_round_without_dp_publishes_a_model_that_fits_its_participants_better(
     status, opened = open_round(server, **config)
     assert status == 201 and opened["epsilon"] is None
     assert all(device.sync().uploaded for device in devices)
-    view = round_view(server, opened["round_id"])
+    view = server.round(opened["round_id"])
     assert (view["state"], view["received"], view["published_version"]) == ("published", 3, 2)
     for device in devices:
         assert device.sync().installed == 2
@@ -259,7 +191,7 @@ def test_after_a_dp_round_a_round_without_noise_is_refused(server, devices):
     status, opened = open_round(server, **DP_ROUND)
     assert status == 201
     assert all(device.sync().uploaded for device in devices)
-    assert round_view(server, opened["round_id"])["state"] == "published"
+    assert server.round(opened["round_id"])["state"] == "published"
     status, refused = open_round(server, target_clients=3)  # no noise_multiplier
     assert (status, refused["error"]["code"]) == (409, "privacy_required")
     assert "noise_multiplier" in refused["error"]["message"]
@@ -277,7 +209,7 @@ def test_a_round_missing_min_clients_at_its_deadline_fails_and_refuses_late_uplo
     pass_deadline(server.database_url, task.round_id)  # the clock runs past it
     late = client.request("POST", f"/v1/rounds/{task.round_id}/update", body=b"PRS1...")
     assert error_of(late) == (409, "round_closed")
-    view = round_view(server, task.round_id)
+    view = server.round(task.round_id)
     assert view["state"] == "failed" and "min_clients is 2" in view["reason"]
     assert view["published_version"] is None
     assert client.checkin(1, 10) is None
@@ -304,7 +236,7 @@ def test_the_completing_upload_is_answered_before_the_round_is_aggregated(
     the response (a device never waits on, nor times out during, an export)."""
     gate = tmp_path / "publish-gate"
     monkeypatch.setenv("TEST_PUBLISH_GATE", str(gate))
-    settings = {**SETTINGS, "PUBLISHER": "tests.gated_publisher:publish"}
+    settings = {**SETTINGS, "PUBLISHER": GATED_PUBLISHER}
     with ServerProcess(tmp_path / "server", **settings) as server:
         assert publish(server, zip_bundle(tiny_export.bundle_dir)).status == 201
         devices = [make_device(server, tmp_path / f"d{i}", tiny_checkpoint, user)
@@ -329,10 +261,10 @@ def test_an_operator_closes_a_stage_and_the_round_goes_on_without_the_missing(
     status, opened = open_round(server, target_clients=3, min_clients=2, deadline_s=3600)
     round_id = opened["round_id"]
     assert all(device.sync().uploaded for device in devices[:2])
-    assert round_view(server, round_id)["state"] == "collecting"  # waits for the third
+    assert server.round(round_id)["state"] == "collecting"  # waits for the third
     response = server.admin("POST", f"/v1/admin/rounds/{round_id}/close-stage")
     assert response.status == 200
-    view = round_view(server, round_id)
+    view = server.round(round_id)
     assert (view["state"], view["received"], view["published_version"]) == (
         "published", 2, 2)
     assert devices[2].sync().round_id is None  # nothing left to join

@@ -54,6 +54,7 @@ def test_a_device_worker_process_loads_no_trainer_stack():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_population_splits_users_and_never_replays_held_out_events(fleet):
     population, _ = fleet
     devices = set(population.devices)
@@ -85,6 +86,7 @@ def dp_run(fleet, tmp_path_factory):
     return population, root, config, records, interrupted
 
 
+@pytest.mark.slow
 def test_dp_rounds_with_secagg_publish_and_record_every_metric(dp_run):
     population, root, config, records, interrupted = dp_run
     assert not interrupted
@@ -115,6 +117,7 @@ def test_dp_rounds_with_secagg_publish_and_record_every_metric(dp_run):
     assert sum(r.planned_dropouts + r.planned_stragglers for r in rounds) > 0
 
 
+@pytest.mark.slow
 def test_each_device_logged_its_own_events_up_to_the_round_clock(dp_run):
     population, root, _, records, _ = dp_run
     checked = 0
@@ -134,6 +137,7 @@ def test_each_device_logged_its_own_events_up_to_the_round_clock(dp_run):
     assert checked > 0
 
 
+@pytest.mark.slow
 def test_the_server_learned_only_what_secagg_and_dp_released(dp_run):
     population, root, config, records, _ = dp_run
     with sqlite3.connect(root / "server" / "pocketrec.db") as db:
@@ -145,6 +149,7 @@ def test_the_server_learned_only_what_secagg_and_dp_released(dp_run):
     assert not [p for p in blobs.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"PRT1"]
 
 
+@pytest.mark.slow
 def test_report_files_cover_every_round(dp_run, tmp_path):
     population, root, config, records, _ = dp_run
     no_dp = [replace(r, label="federated", epsilon=0.0) for r in records]
@@ -161,6 +166,7 @@ def test_report_files_cover_every_round(dp_run, tmp_path):
         assert f'src="{png}"' in index.read_text()
 
 
+@pytest.mark.slow
 def test_ray_backend_runs_the_same_device_code(fleet, tmp_path):
     population, bundle = fleet
     config = SimulationConfig(rounds=2, clients_per_round=12, workers=2, backend="ray",
@@ -175,6 +181,7 @@ def test_ray_backend_runs_the_same_device_code(fleet, tmp_path):
     assert max(r.sampled for r in records[1:]) <= made <= sum(r.sampled for r in records[1:])
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_report_covers_the_rounds_completed(fleet, tmp_path):
     population, bundle = fleet
     out = tmp_path / "report"
@@ -230,6 +237,7 @@ def _published(root: Path, version: int) -> tuple[dict[str, np.ndarray], float]:
     return weights, measured["quantization_error_bound"] / measured["updates"]
 
 
+@pytest.mark.slow
 def test_one_seed_decides_the_public_slice_the_starting_model_and_the_rounds(fleet, tmp_path):
     """The same seed twice: the same public slice, bit-identical pretrained weights and
     starting-model metrics, the same devices training bit-identical updates; the published

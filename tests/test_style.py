@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_ruff_clean():

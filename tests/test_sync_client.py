@@ -1,4 +1,4 @@
-"""SyncClient against a real /v1 HTTP server on loopback (tests/protocol_server.py): signed
+"""SyncClient against a real /v1 HTTP server on loopback (tests/support/protocol_server.py): signed
 requests, pinned keys, manifests and bundles, round tasks, sealed uploads, retries and the
 outbox. No mocks; no timing assertions (backoff is tiny so the suite stays quick)."""
 
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import urllib3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from protocol_server import ProtocolServer
 
 from device_sdk.bundle import load_bundle, save_weights, write_bundle
 from device_sdk.device_identity import DeviceIdentity
@@ -21,6 +20,7 @@ from device_sdk.item_vocab import ItemVocab
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import HEADER_NONCE, HEADER_SIGNATURE, RoundTask
 from device_sdk.sync_client import SyncClient, SyncError
+from tests.support.protocol_server import ProtocolServer
 
 SHAPES = {"out.weight": (5, 3), "out.bias": (5,)}
 UPDATE_PATH = "/v1/rounds/r1/update"

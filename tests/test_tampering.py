@@ -15,7 +15,6 @@ of these reach the device, which is the check that matters. Runs on SQLite and P
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import zipfile
@@ -25,15 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_bundle, zip_bundle
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from server_process import ServerProcess
 
 from device_sdk.bundle import ITEMS, MANIFEST, MODEL, SIGNATURE, WEIGHTS, load_bundle
 from device_sdk.device_client import DeviceClient
 from sync_server.registry import republish_weights
-
-ADMIN = "admin-secret"
+from tests.support.bundles import copy_bundle, zip_bundle
+from tests.support.server import ADMIN, ServerProcess, signing_key_of
 
 
 @dataclass
@@ -51,8 +48,7 @@ class Registry:
 
     def __init__(self, server: ServerProcess, bundle_dir: Path, scratch: Path) -> None:
         self.server, self.bundle_dir, self.scratch = server, bundle_dir, scratch
-        keys = json.loads(server.request("GET", "/v1/server-keys").data)
-        self.key = base64.b64decode(keys["signing_key"])
+        self.key = signing_key_of(server)
         self.next_version = 1
 
     def publish(self) -> Published:

@@ -1,6 +1,6 @@
 """Helper for the kill -9 durability test: log events forever, report each commit.
 
-    python tests/event_log_writer.py DBPATH START [normal|full]
+    python tests/support/event_log_writer.py DBPATH START [normal|full]
 
 Opens an EventLog on DBPATH, prints "ready", then loops forever alternating single ``log()``
 calls and small ``log_many()`` batches. Every event gets a unique sequence number from START
@@ -16,7 +16,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from device_sdk.event_log import EVENT_KINDS, EventLog  # noqa: E402
 

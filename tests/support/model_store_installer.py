@@ -1,7 +1,7 @@
 """Kill-test helper: install every zip in DIR (named v<version>.zip) above the store's highest
 version, in order, printing each version after its install returns. Run by test_model_store.
 
-    python tests/model_store_installer.py ROOT KEY_HEX DIR [STEP N]
+    python tests/support/model_store_installer.py ROOT KEY_HEX DIR [STEP N]
 
 With STEP and N, the N-th install this process starts stops right after it passes STEP (one
 of ``INSTALL_STEPS``): it prints "paused STEP VERSION" and blocks until the test kills it, so
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # This checkout first (not whatever copy of the package is installed).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from device_sdk.model_store import INSTALL_STEPS, ModelStore  # noqa: E402
 

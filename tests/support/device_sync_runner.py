@@ -2,7 +2,7 @@
 against URL, then print "synced <model_version> <installed> <install_error>". Run by
 test_device_faults, which SIGKILLs it while the sync is under way.
 
-    python tests/device_sync_runner.py DIR SERVER_KEY_HEX URL [STEP]
+    python tests/support/device_sync_runner.py DIR SERVER_KEY_HEX URL [STEP]
 
 With STEP (one of ``INSTALL_STEPS``) the model install stops right after that step: the
 runner prints "paused STEP" and blocks until the test kills it.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # This checkout first (not whatever copy of the package is installed).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from device_sdk.device_client import DeviceClient  # noqa: E402
 from device_sdk.model_store import INSTALL_STEPS  # noqa: E402

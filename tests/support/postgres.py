@@ -1,6 +1,6 @@
 """A private, real PostgreSQL server for tests: the Debian package's binaries, a fresh data
-directory, a free loopback port. The test session starts one (tests/conftest.py) and every test
-gets a fresh database on it; fault tests start their own so they can stop and restart it.
+directory, a free loopback port. The test session starts one (the ``postgres`` fixture) and every
+test gets a fresh database on it; fault tests start their own so they can stop and restart it.
 
     pg = PostgresServer(tmp_dir)      # initdb + start
     url = pg.create_database()        # postgresql+psycopg://pocketrec@127.0.0.1:<port>/t_<hex>
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 USER = "pocketrec"
+# CI (.ci/run) sets it: a missing PostgreSQL fails the tests that need it instead of skipping.
+REQUIRE_POSTGRES = os.environ.get("POCKETREC_REQUIRE_POSTGRES") == "1"
 
 
 def find_bindir() -> Path | None:
