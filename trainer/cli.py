@@ -295,6 +295,13 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--upload-scheme", default=secagg.SCHEME, choices=(secagg.SCHEME, SEALED_SCHEME))
     g.add_argument("--dp-mode", default="central", choices=("central", "distributed"))
     g = p.add_argument_group("execution")
+    g.add_argument("--mode", default="full", choices=("full", "fast"),
+                   help="full: real devices (SQLite logs, HTTP, SecAgg+ masks) against the "
+                   "real server; fast: the same learning math without the transport "
+                   "(trainer.simulation.fast)")
+    g.add_argument("--export-every", type=int, default=0, metavar="N",
+                   help="fast mode: int8 LiteRT export and evaluation every N rounds "
+                   "(always after the last); every round is evaluated on float weights")
     g.add_argument("--workers", type=int, default=2, help="device worker processes / actors")
     g.add_argument("--backend", default="local", choices=("local", "ray"))
     g.add_argument("--ray-address", help="a Ray cluster (default: a local Ray instance)")
@@ -316,7 +323,8 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
         stragglers=args.stragglers, deadline_s=args.deadline,
         stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,
-        ray_address=args.ray_address, seed=args.seed, label=label)
+        ray_address=args.ray_address, seed=args.seed, label=label, mode=args.mode,
+        export_every=args.export_every)
 
 
 def _experiment(args: argparse.Namespace, configs: list, central: bool,

@@ -1,6 +1,7 @@
 """Where virtual devices run: local worker processes, or Ray actors.
 
-Both backends host one ``DeviceWorker`` per worker, which owns a shard of the population for
+Both backends host one ``DeviceWorker`` per worker (``FastDeviceWorker`` when the config's
+``mode`` is "fast": ``worker_class``), which owns a shard of the population for
 the whole simulation, and run operations on it in submission order. The coordinator only
 sees ``submit(worker, op, args) -> ticket`` and ``completed(tickets)``.
 
@@ -25,6 +26,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def worker_class(config: dict[str, Any]) -> type:
+    """The class a worker hosts: full mode's SDK devices, or fast mode's shard."""
+    if config.get("mode") == "fast":
+        from trainer.simulation.fast import FastDeviceWorker
+
+        return FastDeviceWorker
+    from trainer.simulation.devices import DeviceWorker
+
+    return DeviceWorker
 
 
 class WorkerError(RuntimeError):
@@ -120,7 +132,6 @@ class RayBackend:
             import ray
         except ImportError:
             raise RuntimeError("--backend ray needs Ray: pip install 'pocketrec[ray]'") from None
-        from trainer.simulation.devices import DeviceWorker
 
         self._ray = ray
         self._started = not ray.is_initialized()
@@ -133,7 +144,7 @@ class RayBackend:
                                object_store_memory=200 * 2**20,
                                runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
             ray.init(**options)
-        actor = ray.remote(num_cpus=1, max_restarts=0)(DeviceWorker)
+        actor = ray.remote(num_cpus=1, max_restarts=0)(worker_class(config))
         self.workers = workers
         self._actors = [actor.remote(config) for _ in range(workers)]
         self._refs: dict[int, Any] = {}
