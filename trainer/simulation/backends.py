@@ -52,6 +52,11 @@ class LocalBackend:
         self.workers = workers
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        # A worker runs one device at a time and the workers share the cores: a BLAS thread
+        # pool per worker only fights the others (4.5x slower local training, measured
+        # with 2 workers on 2 busy cores).
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, "1")
         self._procs = [
             # The device root on the command line only names the worker in ps/pgrep.
             subprocess.Popen([sys.executable, "-m", "trainer.simulation.worker",

@@ -228,7 +228,7 @@ class FastRounds:
         self.opened = 0  # rounds the server would have opened (its round ids count them)
         self.strategy_state: dict[tuple[str, bool], dict[str, np.ndarray]] = {}
         self.ledger: Any = None
-        self.exported: Path | None = None
+        self.epsilon = 0.0  # spent so far (sim.records lags: the newest round is evaluating)
 
     # -- evaluation -------------------------------------------------------------------------
     def float_metrics(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
@@ -242,33 +242,21 @@ class FastRounds:
 
         return offline_metrics(topk, self.sim.population)
 
-    def export(self, version: int) -> dict[str, float]:
-        """The server's publisher writes the int8 LiteRT bundle of the current weights; the
-        LiteRT interpreter evaluates it (what devices would serve)."""
+    def export(self, weights: dict[str, np.ndarray], version: int) -> dict[str, float]:
+        """The server's publisher writes the int8 LiteRT bundle of ``weights``; the LiteRT
+        interpreter evaluates it (what devices would serve). The newest stays in
+        ``fast/bundle``."""
         from sync_server.publisher import patch_or_export
         from trainer.simulation.run import offline_metrics
 
-        new_dir = Path(patch_or_export(self.weights, self.base_dir, version,
+        new_dir = Path(patch_or_export(weights, self.base_dir, version,
                                        {"simulation": "fast"}))
         target = self.work / "bundle"
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(str(new_dir), target)
         shutil.rmtree(new_dir.parent, ignore_errors=True)
-        self.exported = target
         model = load_bundle(target).model()
         return offline_metrics(lambda h: model.topk_many(h)[0], self.sim.population)
-
-    def _fill(self, record: Any, version: int, export: bool) -> None:
-        if record.float_hr10 is None or record.version != version:
-            metrics = self.float_metrics(self.weights)
-            record.float_hr10, record.float_ndcg10 = metrics["hr@10"], metrics["ndcg@10"]
-            record.float_basket_hr10 = metrics.get("basket_hr@10")
-            record.float_basket_ndcg10 = metrics.get("basket_ndcg@10")
-        if export:
-            int8 = self.export(version) if version > 1 else self._base_metrics()
-            record.hr10, record.ndcg10 = int8["hr@10"], int8["ndcg@10"]
-            record.basket_hr10 = int8.get("basket_hr@10")
-            record.basket_ndcg10 = int8.get("basket_ndcg@10")
 
     def _base_metrics(self) -> dict[str, float]:
         from trainer.simulation.run import offline_metrics
@@ -276,8 +264,32 @@ class FastRounds:
         model = self.base.model()
         return offline_metrics(lambda h: model.topk_many(h)[0], self.sim.population)
 
+    def _evaluate(self, record: Any, weights: dict[str, np.ndarray], version: int,
+                  export: bool) -> None:
+        """Float metrics of a round that published ``weights``; with ``export`` the int8
+        metrics of the newest published model too."""
+        t0 = time.perf_counter()
+        if record.state == "published":
+            metrics = self.float_metrics(weights)
+            record.float_hr10, record.float_ndcg10 = metrics["hr@10"], metrics["ndcg@10"]
+            record.float_basket_hr10 = metrics.get("basket_hr@10")
+            record.float_basket_ndcg10 = metrics.get("basket_ndcg@10")
+        if export:
+            int8 = self.export(weights, version) if version > 1 else self._base_metrics()
+            record.hr10, record.ndcg10 = int8["hr@10"], int8["ndcg@10"]
+            record.basket_hr10 = int8.get("basket_hr@10")
+            record.basket_ndcg10 = int8.get("basket_ndcg@10")
+        seconds = time.perf_counter() - t0
+        record.phases["evaluate"] = round(seconds, 3)
+        record.wall_s += seconds
+
     # -- running ------------------------------------------------------------------------------
     def run(self) -> list[Any]:
+        """Round r's evaluation runs in a thread while the workers train round r + 1 (numpy
+        releases the GIL); round r's record is finished (report, progress) once both are
+        done, so a Ctrl-C keeps every round finished so far."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         from trainer.simulation.backends import make_backend
         from trainer.simulation.run import RoundRecord
 
@@ -287,36 +299,46 @@ class FastRounds:
                          "root": str(self.work)}
         sim.backend = make_backend(config.backend, config.workers, worker_config,
                                    config.ray_address)
+        evaluator = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
+        bar = sim._bar(config.rounds, f"{config.label} rounds", position=0)
+
+        def finish(future: Future, record: Any) -> None:
+            future.result()
+            sim._finish_record(record)
+            if record.round:
+                bar.update(1)
+                bar.set_postfix_str(sim._postfix(record))
+
         try:
             sim._load_shards()
             version = 1
             start = RoundRecord(0, config.label, sim._clock(0), state="published",
                                 version=version, delta=sim.delta)
-            self._fill(start, version, export=True)
-            sim._finish_record(start)
-            bar = sim._bar(config.rounds, f"{config.label} rounds", position=0)
+            pending = (evaluator.submit(self._evaluate, start, self.weights, version, True),
+                       start)
             for r in range(1, config.rounds + 1):
                 sim._check_stop()
+                started = time.perf_counter()
                 record = self.run_round(r, version)
+                record.wall_s = time.perf_counter() - started
                 if record.state == "published":
                     version = record.version
-                every = config.export_every
-                if r == config.rounds or (every and r % every == 0):
-                    # The int8 bundle of the newest published weights: after the last
-                    # round, what devices would serve.
-                    t0 = time.perf_counter()
-                    self._fill(record, version, export=True)
-                    record.phases["export"] = round(time.perf_counter() - t0, 3)
-                record.wall_s = time.perf_counter() - record.wall_s
-                sim._finish_record(record)
-                bar.update(1)
-                bar.set_postfix_str(sim._postfix(record))
-            bar.close()
+                # The int8 bundle of the newest published weights every export_every rounds
+                # and after the last: what devices would serve.
+                export = r == config.rounds or bool(
+                    config.export_every and r % config.export_every == 0)
+                future = evaluator.submit(self._evaluate, record, self.weights, version,
+                                          export)
+                finish(*pending)
+                pending = (future, record)
+            finish(*pending)
             sim.resources["worker_max_rss_mb"] = [
                 sim.backend.result(sim.backend.submit(w, "stats", {}))["max_rss_mb"]
                 for w in range(config.workers)]
             sim.resources["coordinator_max_rss_mb"] = peak_rss_mb()
         finally:
+            bar.close()
+            evaluator.shutdown(wait=True, cancel_futures=True)
             sim.backend.close()
         return sim.records
 
@@ -368,14 +390,12 @@ class FastRounds:
         from trainer.simulation.run import RoundRecord
 
         sim, config = self.sim, self.config
-        started = time.perf_counter()
         now = sim._now(r)
         eligible = [u for u in sim.users
                     if np.searchsorted(sim.population.devices[u].times, now) >= 2]
         n = min(config.clients_per_round, len(eligible))
         record = RoundRecord(r, config.label, sim._clock(r), population=len(eligible),
-                             delta=sim.delta, epsilon=sim.records[-1].epsilon)
-        record.wall_s = started  # the caller turns it into seconds after the evaluation
+                             delta=sim.delta, epsilon=self.epsilon)
         if n < 3:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             return record
@@ -465,15 +485,12 @@ class FastRounds:
             entry = entry or LedgerEntry(round_id, float(server["noise_multiplier"]), q)
             if self.ledger is None:
                 self.ledger = PrivacyLedger(server["delta"])
-            record.epsilon = self.ledger.record(entry)
+            record.epsilon = self.epsilon = self.ledger.record(entry)
         self.strategy_state[(server["strategy"], dp)] = {
             k: np.asarray(v) for k, v in strategy.state().items()}
         self.weights = {k: np.asarray(v, np.float32) for k, v in result.weights.items()}
         record.state, record.version = "published", version + 1
         record.completed, record.dropped = clients, record.sampled - clients
         phases["aggregate"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self._fill(record, version + 1, export=False)
-        phases["evaluate"] = time.perf_counter() - t0
         record.phases = {k: round(v, 3) for k, v in phases.items()}
         return record
