@@ -250,3 +250,51 @@ def test_fast_mode_twice_with_the_same_seed_is_bit_identical(fleet, tmp_path):
     # float metrics every round; int8 at the start, at round 2 (export_every) and the end
     assert all(r["float_hr10"] is not None for r in rows)
     assert [r["hr10"] is not None for r in rows] == [True, False, True, True]
+
+
+def test_a_sweep_runs_every_configuration_and_writes_the_table_and_plot(fleet, tmp_path):
+    from trainer.cli import main
+
+    _, bundle = fleet
+    grid = tmp_path / "grid.toml"
+    grid.write_text("""
+[base]
+synthetic_users = 240
+synthetic_items = 120
+seed = 3
+max_len = 20
+public_fraction = 0.15
+rounds = 3
+clients_per_round = 24
+workers = 1
+
+[grid]
+noise_multiplier = [0, 0.8]
+""")
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(grid), "--base-bundle", str(bundle), "--out", str(out),
+                 "--run", str(tmp_path / "run"), "--no-progress"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["run"] for r in rows] == ["noise_multiplier=0", "noise_multiplier=0.8"]
+    no_dp, dp = rows
+    assert no_dp["epsilon"] == 0 and dp["epsilon"] > 0
+    for row in rows:
+        assert row["rounds"] == row["published"] == ROUNDS and row["device_updates"] > 0
+        assert 0 < row["final_hr10"] <= 1 and row["best_hr10"] >= 0 and row["wall_s"] > 0
+        assert (out / "runs" / row["run"] / "rounds.json").exists()
+    with open(out / "sweep.csv") as f:
+        assert len(f.read().strip().splitlines()) == 1 + len(rows)
+    assert (out / "privacy_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "noise_multiplier=0.8" in (out / "index.html").read_text()
+
+
+def test_a_grid_may_not_vary_what_every_run_shares(tmp_path):
+    from trainer.simulation.sweep import load_grid
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[base]\nrounds = 3\n[grid]\ndim = [16, 32]\n")
+    with pytest.raises(ValueError, match="cannot vary"):
+        load_grid(grid)
+    grid.write_text("[grid]\nclip_norm = [0.1, 0.3]\nseed = [0, 1, 2]\n[sample]\nn = 4\n")
+    base, runs = load_grid(grid)
+    assert base == {} and len(runs) == 4 and len({json.dumps(r) for r in runs}) == 4

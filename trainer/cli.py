@@ -371,6 +371,33 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_sweep(args: argparse.Namespace) -> list[dict]:
+    """Fast simulations over a grid of flags (trainer.simulation.sweep)."""
+    from trainer.simulation.sweep import run_sweep
+
+    parser = build_parser()
+
+    def args_for(flags: dict) -> argparse.Namespace:
+        ns = parser.parse_args(["simulate"])
+        for key, value in flags.items():
+            if key in ("func", "command") or not hasattr(ns, key):
+                raise ValueError(f"{args.grid}: [base] {key!r} is not a pocketrec simulate "
+                                 "flag")
+            setattr(ns, key, value)
+        ns.mode = "fast"
+        if args.base_bundle:
+            ns.base_bundle = args.base_bundle
+        return ns
+
+    out = Path(args.out or Path(args.run) / "sweep")
+    index, rows, interrupted = run_sweep(args.grid, args_for, out, args.parallel,
+                                         progress=not args.no_progress)
+    print(f"sweep: {index}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return rows
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from sync_server.dev_server import serve
 
@@ -412,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this exported bundle (same data) instead of pretraining")
     p.add_argument("--central", action="store_true",
                    help="also train the central reference model on everyone's data")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("sweep", "fast simulations over a grid (or a random sample) of simulation flags "
+            "and seeds, in parallel: one table (CSV, JSON, HTML) and a privacy-utility plot",
+            cmd_sweep)
+    p.add_argument("grid", metavar="GRID.toml",
+                   help="[base] simulate flags, [grid] lists of flags to combine, optional "
+                   "[sample] n (see trainer/simulation/sweep.py)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--out", help="table directory (default: RUN/sweep)")
+    p.add_argument("--base-bundle", metavar="DIR",
+                   help="start every run from this exported bundle instead of pretraining")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("train", "central training; writes RUN/checkpoint", cmd_train)
