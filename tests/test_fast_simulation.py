@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from trainer.simulation.fast import FastDeviceWorker, decode_ring, quantize_seed
 from trainer.simulation.population import build_population
 from trainer.simulation.run import SimulationConfig
 
+REPO = Path(__file__).resolve().parents[1]
 # The embedded synthetic shop, small: 240 users, 120 items.
 SPEC = DataSpec(synthetic_users=240, synthetic_items=120, seed=3)
 MODEL = ModelSpec(options={"dim": 16, "hidden": 32, "max_len": 20}, epochs=2)
@@ -298,3 +304,45 @@ def test_a_grid_may_not_vary_what_every_run_shares(tmp_path):
     grid.write_text("[grid]\nclip_norm = [0.1, 0.3]\nseed = [0, 1, 2]\n[sample]\nn = 4\n")
     base, runs = load_grid(grid)
     assert base == {} and len(runs) == 4 and len({json.dumps(r) for r in runs}) == 4
+
+
+def test_ctrl_c_during_a_sweep_keeps_the_finished_runs(fleet, tmp_path):
+    _, bundle = fleet
+    grid = tmp_path / "grid.toml"
+    grid.write_text("""
+[base]
+synthetic_users = 240
+synthetic_items = 120
+seed = 3
+max_len = 20
+public_fraction = 0.15
+rounds = 40
+clients_per_round = 24
+workers = 1
+
+[grid]
+seed = [0, 1, 2]
+""")
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "sweep", str(grid), "--base-bundle",
+         str(bundle), "--out", str(out), "--run", str(tmp_path / "run"), "--parallel", "1",
+         "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    table = out / "sweep.json"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if table.exists() and json.loads(table.read_text())["runs"]:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    data = json.loads(table.read_text())
+    assert data["meta"]["interrupted"] is True
+    # One run at a time and the first had finished: it is there, whole; the one under way
+    # when Ctrl-C came is not.
+    assert 1 <= len(data["runs"]) < 3
+    assert all(r["rounds"] == r["published"] == 40 for r in data["runs"])
