@@ -258,6 +258,20 @@ def test_fast_mode_twice_with_the_same_seed_is_bit_identical(fleet, tmp_path):
     assert [r["hr10"] is not None for r in rows] == [True, False, True, True]
 
 
+def test_fast_mode_on_ray_actors_gives_what_local_processes_give(fleet, tmp_path):
+    pytest.importorskip("ray")
+    population, bundle = fleet
+    config = replace(CONFIG, mode="fast", rounds=2, workers=2)
+    rows = []
+    for backend in ("local", "ray"):
+        records, interrupted = simulate_one(population, bundle, tmp_path / backend,
+                                            replace(config, backend=backend), progress=False)
+        assert not interrupted
+        rows.append([{k: v for k, v in r.to_json().items() if k not in TIMINGS}
+                     for r in records])
+    assert rows[0] == rows[1]
+    assert all(r["state"] == "published" for r in rows[1])
+
 def test_a_sweep_runs_every_configuration_and_writes_the_table_and_plot(fleet, tmp_path):
     from trainer.cli import main
 
