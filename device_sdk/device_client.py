@@ -15,7 +15,6 @@ round task, train locally and upload the clipped update through the task's schem
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -28,7 +27,7 @@ from device_sdk.bundle import BundleError
 from device_sdk.device_identity import DeviceIdentity
 from device_sdk.event_log import EventLog
 from device_sdk.files import atomic_write
-from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig
+from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_seed
 from device_sdk.model_store import InstallResult, ModelStore, StaleVersionError
 from device_sdk.recommender import HistoryPolicy, Recommendation, Recommender
 from device_sdk.sync_client import SyncClient, SyncError
@@ -241,10 +240,7 @@ class DeviceClient:
                 )
                 return report
             trainer = LocalTrainer(self.models.bundle(task.model_version), self.policy)
-            seed = int.from_bytes(
-                hashlib.sha256(f"{self.training_seed or client.identity.device_id}/"
-                               f"{task.round_id}".encode()).digest()[:8]
-            )
+            seed = round_seed(self.training_seed or client.identity.device_id, task.round_id)
             update = trainer.train(
                 self.events.events(),
                 LocalTrainingConfig.from_task(task),

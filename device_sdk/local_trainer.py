@@ -11,6 +11,7 @@ FedProx (Li et al. 2020): with ``proximal_mu`` > 0 the local objective gains
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,12 @@ def next_item_windows(seq: np.ndarray, max_len: int) -> np.ndarray:
     padded = np.concatenate([np.zeros(max_len, dtype=np.int32), seq[:-1].astype(np.int32)])
     view = np.lib.stride_tricks.sliding_window_view(padded, max_len)
     return np.ascontiguousarray(view[1:])
+
+
+def round_seed(key: str, round_id: str) -> int:
+    """The seed of a device's local training in a round (its shuffle): from its device id,
+    or a simulator's seed and user, and the round id."""
+    return int.from_bytes(hashlib.sha256(f"{key}/{round_id}".encode()).digest()[:8])
 
 
 @dataclass(frozen=True, kw_only=True)

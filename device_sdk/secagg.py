@@ -230,6 +230,18 @@ def dequantize(ring_sum: np.ndarray, scale: float) -> np.ndarray:
     return centered(ring_sum).astype(np.float64) / scale
 
 
+def ring_input(vector: np.ndarray, params: TaskParams,
+               rng: np.random.Generator | CryptoRandom) -> np.ndarray:
+    """A device's unmasked input to the ring: its clipped float update stochastically
+    rounded at the round's scale, plus its share of distributed DP noise, modulo 2^32.
+    The masks added on top cancel in the sum, so the ring sum of these over the survivors
+    is exactly what the server unmasks (the fast simulator sums these directly)."""
+    q = quantize(vector, params.scale, rng)
+    if params.noise_std > 0:
+        q += discrete_gaussian(params.noise_std, q.size, rng)
+    return to_ring(q)
+
+
 def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator | CryptoRandom
                       ) -> np.ndarray:
     """Samples of N_Z(0, sigma^2) by rejection from a discrete Laplace (Canonne, Kamath and
@@ -718,12 +730,8 @@ class SecAggDevice:
                          f"expects {self.params.vector_length}")
         # Stochastic rounding and the distributed DP noise: AES-CTR under a fresh OS key
         # (a numpy bit generator's state can be recovered from its output); ``rng`` only
-        # for tests.
-        rng = rng or CryptoRandom()
-        q = quantize(vector, self.params.scale, rng)
-        if self.params.noise_std > 0:
-            q += discrete_gaussian(self.params.noise_std, q.size, rng)
-        masked = to_ring(q)
+        # for tests and simulations.
+        masked = ring_input(vector, self.params, rng or CryptoRandom())
         masks = [(self._b, 1)]
         for v in self._neighbours:
             if v in u2:

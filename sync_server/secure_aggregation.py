@@ -37,7 +37,7 @@ from sqlalchemy import delete, select, update
 
 from device_sdk import secagg
 from device_sdk.protocol import CLIP_SLACK, b64, b64decode, decode_tensors
-from sync_server import selection
+from sync_server import selection, strategies
 from sync_server.blobs import BlobStore
 from sync_server.db import Database
 from sync_server.errors import ApiError
@@ -50,6 +50,7 @@ from sync_server.models import (
     as_utc,
     utcnow,
 )
+from sync_server.privacy import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,37 @@ def check_sum_norm(config: Mapping[str, Any], flat: np.ndarray, clients: int
                             f"{config['clip_norm']} can reach; some device did not clip. "
                             "Nothing was released")
     return {"sum_norm_bound": bound}
+
+
+def aggregate_ring_sum(config: Mapping[str, Any], strategy: strategies.Strategy,
+                       weights: Mapping[str, np.ndarray], ring_sum: np.ndarray, clients: int,
+                       *, round_id: str, sampling_rate: float
+                       ) -> tuple[strategies.RoundResult, LedgerEntry | None]:
+    """The unmasked ring sum of ``clients`` inputs -> the strategy's new weights: dequantize,
+    check its norm (before any noise), split it into tensors (sorted names, the order
+    devices flatten in) and hand it to the strategy (central DP noise is added there). In
+    distributed DP mode the devices' noise is already in the sum; the returned ledger entry
+    then carries the effective noise multiplier of the survivors' noise (None otherwise:
+    the caller accounts central noise). The server's aggregation and the fast simulator
+    both run this."""
+    scale = float(task_params(config)["scale"])
+    flat = secagg.dequantize(ring_sum, scale)
+    guard = check_sum_norm(config, flat, clients)
+    total, offset = {}, 0
+    for name in sorted(config["expected_shapes"]):
+        shape = tuple(config["expected_shapes"][name])
+        size = math.prod(shape)
+        total[name] = flat[offset : offset + size].reshape(shape)
+        offset += size
+    distributed = config["dp_mode"] == "distributed"
+    result = strategy.aggregate_sum(dict(weights), total, clients, server_noise=not distributed)
+    entry = None
+    if distributed:
+        entry = LedgerEntry(round_id, effective_noise_multiplier(config, clients),
+                            float(sampling_rate), mode="distributed")
+    result.measurements.update(guard)
+    result.measurements["quantization_error_bound"] = clients / scale
+    return result, entry
 
 
 @functools.lru_cache(maxsize=8)

@@ -312,26 +312,11 @@ class SecAggRounds(RoundScheme):
         """Unmask the SecAgg+ sum, dequantize it and hand it to the strategy. In distributed
         DP mode the devices' noise is already in the sum; the ledger entry then carries the
         effective noise multiplier of the survivors' noise."""
-        config = row.config
         ring_sum, clients, secure_measurements = self.stages.unmasked_sum(row)
-        scale = float(secure_aggregation.task_params(config)["scale"])
-        flat = secagg.dequantize(ring_sum, scale)
-        guard = secure_aggregation.check_sum_norm(config, flat, clients)  # before any noise
-        total, offset = {}, 0
-        for name in sorted(config["expected_shapes"]):
-            shape = tuple(config["expected_shapes"][name])
-            size = math.prod(shape)
-            total[name] = flat[offset : offset + size].reshape(shape)
-            offset += size
-        distributed = config["dp_mode"] == "distributed"
-        result = strategy.aggregate_sum(weights, total, clients, server_noise=not distributed)
-        entry = None
-        if distributed:
-            entry = LedgerEntry(row.id, secure_aggregation.effective_noise_multiplier(
-                config, clients), float(row.sampling_rate), mode="distributed")
+        result, entry = secure_aggregation.aggregate_ring_sum(
+            row.config, strategy, weights, ring_sum, clients, round_id=row.id,
+            sampling_rate=float(row.sampling_rate))
         result.measurements.update(secure_measurements)
-        result.measurements.update(guard)
-        result.measurements["quantization_error_bound"] = clients / scale
         return Aggregate(result, clients, None, entry)  # example counts stay on the devices
 
     def forget(self, round_id: str) -> None:

@@ -295,6 +295,13 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--upload-scheme", default=secagg.SCHEME, choices=(secagg.SCHEME, SEALED_SCHEME))
     g.add_argument("--dp-mode", default="central", choices=("central", "distributed"))
     g = p.add_argument_group("execution")
+    g.add_argument("--mode", default="full", choices=("full", "fast"),
+                   help="full: real devices (SQLite logs, HTTP, SecAgg+ masks) against the "
+                   "real server; fast: the same learning math without the transport "
+                   "(trainer.simulation.fast)")
+    g.add_argument("--export-every", type=int, default=0, metavar="N",
+                   help="fast mode: int8 LiteRT export and evaluation every N rounds "
+                   "(always after the last); every round is evaluated on float weights")
     g.add_argument("--workers", type=int, default=2, help="device worker processes / actors")
     g.add_argument("--backend", default="local", choices=("local", "ray"))
     g.add_argument("--ray-address", help="a Ray cluster (default: a local Ray instance)")
@@ -316,7 +323,8 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
         stragglers=args.stragglers, deadline_s=args.deadline,
         stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,
-        ray_address=args.ray_address, seed=args.seed, label=label)
+        ray_address=args.ray_address, seed=args.seed, label=label, mode=args.mode,
+        export_every=args.export_every)
 
 
 def _experiment(args: argparse.Namespace, configs: list, central: bool,
@@ -363,6 +371,33 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_sweep(args: argparse.Namespace) -> list[dict]:
+    """Fast simulations over a grid of flags (trainer.simulation.sweep)."""
+    from trainer.simulation.sweep import run_sweep
+
+    parser = build_parser()
+
+    def args_for(flags: dict) -> argparse.Namespace:
+        ns = parser.parse_args(["simulate"])
+        for key, value in flags.items():
+            if key in ("func", "command") or not hasattr(ns, key):
+                raise ValueError(f"{args.grid}: [base] {key!r} is not a pocketrec simulate "
+                                 "flag")
+            setattr(ns, key, value)
+        ns.mode = "fast"
+        if args.base_bundle:
+            ns.base_bundle = args.base_bundle
+        return ns
+
+    out = Path(args.out or Path(args.run) / "sweep")
+    index, rows, interrupted = run_sweep(args.grid, args_for, out, args.parallel,
+                                         progress=not args.no_progress)
+    print(f"sweep: {index}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return rows
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from sync_server.dev_server import serve
 
@@ -404,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this exported bundle (same data) instead of pretraining")
     p.add_argument("--central", action="store_true",
                    help="also train the central reference model on everyone's data")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = add("sweep", "fast simulations over a grid (or a random sample) of simulation flags "
+            "and seeds, in parallel: one table (CSV, JSON, HTML) and a privacy-utility plot",
+            cmd_sweep)
+    p.add_argument("grid", metavar="GRID.toml",
+                   help="[base] simulate flags, [grid] lists of flags to combine, optional "
+                   "[sample] n (see trainer/simulation/sweep.py)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--out", help="table directory (default: RUN/sweep)")
+    p.add_argument("--base-bundle", metavar="DIR",
+                   help="start every run from this exported bundle instead of pretraining")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("train", "central training; writes RUN/checkpoint", cmd_train)

@@ -112,6 +112,12 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
     ``server_url``). Returns the round records and whether it was interrupted (Ctrl-C, or
     ``stop`` set by another thread)."""
     root.mkdir(parents=True, exist_ok=True)
+    if config.mode == "fast":
+        return _simulate_fast(population, base_bundle, root, config, server_url=server_url,
+                              progress=progress, on_round=on_round, stop=stop,
+                              bar_offset=bar_offset, resources=resources)
+    if config.mode != "full":
+        raise ValueError(f"unknown simulation mode {config.mode!r}: full or fast")
     server: Any
     if server_url is None:
         token = secrets.token_urlsafe(24)
@@ -147,6 +153,33 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
                 resources["server_max_rss_mb"] = peak_rss_mb(server.process.pid)
             server.close()
     return (sim.records if sim is not None else []), interrupted
+
+
+def _simulate_fast(population: Population, base_bundle: Path, root: Path,
+                   config: SimulationConfig, *, server_url: str | None, progress: bool,
+                   on_round: Callable[[RoundRecord], None] | None,
+                   stop: threading.Event | None, bar_offset: int,
+                   resources: dict[str, Any] | None) -> tuple[list[RoundRecord], bool]:
+    """``simulate_one`` in fast mode (``trainer.simulation.fast``): no server, no transport."""
+    from trainer.simulation.fast import run_fast
+
+    if server_url is not None:
+        raise ValueError("--mode fast runs the server's code in process; --server needs "
+                         "--mode full")
+    sim = Simulation(population, None, root, config, progress=progress, on_round=on_round,
+                     coin_seed=f"simulation/{config.seed}")
+    sim.bar_offset = bar_offset
+    if stop is not None:
+        sim.stop = stop
+    interrupted = False
+    try:
+        run_fast(sim, base_bundle)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if resources is not None:
+            resources.update(sim.resources)
+    return sim.records, interrupted
 
 
 class RemoteServer:
@@ -214,6 +247,7 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
     lock = threading.Lock()
     stop = threading.Event()
     outcome: dict[str, bool] = {}
+    written = {"next": 0.0}  # when the report may be rewritten next (perf_counter)
     for config in configs:
         meta[f"config[{config.label}]"] = {k: v for k, v in config.__dict__.items()
                                            if k != "label"}
@@ -224,16 +258,26 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
         def on_round(record: RoundRecord) -> None:
             with lock:
                 runs[label].append(record)
-                write_report(out, runs, central_result, meta)  # always current
+                # Current after every round, unless rewriting it (three plots) would take
+                # more than a fifth of the time: fast-mode rounds can be shorter than the
+                # rewrite. The report is written once more at the end.
+                if time.perf_counter() >= written["next"]:
+                    t0 = time.perf_counter()
+                    write_report(out, runs, central_result, meta)
+                    written["next"] = t0 + 5 * (time.perf_counter() - t0)
 
+        resources: dict[str, Any] = {}
         try:
             _, outcome[label] = simulate_one(
                 population, base_bundle, out / label.replace("+", "_").replace(" ", "_"),
                 config, server_url=server_url, admin_token=admin_token, progress=progress,
-                on_round=on_round, stop=stop, bar_offset=3 * index)
+                on_round=on_round, stop=stop, bar_offset=3 * index, resources=resources)
         except BaseException:
             stop.set()  # one run failing stops the others
             raise
+        finally:
+            with lock:
+                meta[f"resources[{label}]"] = resources  # peak memory (MiB) of each process
 
     if side_by_side and len(configs) > 1:
         # Each run has its own server and workers; while one server exports a model, the
@@ -272,6 +316,7 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
         log("interrupted: the report covers the rounds completed")
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["interrupted"] = interrupted
+    meta["coordinator_max_rss_mb"] = peak_rss_mb()
     index = write_report(out, runs, central_result, meta)
     for row in summary(runs, central_result):
         share = row.get("share_of_central")

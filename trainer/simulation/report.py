@@ -82,13 +82,22 @@ def _plots(out: Path, runs: Mapping[str, Sequence[RoundRecord]],
 
     def plot(name: str, attr: str, title: str, ylabel: str,
              which: Mapping[str, Sequence[RoundRecord]],
-             lines: Sequence[tuple[float, str, str, str]] = ()) -> tuple[str, str]:
+             lines: Sequence[tuple[float, str, str, str]] = (),
+             also: str | None = None) -> tuple[str, str]:
+        """``also``: a second attribute drawn dashed where runs have it (fast mode's
+        every-round float metrics beside the int8 model's)."""
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for label, records in which.items():
             pts = [(r.round, getattr(r, attr)) for r in records
                    if getattr(r, attr) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
-                    label=label)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                              markersize=3, label=label)
+            extra = [(r.round, getattr(r, also)) for r in records
+                     if also and getattr(r, also) is not None]
+            if extra:
+                ax.plot([p[0] for p in extra], [p[1] for p in extra], linestyle="--",
+                        linewidth=1, color=line.get_color(),
+                        label=f"{label} (float model, every round)")
         for y, color, style, label in lines:
             ax.axhline(y, color=color, linestyle=style, label=label)
         ax.set_xlabel("round")
@@ -110,7 +119,7 @@ def _plots(out: Path, runs: Mapping[str, Sequence[RoundRecord]],
         lines.append((central["hr@10"], "black", "--", "central training (all data, no DP)"))
     made = [
         plot("hr10.png", "hr10", "Offline HR@10 of each published model",
-             "HR@10 (held-out, full ranking)", runs, lines),
+             "HR@10 (held-out, full ranking)", runs, lines, also="float_hr10"),
         plot("online.png", "online_hr10", "What the sampled devices' recommendations hit",
              "online HR@10 (next real event in the device's top 10)", runs),
     ]

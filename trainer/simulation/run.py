@@ -87,6 +87,8 @@ class SimulationConfig:
     chunk: int = 8
     seed: int = 0
     label: str = "federated"
+    mode: str = "full"  # "fast": trainer.simulation.fast (no transport, same learning)
+    export_every: int = 0  # fast mode: int8 export + evaluation every N rounds (and last)
 
     def round_config(self, n: int, population: int, version: int, delta: float,
                      deadline_s: float, stage_timeout_s: float) -> dict[str, Any]:
@@ -131,6 +133,12 @@ class RoundRecord:
     ndcg10: float | None = None
     basket_hr10: float | None = None
     basket_ndcg10: float | None = None
+    # Fast mode: every round's float weights (the numpy twin); hr10 etc. above are the int8
+    # LiteRT model's, there on the rounds it exported.
+    float_hr10: float | None = None
+    float_ndcg10: float | None = None
+    float_basket_hr10: float | None = None
+    float_basket_ndcg10: float | None = None
     epsilon: float = 0.0
     delta: float | None = None
     bytes_up_per_device: float = 0.0
@@ -143,6 +151,25 @@ class RoundRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def offline_metrics(topk: Callable[[np.ndarray], np.ndarray], population: Population
+                    ) -> dict[str, float]:
+    """HR@10 / NDCG@10 of a model (``topk``: histories [U, L] -> ids [U, >=K], best first)
+    on the devices' held-out events, full ranking; for basket data the basket protocol
+    too."""
+    test = population.test
+    ids = topk(test.history)
+    line = ranking_metrics(ids, test.target, len(population.vocab), K)
+    out = {"hr@10": line["hr@10"], "ndcg@10": line["ndcg@10"]}
+    basket = population.basket
+    if basket is not None and len(basket):
+        # Basket holdout: both protocols usually ask about the same histories.
+        same = np.array_equal(basket.history, test.history)
+        b = basket_metrics(ids if same else topk(basket.history), basket.baskets, K)
+        out.update({"basket_hr@10": b["basket_hr@10"],
+                    "basket_ndcg@10": b["basket_ndcg@10"]})
+    return out
 
 
 class Simulation:
@@ -179,8 +206,9 @@ class Simulation:
         # Ctrl-C: the round under way is abandoned at the next wait.
         self.stop = threading.Event()
         self.resources: dict[str, Any] = {}  # peak memory, filled at the end of ``run``
-        self.server_key = b64decode(self._admin_json("GET", "/v1/admin/server-keys")
-                                    ["signing_key"])
+        # No server in fast mode (trainer.simulation.fast): nothing to fetch.
+        self.server_key = None if server is None else b64decode(
+            self._admin_json("GET", "/v1/admin/server-keys")["signing_key"])
 
     # -- admin API helpers ------------------------------------------------------------------
     def _admin_json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -225,18 +253,8 @@ class Simulation:
                         raise
                     time.sleep(5)
         model = ev.models.bundle(version).model()
-        test = self.population.test
-        ids, _ = model.topk_many(test.history)
-        n_items = len(self.population.vocab)
-        line = ranking_metrics(ids, test.target, n_items, K)
-        out = {"hr@10": line["hr@10"], "ndcg@10": line["ndcg@10"]}
-        basket = self.population.basket
-        if basket is not None and len(basket):
-            bids, _ = model.topk_many(basket.history)
-            b = basket_metrics(bids, basket.baskets, K)
-            out.update({"basket_hr@10": b["basket_hr@10"],
-                        "basket_ndcg@10": b["basket_ndcg@10"]})
-        return out
+        return offline_metrics(lambda histories: model.topk_many(histories)[0],
+                               self.population)
 
     def _post_metrics(self, version: int, metrics: dict[str, float], source: str) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}

@@ -1,7 +1,8 @@
 """``python -m trainer.simulation.worker``: one local worker process of the simulator.
 
 Reads JSON lines ``{"id", "op", "args"}`` on stdin and answers ``{"id", "result"}`` or
-``{"id", "error"}`` on stdout, one operation at a time; "init" creates its DeviceWorker.
+``{"id", "error"}`` on stdout, one operation at a time; "init" creates its DeviceWorker
+(or FastDeviceWorker in fast mode: ``backends.worker_class``).
 Ctrl-C is ignored: the coordinator stops the worker by closing stdin."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import traceback
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the LiteRT interpreter's INFO lines
-    from trainer.simulation.devices import DeviceWorker
+    from trainer.simulation.backends import worker_class
 
     worker = None
     out = sys.stdout.buffer
@@ -25,7 +26,7 @@ def main() -> int:
         reply: dict = {"id": message["id"]}
         try:
             if message["op"] == "init":
-                worker = DeviceWorker(message["args"])
+                worker = worker_class(message["args"])(message["args"])
                 reply["result"] = True
             elif worker is None:
                 raise RuntimeError("init first")
