@@ -239,3 +239,29 @@ def test_recommender_follows_the_bundle_policy_unless_the_app_overrides(repeat_e
     app = Recommender(bundle, policy=HistoryPolicy())  # the app drops what was bought
     assert not {r.item for r in app.recommend(log, 10)} & set(bought)
     assert json.loads(bundle.manifest_bytes)["history_policy"]["repeat_rate"] == 0.4
+
+
+def test_train_without_model_trains_the_repeat_family_and_says_so(tmp_path, capsys):
+    from trainer.checkpoint import Checkpoint
+    from trainer.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--run", str(run), "--synthetic-users", "80", "--synthetic-items",
+                 "80", "--epochs", "1", "--dim", "8", "--hidden", "8", "--max-len", "6",
+                 "--no-progress"]) == 0
+    assert "model: repeat_sasrec (the default" in capsys.readouterr().out
+    ckpt = Checkpoint.load(run / "checkpoint")
+    assert ckpt.architecture == "repeat_sasrec"
+    assert 0.0 <= ckpt.meta["data"]["repeat_rate"] <= 1.0
+
+
+def test_central_dp_refuses_the_repeat_head_by_name(tmp_path, capsys):
+    from trainer.cli import main
+
+    args = ["train", "--synthetic-users", "60", "--synthetic-items", "80", "--epochs", "1",
+            "--dim", "8", "--hidden", "8", "--max-len", "6", "--dp", "--no-progress"]
+    assert main([*args, "--run", str(tmp_path / "a"), "--model", "repeat_sasrec"]) == 2
+    assert "central DP-SGD does not support RepeatSasRec" in capsys.readouterr().err
+    assert main([*args, "--run", str(tmp_path / "b")]) == 0  # the default falls back
+    assert "model: sasrec (the default: the default family has no central DP-SGD" in \
+        capsys.readouterr().out

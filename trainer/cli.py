@@ -17,6 +17,7 @@ DEFAULT_RUN = "runs/default"
 # (README, "Repeat-aware model"). The demo and simulate keep the dual encoder (their time).
 DEFAULT_MODEL = "repeat_sasrec"
 SIMULATION_MODEL = "dual_encoder"
+DP_MODEL = "sasrec"
 
 
 def _quiet() -> None:
@@ -113,9 +114,11 @@ def cmd_train(args: argparse.Namespace) -> dict:
     from trainer.train import DPConfig, TrainConfig, init_module, predicts_every_position, train
 
     if args.arch is None:
-        args.arch = DEFAULT_MODEL
-        print(f"model: {DEFAULT_MODEL} (the default: the repeat-aware family won on both "
-              "protocols; --model picks another)")
+        # Central DP-SGD cannot train the default family; SASRec is the next best that can.
+        args.arch = DP_MODEL if args.dp else DEFAULT_MODEL
+        why = ("the default family has no central DP-SGD" if args.dp else
+               "the repeat-aware family won on both protocols")
+        print(f"model: {args.arch} (the default: {why}; --model picks another)")
     spec = _data_spec(args)
     print(f"loading {spec.name} ...", flush=True)
     prepared = prepare(spec, args.max_len)

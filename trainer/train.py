@@ -135,6 +135,10 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train ``module`` (a zoo torch module with ``.config``) in place; keep the best epoch."""
+    if cfg.dp is not None and not getattr(module, "central_dp", True):
+        raise ValueError(f"central DP-SGD does not support {type(module).__name__}; train "
+                         "--model sasrec or dual_encoder with --dp (federated rounds give "
+                         "user-level DP to every model)")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     n_items, max_len = module.config.n_items, module.config.max_len

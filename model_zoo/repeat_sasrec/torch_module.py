@@ -34,6 +34,9 @@ class RepeatHead(nn.Module):
 
 
 class RepeatSasRec(SasRec):
+    # Opacus has no per-sample gradient sampler for the repeat head's bare parameters.
+    central_dp = False
+
     def __init__(self, config: RepeatSasRecConfig) -> None:
         super().__init__(config)
         self.repeat = RepeatHead(config)
