@@ -103,10 +103,14 @@ def test_training_positions_score_repeats_like_serving():
     (SASRec's own state at t differs from serving's by its absolute positions, so the gate
     is held at its bias here.)"""
     config, module, _ = _pair(5, n_items=31, dim=8, hidden=8, max_len=8, dropout=0.0)
-    with torch.no_grad():
-        module.repeat.gate.weight.zero_()
     rng = np.random.default_rng(6)
     history = torch.from_numpy(_repeating_histories(rng, config, 6))
+    last = history[:, -1] > 0  # the last position is serving's, gate and all
+    np.testing.assert_allclose(module.sequence_logits(history)[last, -1, 1:].detach().numpy(),
+                               module(history)[last, 1:].detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
+    with torch.no_grad():
+        module.repeat.gate.weight.zero_()
     every = module.sequence_logits(history) - module.out(module.sequence_states(history))
     for t in (0, 2, 5, config.max_len - 1):
         cut = torch.zeros_like(history)

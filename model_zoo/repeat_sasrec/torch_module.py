@@ -49,25 +49,24 @@ class RepeatSasRec(SasRec):
         self.register_buffer("item_ids", torch.arange(config.n_items, dtype=torch.int32),
                              persistent=False)
 
-    def _add_repeat(self, logits: torch.Tensor, u: torch.Tensor, index: torch.Tensor,
-                    weight: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """``logits`` [..., N] plus the repeat score: ``weight``/``seen`` [..., M] are each
-        history slot's age weight and 0/1 count, scattered onto ``index`` [..., M]."""
-        rec = torch.zeros_like(logits).scatter_add(-1, index, weight)
-        count = torch.zeros_like(logits).scatter_add(-1, index, seen)
-        gate = self.repeat.gate(u)  # [..., 1]
-        return (logits + rec + gate * torch.log1p(count)
-                + self.repeat.item_bias * (count > 0).to(logits.dtype))
-
     def sequence_logits(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, N]: position t's scores with the repeat score of the history
+        up to t. Only history slots carry repeat terms, so they are computed per (t, l) slot
+        and scattered once: slot l holding item i adds ``age[t - l]`` and its share
+        ``(gate * log(1 + c) + item_bias_i) / c`` of the per-item terms, c = the count of i
+        in positions <= t, so the c slots of item i add up to the per-item terms."""
         states = self.sequence_states(history)
         logits = self.out(states) + self.pad_logit  # [B, L, N]
         b, length = history.shape
         real = (history > 0).to(states.dtype)
-        seen = self.causal.unsqueeze(0) * real.unsqueeze(1)  # [B, Lq, Lk]
-        weight = self.repeat.age[self.ages].unsqueeze(0) * seen
+        seen = self.causal.unsqueeze(0) * real.unsqueeze(1)  # [B, t, l]: l <= t, real
+        same = (history.unsqueeze(2) == history.unsqueeze(1)).to(states.dtype)  # [B, l', l]
+        count = (seen @ same) * seen  # [B, t, l]: occurrences of h_l in positions <= t
+        share = (self.repeat.gate(states) * torch.log1p(count)  # gate [B, t, 1]
+                 + self.repeat.item_bias[history].unsqueeze(1)) / count.clamp(min=1.0)
+        slots = (self.repeat.age[self.ages].unsqueeze(0) + share) * seen
         index = history.unsqueeze(1).expand(b, length, length)
-        return self._add_repeat(logits, states, index, weight, seen)
+        return logits.scatter_add(-1, index, slots)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, n_items] logits. The repeat terms go onto item ids through a
