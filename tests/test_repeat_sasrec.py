@@ -269,3 +269,17 @@ def test_central_dp_refuses_the_repeat_head_by_name(tmp_path, capsys):
     assert main([*args, "--run", str(tmp_path / "b")]) == 0  # the default falls back
     assert "model: sasrec (the default: the default family has no central DP-SGD" in \
         capsys.readouterr().out
+
+
+def test_central_training_steps_the_repeat_head_faster():
+    from trainer.train import param_groups
+
+    config = ARCH.config(n_items=20, dim=8, hidden=8, max_len=5)
+    module = ARCH.torch_module(config)
+    groups = {round(g["lr"], 9): g["params"] for g in param_groups(module, 1e-3)}
+    head = {id(p) for n, p in module.named_parameters() if n.startswith("repeat.")}
+    assert set(groups) == {1e-3, 1e-2}
+    assert {id(p) for p in groups[1e-2]} == head
+    assert len(groups[1e-3]) == len(list(module.parameters())) - len(head)
+    plain = model_zoo.get("sasrec").torch_module(model_zoo.get("sasrec").config(n_items=20))
+    assert [g["lr"] for g in param_groups(plain, 1e-3)] == [1e-3]
