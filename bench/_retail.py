@@ -19,7 +19,8 @@ def ensure_run(
     the README's device and server tables were measured."""
     cli = [sys.executable, "-m", "trainer.cli"]
     if not (run / "checkpoint").is_dir():
-        subprocess.run([*cli, "train", "--data", str(ONLINE_RETAIL), "--run", str(run),
+        subprocess.run([*cli, "train", "--model", "dual_encoder", "--data", str(ONLINE_RETAIL),
+                        "--run", str(run),
                         "--epochs", str(epochs), "--no-progress", *train_args], check=True)
     if not (run / "bundle").is_dir():
         key = ["--signing-key", str(signing_key)] if signing_key else []

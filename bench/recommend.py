@@ -40,7 +40,8 @@ def main() -> None:
     ckpt, prepared = _load_run(str(run))
     test = prepared.split.test
     bundle = load_bundle(run / "bundle")
-    rec = Recommender(bundle)
+    rec = Recommender(bundle)  # the bundle's own history policy (its manifest's, or default)
+    drop_bought = Recommender(bundle, policy=HistoryPolicy())
     keep_bought = Recommender(bundle, policy=HistoryPolicy(exclude_kinds=("dismiss",)))
     trainer = LocalTrainer(bundle)
 
@@ -71,9 +72,13 @@ def main() -> None:
 
     bare_hits = [target in rec.model.topk(history)[0][:10]
                  for history, target in zip(histories, test.target[rows], strict=True)]
+    named = bundle.manifest.get("history_policy")
     quality = {
-        "recommend(), bought items dropped (default)": hit_rate(rec),
-        "recommend(), bought items kept": hit_rate(keep_bought),
+        f"recommend(), the bundle's policy ({named or 'none named: the SDK default'})":
+            hit_rate(rec),
+        "recommend(), HistoryPolicy(): bought items dropped, last L distinct items":
+            hit_rate(drop_bought),
+        "recommend(), bought items kept, last L distinct items": hit_rate(keep_bought),
         "bare model top-10 on the split's history": float(np.mean(bare_hits)),
     }
 

@@ -91,7 +91,7 @@ class DeviceClient:
         # leaves it None (its device id stands in), a simulator passes its seed and user so
         # that a rerun trains exactly the same.
         self.training_seed = training_seed
-        self.policy = policy or HistoryPolicy()
+        self.policy = policy  # None: each bundle's own (its manifest's history_policy)
         self.events = EventLog(
             self.data_dir / "events.db",
             durability=durability,

@@ -70,7 +70,7 @@ class LocalTrainer:
 
     def __init__(self, bundle: Bundle, policy: HistoryPolicy | None = None) -> None:
         self.bundle = bundle
-        self.policy = policy or HistoryPolicy()
+        self.policy = policy or HistoryPolicy.from_manifest(bundle.manifest)
         self.arch = model_zoo.get(bundle.architecture)
         self.config = self.arch.config_from_dict(bundle.config)
         self.base = bundle.weights()

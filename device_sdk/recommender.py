@@ -11,6 +11,12 @@ in through *which* items enter the L history slots:
   by their last event, most recent last (the model's recency weighting expects that order).
 
 A log of purchases only (Online Retail) therefore gives exactly "the last L distinct items".
+With ``distinct=False`` (a bundle trained on data where people buy again) the history is
+instead the last L positive events as they happened, repeats kept, as the model saw them in
+training; a dismissed item still leaves it.
+
+The bundle's manifest carries the policy the trainer chose from the data (``history_policy``:
+``exclude_kinds``, ``distinct``); an app passing its own ``HistoryPolicy`` overrides it.
 """
 
 from __future__ import annotations
@@ -47,9 +53,29 @@ class HistoryPolicy:
     weights: Mapping[str, float] = field(default_factory=lambda: DEFAULT_KIND_WEIGHTS)
     scan_factor: int = 4
     exclude_kinds: tuple[str, ...] = ("purchase", "dismiss")
+    distinct: bool = True
 
     def weight(self, kind: str) -> float:
         return float(self.weights.get(kind, 1.0))
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping) -> HistoryPolicy:
+        """The policy a bundle's manifest names (``history_policy``); the defaults for a
+        bundle that names none. A malformed entry raises ValueError naming it."""
+        spec = manifest.get("history_policy")
+        if spec is None:
+            return cls()
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"manifest history_policy must be an object, got {spec!r:.80}")
+        kinds = spec.get("exclude_kinds", cls.exclude_kinds)
+        distinct = spec.get("distinct", True)
+        if not isinstance(kinds, list | tuple) or not all(isinstance(k, str) for k in kinds):
+            raise ValueError(f"manifest history_policy.exclude_kinds must be a list of "
+                             f"strings, got {kinds!r:.80}")
+        if not isinstance(distinct, bool):
+            raise ValueError(f"manifest history_policy.distinct must be a boolean, got "
+                             f"{distinct!r:.80}")
+        return cls(exclude_kinds=tuple(kinds), distinct=distinct)
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,7 @@ def history_ids(
     last_pos: dict[int, int] = {}
     dismissed_at: dict[int, int] = {}
     weights = {kind: policy.weight(kind) for kind in policy.weights}
+    events_kept: list[tuple[int, int]] = []  # (position, item) of every positive event
     pos = -1
     for pos, (key, kind) in enumerate(events):
         item = vocab_id(key)
@@ -84,7 +111,10 @@ def history_ids(
             if w > strength.get(item, 0.0):
                 strength[item] = w
             last_pos[item] = pos
+            events_kept.append((pos, item))
     n = pos + 1
+    if not policy.distinct:
+        return _event_history(events_kept, dismissed_at, max_len)
     scored = [
         (s * 0.5 ** ((n - 1 - last_pos[i]) / max_len), last_pos[i], i)
         for i, s in strength.items()
@@ -99,6 +129,20 @@ def history_ids(
     return out
 
 
+def _event_history(kept: list[tuple[int, int]], dismissed_at: dict[int, int],
+                   max_len: int) -> np.ndarray:
+    """The last ``max_len`` positive events' items, repeats kept, most recent last; an item
+    dismissed after its last positive event leaves the history (every occurrence)."""
+    last: dict[int, int] = {}
+    for pos, item in kept:
+        last[item] = pos
+    ids = [item for _, item in kept if dismissed_at.get(item, -1) < last[item]][-max_len:]
+    out = np.zeros(max_len, dtype=np.int32)
+    if ids:
+        out[max_len - len(ids):] = ids
+    return out
+
+
 class Recommender:
     """One verified bundle serving top-k for one user's log. Thread-safe: the LiteRT
     interpreter is created once here and serialised by ``TopKModel``; the rest is read-only.
@@ -110,7 +154,7 @@ class Recommender:
         self, bundle: Bundle, *, policy: HistoryPolicy | None = None, num_threads: int = 1
     ) -> None:
         self.bundle = bundle
-        self.policy = policy or HistoryPolicy()
+        self.policy = policy or HistoryPolicy.from_manifest(bundle.manifest)
         self.vocab = bundle.items()
         self.model = bundle.model(num_threads=num_threads)
         self.golden_overlap = run_golden_check(self.model, bundle.manifest["golden"])

@@ -7,4 +7,5 @@ __all__ = ["Architecture", "get", "names", "register"]
 
 # Registering imports only numpy code; torch modules load lazily on first use.
 import model_zoo.dual_encoder  # noqa: E402,F401
+import model_zoo.repeat_sasrec  # noqa: E402,F401
 import model_zoo.sasrec  # noqa: E402,F401

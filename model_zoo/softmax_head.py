@@ -80,6 +80,12 @@ def loss_and_head_grads(logits: np.ndarray, u: np.ndarray, out_weight: np.ndarra
                         ) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
     """Mean cross-entropy of ``logits`` [B, N] (overwritten), the gradients of ``out.weight``
     and ``out.bias``, and dL/du [B, D] for the rest of the backward pass."""
+    loss, g = loss_and_logit_grads(logits, targets)
+    return loss, {"out.weight": g.T @ u, "out.bias": g.sum(axis=0)}, g @ out_weight
+
+
+def loss_and_logit_grads(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of ``logits`` [B, N] (overwritten) and dL/dlogits [B, N]."""
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     probs = exp / exp.sum(axis=1, keepdims=True)
@@ -87,5 +93,5 @@ def loss_and_head_grads(logits: np.ndarray, u: np.ndarray, out_weight: np.ndarra
     loss = float(-np.log(np.maximum(probs[rows, targets], 1e-30)).mean())
     g = probs
     g[rows, targets] -= 1.0
-    g /= logits.shape[0]  # dL/dlogits [B, N]
-    return loss, {"out.weight": g.T @ u, "out.bias": g.sum(axis=0)}, g @ out_weight
+    g /= logits.shape[0]
+    return loss, g

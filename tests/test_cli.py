@@ -41,7 +41,8 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
 def test_train_export_evaluate_end_to_end_beats_popularity(tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--run", str(run)]
-    assert main(["train", *common, "--synthetic-users", "600", "--synthetic-items", "300",
+    assert main(["train", *common, "--model", "dual_encoder", "--synthetic-users", "600",
+                 "--synthetic-items", "300",
                  "--epochs", "6", "--dim", "32", "--hidden", "32", "--no-progress"]) == 0
     assert main(["export", *common]) == 0
     assert main(["evaluate", *common]) == 0

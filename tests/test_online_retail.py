@@ -35,7 +35,8 @@ def retail_run(tmp_path_factory):
     assert ONLINE_RETAIL.is_file(), f"real data expected at {ONLINE_RETAIL}"
     root = tmp_path_factory.mktemp("retail")
     run = root / "run"
-    out = _pocketrec("train", "--data", str(ONLINE_RETAIL), "--run", str(run), "--epochs", "3",
+    out = _pocketrec("train", "--model", "dual_encoder", "--data", str(ONLINE_RETAIL), "--run",
+                     str(run), "--epochs", "3",
                      "--batch-size", "1024", "--no-progress")
     assert "4,3" in out  # ~4,3xx customers after cleaning
     key = root / "keys" / "server.key"

@@ -19,6 +19,9 @@ from device_sdk.topk_model import TopKModel
 from trainer.checkpoint import Checkpoint
 
 FLOAT_MODEL = "model_float.tflite"
+# Measured repeat rate (share of next items already in the history) from which devices keep
+# purchased items in their results and feed the model its raw history, repeats included.
+REPEAT_KEEP = 0.1
 RECIPES = ("dynamic_wi8_afp32", "weight_only_wi8_afp32")
 
 
@@ -71,6 +74,18 @@ def golden_histories(ckpt: Checkpoint, histories: np.ndarray | None, n: int = 4)
     return rows
 
 
+def history_policy(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The devices' history policy for a model trained on ``data`` (the checkpoint's data
+    stats), or None for data without a measured repeat rate (older runs: the SDK's default).
+    Where people buy again, dropping purchased items would remove the best candidates."""
+    rate = data.get("repeat_rate")
+    if rate is None:
+        return None
+    repeats = rate >= REPEAT_KEEP
+    return {"exclude_kinds": ["dismiss"] if repeats else ["purchase", "dismiss"],
+            "distinct": not repeats, "repeat_rate": rate}
+
+
 def export_bundle(
     ckpt: Checkpoint,
     out_dir: str | Path,
@@ -116,6 +131,9 @@ def export_bundle(
         "golden": golden,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    policy = history_policy(ckpt.meta.get("data", {}))
+    if policy is not None:
+        manifest["history_policy"] = policy
     files = {MODEL: int8_model, WEIGHTS: save_weights(ckpt.params), ITEMS: ckpt.vocab.to_json()}
     bundle_dir = write_bundle(out_dir / "bundle", files, manifest, signer=signer)
     return ExportResult(

@@ -130,6 +130,10 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train ``module`` (a zoo torch module with ``.config``) in place; keep the best epoch."""
+    if cfg.dp is not None and not getattr(module, "central_dp", True):
+        raise ValueError(f"central DP-SGD does not support {type(module).__name__}; train "
+                         "--model sasrec or dual_encoder with --dp (federated rounds give "
+                         "user-level DP to every model)")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     n_items, max_len = module.config.n_items, module.config.max_len
@@ -145,7 +149,8 @@ def train(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator
     )
-    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(module, cfg.lr), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(ignore_index=0)  # 0 = padding, never a real target
     trained, engine, delta = module, None, None
     if cfg.dp is not None:
@@ -206,6 +211,18 @@ def train(
         }
     result.seconds = time.perf_counter() - started
     return result
+
+
+def param_groups(module: nn.Module, lr: float) -> list[dict]:
+    """Adam parameter groups: a module's ``lr_multipliers`` ({name prefix: factor}) give some
+    tensors a larger step (a few scalars per item or per age that must move by several logits
+    in the few hundred steps a small data set affords); the rest train at ``lr``."""
+    multipliers = getattr(module, "lr_multipliers", {})
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in module.named_parameters():
+        factor = next((f for prefix, f in multipliers.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault(factor, []).append(param)
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
 
 
 def _make_private(module, optimizer, criterion, loader, cfg: TrainConfig, n_examples: int):

@@ -174,10 +174,17 @@ class SasRecNumpy(SoftmaxHead):
         history = self._check_history(history)
         targets, wanted = check_batch("sasrec", self.params, history.shape[0], targets,
                                       self.config.n_items, names)
-        p = self.params
         cache = self._encode(history)
         loss, grads, du = loss_and_head_grads(self._logits(cache["u"]), cache["u"],
-                                              p["out.weight"], targets)
+                                              self.params["out.weight"], targets)
+        self._backward(history, cache, du, wanted, grads)
+        return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}
+
+    def _backward(self, history: np.ndarray, cache: dict, du: np.ndarray, wanted: set[str],
+                  grads: dict[str, np.ndarray]) -> None:
+        """dL/du [B, dim] of the user vectors -> the gradients of the encoder tensors into
+        ``grads``, as deep as ``wanted`` needs."""
+        p = self.params
         dx_last, grads["ln_final.weight"], grads["ln_final.bias"] = _layer_norm_back(
             du, cache["ln_final"], p["ln_final.weight"]
         )
@@ -192,7 +199,6 @@ class SasRecNumpy(SoftmaxHead):
             d_emb[0] = 0.0  # the padding row never trains (torch: padding_idx=0)
             grads["item_emb.weight"] = d_emb
             grads["pos_emb.weight"] = dx.sum(axis=0)
-        return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}
 
 
 def serving_constants(config: SasRecConfig, params) -> dict:
