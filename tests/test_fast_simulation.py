@@ -34,27 +34,20 @@ from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_se
 from device_sdk.protocol import b64, b64decode, device_id_for
 from device_sdk.recommender import HistoryPolicy
 from device_sdk.uploads import flatten_update
-from trainer.data.dataset import DataSpec
-from trainer.simulation.experiment import ModelSpec, export_base, simulate_one, train_central
+from tests.support.fleet import ROUNDS, pretrained_fleet
+from trainer.simulation.experiment import simulate_one
 from trainer.simulation.fast import FastDeviceWorker, decode_ring, quantize_seed
-from trainer.simulation.population import build_population
 from trainer.simulation.run import SimulationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The embedded synthetic shop, small: 240 users, 120 items.
-SPEC = DataSpec(synthetic_users=240, synthetic_items=120, seed=3)
-MODEL = ModelSpec(options={"dim": 16, "hidden": 32, "max_len": 20}, epochs=2)
-ROUNDS = 3
 ROUND = "round-7"
 SEED = 4
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    population = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=3)
-    ckpt, _ = train_central(population, "pretrain", MODEL, progress=False)
-    bundle = export_base(ckpt, population, tmp_path_factory.mktemp("base"))
-    return population, bundle
+    return pretrained_fleet(tmp_path_factory.mktemp("base"))
 
 
 def _secagg_round(vectors: dict[str, np.ndarray], identities: dict[str, Ed25519PrivateKey],

@@ -22,26 +22,19 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from trainer.data.dataset import DataSpec
+from tests.support.fleet import MODEL, ROUNDS, SPEC, fleet_population, pretrained_fleet
 from trainer.simulation.devices import device_dir_name
-from trainer.simulation.experiment import ModelSpec, export_base, simulate_one, train_central
-from trainer.simulation.population import build_population
+from trainer.simulation.experiment import simulate_one, train_central
 from trainer.simulation.report import write_report
 from trainer.simulation.run import SimulationConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = DataSpec(synthetic_users=240, synthetic_items=120, seed=3)
-MODEL = ModelSpec(options={"dim": 16, "hidden": 32, "max_len": 20}, epochs=2)
-ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """The population and its pretrained, exported starting model."""
-    population = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=3)
-    ckpt, _ = train_central(population, "pretrain", MODEL, progress=False)
-    bundle = export_base(ckpt, population, tmp_path_factory.mktemp("base"))
-    return population, bundle
+    return pretrained_fleet(tmp_path_factory.mktemp("base"))
 
 
 def test_a_device_worker_process_loads_no_trainer_stack():
@@ -245,8 +238,8 @@ def test_one_seed_decides_the_public_slice_the_starting_model_and_the_rounds(fle
     purpose (at most the round's quantization bound, twice over). Another seed: another
     public slice."""
     population, bundle = fleet
-    again = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=3)
-    other = build_population(SPEC, 20, rounds=ROUNDS, public_fraction=0.15, seed=4)
+    again = fleet_population()
+    other = fleet_population(seed=4)
     assert again.public_users == population.public_users
     assert other.public_users != population.public_users
     first, first_best = train_central(population, "pretrain", MODEL, progress=False)

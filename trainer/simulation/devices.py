@@ -111,10 +111,31 @@ def device_id(seed: int, user: str) -> str:
     return DeviceIdentity(Ed25519PrivateKey.from_private_bytes(device_key(seed, user))).device_id
 
 
-class DeviceWorker:
+class ShardWorker:
+    """A worker process's (or Ray actor's) fixed shard of device streams, driven by named
+    operations, JSON in and JSON out; ``OPERATIONS`` lists a subclass's."""
+
+    OPERATIONS: tuple[str, ...] = ("add",)
+    streams: dict[str, DeviceStream]
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        if op not in self.OPERATIONS:
+            raise ValueError(f"unknown operation {op!r}")
+        return getattr(self, op)(**args)
+
+    def add(self, streams: list[dict[str, Any]]) -> int:
+        for obj in streams:
+            stream = DeviceStream.from_json(obj)
+            self.streams[stream.user] = stream
+        return len(self.streams)
+
+
+class DeviceWorker(ShardWorker):
     """``config``: root (directory for device directories), server_url, server_key (hex of
     the pinned Ed25519 key), exclude_kinds (the shop's recommendation filter), seed (the
     simulation's; each device's local training is drawn from it and its user)."""
+
+    OPERATIONS = ("add", "begin", "finish_late", "step", "drop", "stats")
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.root = Path(config["root"])
@@ -130,19 +151,6 @@ class DeviceWorker:
         self.pool = CountingPool(maxsize=4)
 
     # -- operations (JSON in, JSON out) ---------------------------------------------------
-    def handle(self, op: str, args: dict[str, Any]) -> Any:
-        method = {"add": self.add, "begin": self.begin, "finish_late": self.finish_late,
-                  "step": self.step, "drop": self.drop, "stats": self.stats}.get(op)
-        if method is None:
-            raise ValueError(f"unknown operation {op!r}")
-        return method(**args)
-
-    def add(self, streams: list[dict[str, Any]]) -> int:
-        for obj in streams:
-            stream = DeviceStream.from_json(obj)
-            self.streams[stream.user] = stream
-        return len(self.streams)
-
     def stats(self) -> dict[str, Any]:
         return {"devices": len(self.streams), "sessions": len(self.sessions),
                 "max_rss_mb": peak_rss_mb()}

@@ -57,7 +57,7 @@ from device_sdk.event_log import Event
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_seed
 from device_sdk.recommender import HistoryPolicy, history_ids
 from device_sdk.uploads import flatten_update
-from trainer.simulation.devices import STAGES, DeviceStream, peak_rss_mb
+from trainer.simulation.devices import STAGES, DeviceStream, ShardWorker, peak_rss_mb
 
 K = 10
 
@@ -90,10 +90,12 @@ def decode_ring(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<u4").astype(np.uint32)
 
 
-class FastDeviceWorker:
+class FastDeviceWorker(ShardWorker):
     """A shard of devices for fast mode. ``config``: base_bundle (directory), seed,
     exclude_kinds. JSON in, JSON out, like ``DeviceWorker``: a local worker process or a Ray
     actor hosts it. Imports the device SDK and numpy only."""
+
+    OPERATIONS = ("add", "round", "collect", "stats")
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.seed = int(config.get("seed", 0))
@@ -107,19 +109,6 @@ class FastDeviceWorker:
         self._twin: Any = None
         self._ring: np.ndarray | None = None
         self._clients = 0
-
-    def handle(self, op: str, args: dict[str, Any]) -> Any:
-        method = {"add": self.add, "round": self.round, "collect": self.collect,
-                  "stats": self.stats}.get(op)
-        if method is None:
-            raise ValueError(f"unknown operation {op!r}")
-        return method(**args)
-
-    def add(self, streams: list[dict[str, Any]]) -> int:
-        for obj in streams:
-            stream = DeviceStream.from_json(obj)
-            self.streams[stream.user] = stream
-        return len(self.streams)
 
     def stats(self) -> dict[str, Any]:
         return {"devices": len(self.streams), "max_rss_mb": peak_rss_mb()}
