@@ -9,7 +9,7 @@ device updates per second (inputs in the published sums), and the cost of one up
 (worker CPU seconds: workers x seconds / updates) next to ``LocalTrainer.train`` alone on
 the same devices, in this process. Peak RSS of the coordinator and workers.
 
-    flock /work/cpu.lock python bench/simulation_speed.py
+    python bench/simulation_speed.py  # on an otherwise idle machine
 """
 
 from __future__ import annotations
