@@ -11,6 +11,10 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.simulation.experiment import ModelSpec
 
 DEFAULT_RUN = "runs/default"
 # `pocketrec train` without --model: the best shipped family (README, "Repeat-aware model":
@@ -342,17 +346,25 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
         export_every=args.export_every)
 
 
-def _experiment(args: argparse.Namespace, configs: list, central: bool,
-                side_by_side: bool = False) -> dict:
+def _simulation_model(args: argparse.Namespace) -> ModelSpec:
+    """The ModelSpec that demo, simulate and sweep pretrain (``SIMULATION_MODEL`` unless
+    --model names another)."""
     import model_zoo
-    from trainer.simulation.experiment import ModelSpec, run_experiment
+    from trainer.simulation.experiment import ModelSpec
 
     if args.arch is None:
         args.arch = SIMULATION_MODEL
     arch = model_zoo.get(args.arch)
-    model = ModelSpec(args.arch, _model_options(args, arch), epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                      seed=args.seed)
+    return ModelSpec(args.arch, _model_options(args, arch), epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                     seed=args.seed)
+
+
+def _experiment(args: argparse.Namespace, configs: list, central: bool,
+                side_by_side: bool = False) -> dict:
+    from trainer.simulation.experiment import run_experiment
+
+    model = _simulation_model(args)
     out = Path(args.out or Path(args.run) / "report")
     index, result = run_experiment(
         _data_spec(args), model, out, configs, rounds=args.rounds,

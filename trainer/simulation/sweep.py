@@ -203,10 +203,8 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
               log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]], bool]:
     """Every run of GRID.toml (``args_for(flags)``: the simulate namespace for [base] +
     flags); returns (index.html, the rows of the finished runs, interrupted)."""
-    import model_zoo
-    from trainer.cli import _data_spec, _model_options, _sim_config
+    from trainer.cli import _data_spec, _sim_config, _simulation_model
     from trainer.simulation.experiment import (
-        ModelSpec,
         _Interrupt,
         export_base,
         simulate_one,
@@ -217,10 +215,7 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
 
     base, combos = load_grid(grid_path)
     args = args_for(base)
-    arch = model_zoo.get(args.arch)
-    model = ModelSpec(args.arch, _model_options(args, arch), epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                      seed=args.seed)
+    model = _simulation_model(args)
     population = build_population(_data_spec(args), int(model.options.get("max_len", 50)),
                                   rounds=args.rounds, public_fraction=args.public_fraction,
                                   warmup=args.warmup, seed=args.seed)
