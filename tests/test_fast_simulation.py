@@ -265,25 +265,30 @@ def test_fast_mode_on_ray_actors_gives_what_local_processes_give(fleet, tmp_path
     assert rows[0] == rows[1]
     assert all(r["state"] == "published" for r in rows[1])
 
-def test_a_sweep_runs_every_configuration_and_writes_the_table_and_plot(fleet, tmp_path):
-    from trainer.cli import main
-
-    _, bundle = fleet
-    grid = tmp_path / "grid.toml"
-    grid.write_text("""
+def fleet_grid(*, rounds: int, grid: str) -> str:
+    """A sweep grid over the test fleet (the same data and model as ``fleet``)."""
+    return f"""
 [base]
 synthetic_users = 240
 synthetic_items = 120
 seed = 3
 max_len = 20
 public_fraction = 0.15
-rounds = 3
+rounds = {rounds}
 clients_per_round = 24
 workers = 1
 
 [grid]
-noise_multiplier = [0, 0.8]
-""")
+{grid}
+"""
+
+
+def test_a_sweep_runs_every_configuration_and_writes_the_table_and_plot(fleet, tmp_path):
+    from trainer.cli import main
+
+    _, bundle = fleet
+    grid = tmp_path / "grid.toml"
+    grid.write_text(fleet_grid(rounds=3, grid="noise_multiplier = [0, 0.8]"))
     out = tmp_path / "sweep"
     assert main(["sweep", str(grid), "--base-bundle", str(bundle), "--out", str(out),
                  "--run", str(tmp_path / "run"), "--no-progress"]) == 0
@@ -316,20 +321,7 @@ def test_a_grid_may_not_vary_what_every_run_shares(tmp_path):
 def test_ctrl_c_during_a_sweep_keeps_the_finished_runs(fleet, tmp_path):
     _, bundle = fleet
     grid = tmp_path / "grid.toml"
-    grid.write_text("""
-[base]
-synthetic_users = 240
-synthetic_items = 120
-seed = 3
-max_len = 20
-public_fraction = 0.15
-rounds = 40
-clients_per_round = 24
-workers = 1
-
-[grid]
-seed = [0, 1, 2]
-""")
+    grid.write_text(fleet_grid(rounds=40, grid="seed = [0, 1, 2]"))
     out = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(

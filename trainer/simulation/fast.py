@@ -57,7 +57,7 @@ from device_sdk.event_log import Event
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_seed
 from device_sdk.recommender import HistoryPolicy, history_ids
 from device_sdk.uploads import flatten_update
-from trainer.simulation.devices import STAGES, DeviceStream, ShardWorker, peak_rss_mb
+from trainer.simulation.devices import DeviceStream, ShardWorker, peak_rss_mb
 
 K = 10
 
@@ -379,7 +379,7 @@ class FastRounds:
         from sync_server import secure_aggregation, strategies
         from sync_server.privacy import LedgerEntry, PrivacyLedger
         from sync_server.selection import coin
-        from trainer.simulation.run import RoundRecord
+        from trainer.simulation.run import RoundRecord, draw_fates
 
         sim, config = self.sim, self.config
         now = sim._now(r)
@@ -391,13 +391,7 @@ class FastRounds:
         if n < 3:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             return record
-        # The same draws, in the same order, as full mode (Simulation.run_round).
-        fate = sim.rng.random(len(eligible))
-        stage_of = sim.rng.integers(0, len(STAGES), size=len(eligible))
-        drop = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
-                if f < config.dropout}
-        late = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
-                if config.dropout <= f < config.dropout + config.stragglers}
+        drop, late = draw_fates(sim.rng, eligible, config)  # as full mode draws them
         server = self._round_config(n, len(eligible), version)
         self.opened += 1
         round_id = record.round_id = f"round-{self.opened}"

@@ -172,6 +172,20 @@ def offline_metrics(topk: Callable[[np.ndarray], np.ndarray], population: Popula
     return out
 
 
+def draw_fates(rng: np.random.Generator, eligible: list[str], config: SimulationConfig
+               ) -> tuple[dict[str, str], dict[str, str]]:
+    """Each eligible device's fate should the server select it (drawn for all, used for
+    those): the stage it drops out at, or answers late at (a straggler). Full and fast mode
+    draw these in the same order from the same generator."""
+    fate = rng.random(len(eligible))
+    stage_of = rng.integers(0, len(STAGES), size=len(eligible))
+    drop = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
+            if f < config.dropout}
+    late = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
+            if config.dropout <= f < config.dropout + config.stragglers}
+    return drop, late
+
+
 class Simulation:
     """Runs rounds against ``server`` (an object with ``url`` and ``admin(method, path,
     **kw)``: ``ServerProcess``, or the same over a remote URL) starting from the published
@@ -393,13 +407,7 @@ class Simulation:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             self._finish_record(record)
             return record
-        # Each device's fate should the server select it (drawn for all, used for those).
-        fate = self.rng.random(len(eligible))
-        stage_of = self.rng.integers(0, len(STAGES), size=len(eligible))
-        drop = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
-                if f < config.dropout}
-        late = {u: STAGES[s] for u, f, s in zip(eligible, fate, stage_of, strict=True)
-                if config.dropout <= f < config.dropout + config.stragglers}
+        drop, late = draw_fates(self.rng, eligible, config)
         deadline_s, stage_timeout_s = self._timing(len(eligible))
         opened = self._admin_json("POST", "/v1/admin/rounds", json=config.round_config(
             n, len(eligible), version, self.delta, deadline_s, stage_timeout_s))
