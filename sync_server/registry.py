@@ -199,8 +199,12 @@ def rollback_version(
                                 .values(status="paused"))
                 session.add(row)
         except IntegrityError:
+            discard_unreferenced(db, blobs, row.blob_sha256)  # another rollback/publish won
             raise ApiError("version_not_newer", f"version {new_version} was published "
                            "concurrently; retry the rollback", 409) from None
+        except BaseException:
+            discard_unreferenced(db, blobs, row.blob_sha256)
+            raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     with db.session() as session:
@@ -244,6 +248,9 @@ def publish_bundle(
             discard_unreferenced(db, blobs, row.blob_sha256)  # the other publish won
             raise ApiError("version_not_newer", f"version {row.version} was published "
                            "concurrently", 409) from None
+        except BaseException:
+            discard_unreferenced(db, blobs, row.blob_sha256)
+            raise
         return row
     finally:
         shutil.rmtree(staged, ignore_errors=True)

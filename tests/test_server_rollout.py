@@ -146,3 +146,43 @@ def test_in_rollout_is_stable_monotonic_and_independent_across_versions():
     assert 0.4 < len(at[50]) / len(ids) < 0.6
     other = {i for i in ids if in_rollout(6, i, 50)}
     assert 0.15 < len(at[50] & other) / len(ids) < 0.35  # about a quarter: independent
+
+
+def test_a_rollback_that_loses_the_race_for_its_version_leaves_no_blob(tiny_export, tmp_path):
+    """The race of ``test_simultaneous_publishes_of_one_version_store_exactly_one``, made
+    deterministic: while a rollback of version 2 is storing its zip as version 3, another
+    bundle is published as version 3 first. The rollback is refused (409
+    ``version_not_newer``) and its zip, whose bytes differ from the winner's, is gone: every
+    blob left is a stored version's."""
+    from sync_server.blobs import BlobStore
+    from sync_server.db import Database, upgrade
+    from sync_server.errors import ApiError
+    from sync_server.keys import ServerKeyPairs
+    from sync_server.models import ModelVersion
+    from sync_server.registry import publish_bundle, rollback_version
+
+    url = f"sqlite:///{tmp_path / 'server.db'}"
+    upgrade(url)
+    db, keys = Database(url), ServerKeyPairs.load_or_create(tmp_path / "keys")
+    store = BlobStore(tmp_path / "blobs")
+    base = copy_bundle(tiny_export.bundle_dir, tmp_path / "v1" / "bundle")
+    common = dict(db=db, keys=keys, scratch_dir=tmp_path / "scratch", max_bytes=1 << 26)
+    publish_bundle(zip_bundle(base), blobs=store, **common)
+    publish_bundle(zip_bundle(republish_weights({}, base, 2, {})), blobs=store, **common)
+    rival = zip_bundle(republish_weights({}, base, 3, {"rival": True}))
+
+    class RivalPublishesFirst(BlobStore):
+        def put(self, data: bytes) -> str:
+            publish_bundle(rival, blobs=store, **common)
+            return super().put(data)
+
+    with pytest.raises(ApiError) as refused:
+        rollback_version(2, db=db, blobs=RivalPublishesFirst(store.root), keys=keys,
+                         scratch_dir=tmp_path / "scratch")
+    assert (refused.value.code, refused.value.status) == ("version_not_newer", 409)
+    with db.session() as session:
+        rows = session.query(ModelVersion).all()
+    assert sorted(r.version for r in rows) == [1, 2, 3]
+    assert all(r.status == "published" for r in rows)  # the refused rollback paused nothing
+    assert {p.name for p in store.root.rglob("*") if p.is_file()} == {
+        r.blob_sha256 for r in rows}
