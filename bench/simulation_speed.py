@@ -37,7 +37,7 @@ from trainer.simulation.experiment import (  # noqa: E402
 from trainer.simulation.population import build_population  # noqa: E402
 from trainer.simulation.run import SimulationConfig  # noqa: E402
 
-ONLINE_RETAIL = Path("/work/shared/data/online_retail.csv.gz")
+ONLINE_RETAIL = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
 
 
 def local_trainer_ms(population, bundle_dir: Path, config: SimulationConfig, n: int) -> float:

@@ -51,18 +51,26 @@ class CryptoRandom:
 
     def words(self, n: int) -> np.ndarray:
         """``n`` uniform uint64 words of keystream."""
-        out = np.empty(n, dtype=np.uint64)
+        # The keystream is encrypted straight into the array (update_into wants room for
+        # one block more than it writes): no intermediate bytes objects to copy.
+        out = np.empty(n + 2, dtype="<u8")
+        raw = out.view(np.uint8)
+        zeros = memoryview(bytes(8 * min(_CHUNK_WORDS, n)))
         for start in range(0, n, _CHUNK_WORDS):
             count = min(_CHUNK_WORDS, n - start)
-            out[start : start + count] = np.frombuffer(
-                self._encryptor.update(bytes(8 * count)), dtype="<u8")
-        return out
+            self._encryptor.update_into(zeros[: 8 * count],
+                                        raw[8 * start : 8 * (start + count + 2)])
+        return out[:n].astype(np.uint64, copy=False)
 
     def random(self, size: int | tuple[int, ...] | None = None) -> np.ndarray | float:
         """Uniforms on the open interval (0, 1) (never 0: logs of them are finite)."""
         shape = () if size is None else size
         n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
-        u = ((self.words(n) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        words = self.words(n)
+        words >>= np.uint64(11)
+        u = words.astype(np.float64)
+        u += 0.5
+        u *= 2.0**-53
         return float(u[0]) if size is None else u.reshape(shape)
 
     def standard_normal(self, size: int | tuple[int, ...] | None = None

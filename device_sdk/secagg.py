@@ -211,12 +211,15 @@ def quantization_scale(clip_norm: float, max_clients: int, noise_std_units: floa
 def quantize(vector: np.ndarray, scale: float, rng: np.random.Generator | CryptoRandom
              ) -> np.ndarray:
     """Stochastic rounding: floor(x * scale + U[0,1)), unbiased, error < 1 unit; as int64."""
-    scaled = np.asarray(vector, dtype=np.float64) * scale
-    return np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
+    scaled = np.array(vector, dtype=np.float64)  # a copy: worked on in place
+    scaled *= scale
+    scaled += rng.random(scaled.shape)
+    return np.floor(scaled, out=scaled).astype(np.int64)
 
 
 def to_ring(values: np.ndarray) -> np.ndarray:
-    return (np.asarray(values, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32)
+    # int64 -> uint32 keeps the low 32 bits: the value modulo 2^32.
+    return np.asarray(values, dtype=np.int64).astype(np.uint32)
 
 
 def centered(ring_values: np.ndarray) -> np.ndarray:

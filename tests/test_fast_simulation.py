@@ -302,8 +302,34 @@ def test_a_sweep_runs_every_configuration_and_writes_the_table_and_plot(fleet, t
         assert (out / "runs" / row["run"] / "rounds.json").exists()
     with open(out / "sweep.csv") as f:
         assert len(f.read().strip().splitlines()) == 1 + len(rows)
+    with open(out / "sweep_configs.csv") as f:  # no seed in the grid: a config per run
+        assert len(f.read().strip().splitlines()) == 1 + len(rows)
     assert (out / "privacy_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "noise_multiplier=0.8" in (out / "index.html").read_text()
+
+
+def test_the_sweep_summarises_each_configuration_over_its_seeds():
+    """Runs that differ only in ``seed`` form one configuration row: the mean and the
+    sample standard deviation of each metric over the seeds that finished."""
+    import statistics
+
+    from trainer.simulation.sweep import SEED_METRICS, over_seeds
+
+    rng = np.random.default_rng(0)
+    rows = [{"params": {"clip_norm": clip, "seed": seed},
+             **{m: float(rng.random()) for m in SEED_METRICS}}
+            for clip in (0.1, 0.3) for seed in (0, 1, 2)][:-1]  # clip 0.3 lost seed 2
+    configs = {c["config"]: c for c in over_seeds(rows)}
+    assert sorted(configs) == ["clip_norm=0.1", "clip_norm=0.3"]
+    assert configs["clip_norm=0.1"]["seeds"] == [0, 1, 2]
+    assert configs["clip_norm=0.3"]["seeds"] == [0, 1]
+    for name, clip in (("clip_norm=0.1", 0.1), ("clip_norm=0.3", 0.3)):
+        for metric in SEED_METRICS:
+            values = [r[metric] for r in rows if r["params"]["clip_norm"] == clip]
+            assert configs[name][f"{metric}_mean"] == pytest.approx(statistics.mean(values))
+            assert configs[name][f"{metric}_sd"] == pytest.approx(statistics.stdev(values))
+    single = over_seeds([{"params": {"seed": 4}, **{m: 0.5 for m in SEED_METRICS}}])
+    assert single[0]["config"] == "base" and single[0]["final_hr10_sd"] is None
 
 
 def test_a_grid_may_not_vary_what_every_run_shares(tmp_path):

@@ -18,9 +18,11 @@ GRID.toml::
 
 Runs go ``--parallel`` at a time (threads: each run's devices are in its own worker
 processes, and its coordinator's numpy releases the GIL), always in fast mode. Each run
-writes its own report in OUT/runs/NAME; OUT holds ``sweep.csv``, ``sweep.json``,
-``index.html`` and ``privacy_utility.png`` (HR@10 of the float model against epsilon, one
-curve per run over its rounds; runs without DP as their final HR@10). The table is
+writes its own report in OUT/runs/NAME; OUT holds ``sweep.csv`` (one row per run),
+``sweep_configs.csv`` (one row per configuration: mean and spread over its seeds),
+``sweep.json`` (both), ``index.html`` and ``privacy_utility.png`` (HR@10 of the float
+model against epsilon, one curve per run over its rounds; runs without DP as their final
+HR@10). The table is
 rewritten after every finished run, and a Ctrl-C keeps the finished runs in it."""
 
 from __future__ import annotations
@@ -122,11 +124,46 @@ def summarise(name: str, params: dict[str, Any], records: list[Any], seconds: fl
     return row
 
 
+# Summarised over seeds: each configuration's mean and sample standard deviation.
+SEED_METRICS = ("final_hr10", "final_ndcg10", "final_basket_hr10", "final_basket_ndcg10",
+                "best_hr10", "best_basket_hr10", "epsilon")
+
+
+def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (the run's flags but ``seed``): how many seeds finished,
+    and for each of ``SEED_METRICS`` the mean and the sample standard deviation over them
+    (``None`` with a single seed), so a difference between configurations can be set
+    against the seed-to-seed spread."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        config = {k: v for k, v in row["params"].items() if k != "seed"}
+        groups.setdefault(run_name(config), []).append(row)
+    out = []
+    for name, members in sorted(groups.items()):
+        summary: dict[str, Any] = {
+            "config": name, "seeds": sorted(m["params"].get("seed") for m in members
+                                            if m["params"].get("seed") is not None)}
+        for metric in SEED_METRICS:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            summary[f"{metric}_mean"] = float(np.mean(values)) if values else None
+            summary[f"{metric}_sd"] = (float(np.std(values, ddof=1)) if len(values) > 1
+                                       else None)
+        out.append(summary)
+    return out
+
+
 def write_table(out: Path, rows: list[dict[str, Any]], curves: dict[str, list[Any]],
                 meta: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "sweep.json", (json.dumps({"meta": meta, "runs": rows}, indent=1)
+    configs = over_seeds(rows)
+    atomic_write(out / "sweep.json", (json.dumps({"meta": meta, "runs": rows,
+                                                  "configs": configs}, indent=1)
                                       + "\n").encode(), mode=0o644)
+    with open(out / "sweep_configs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(configs[0]) if configs else ["config"])
+        writer.writeheader()
+        for row in configs:
+            writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -134,7 +171,7 @@ def write_table(out: Path, rows: list[dict[str, Any]], curves: dict[str, list[An
             writer.writerow({**{k: row.get(k) for k in FIELDS},
                              "params": json.dumps(row["params"], sort_keys=True)})
     _plot(out / "privacy_utility.png", rows, curves)
-    (out / "index.html").write_text(_html(rows, meta))
+    (out / "index.html").write_text(_html(rows, configs, meta))
     return out / "index.html"
 
 
@@ -174,10 +211,23 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _html(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def _mean_sd(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
+
+
+def _html(rows: list[dict[str, Any]], configs: list[dict[str, Any]],
+          meta: dict[str, Any]) -> str:
     cols = [c for c in FIELDS if c != "params"]
     body = "".join("<tr>" + "".join(f"<td>{_fmt(row.get(c))}</td>" for c in cols) + "</tr>"
                    for row in rows)
+    seed_head = "".join(f"<th>{m}</th>" for m in SEED_METRICS)
+    seed_body = "".join(
+        f"<tr><td>{html.escape(c['config'])}</td>"
+        f"<td>{html.escape(' '.join(map(str, c['seeds'])))}</td>"
+        + "".join(f"<td>{_mean_sd(c[m + '_mean'], c[m + '_sd'])}</td>" for m in SEED_METRICS)
+        + "</tr>" for c in configs)
     info = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}"
                    "</td></tr>" for k, v in meta.items())
     return f"""<!doctype html>
@@ -191,6 +241,9 @@ th {{ background: #f3f3f3; }} img {{ max-width: 100%; }}
 <h1>PocketRec sweep (fast simulations)</h1>
 <p>final: the int8 LiteRT model of the last round (what devices would serve); best: the
 float model's best round. Each run's own report is in runs/NAME/index.html.</p>
+<h2>Over seeds (mean ± sample standard deviation)</h2>
+<table><tr><th>configuration</th><th>seeds</th>{seed_head}</tr>{seed_body}</table>
+<h2>Runs</h2>
 <table><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in cols)}</tr>{body}</table>
 <img src="privacy_utility.png" alt="HR@10 against epsilon">
 <h2>Setup</h2><table>{info}</table>
