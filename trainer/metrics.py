@@ -30,6 +30,17 @@ def ranking_metrics(topk: np.ndarray, target: np.ndarray, n_items: int, k: int =
     }
 
 
+def _in_row_sets(rows: np.ndarray, members: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """[U, k] bool: whether ``rows[u, j]`` is among the ids ``members[i]`` whose
+    ``owner[i] == u``; one vectorised membership test over (user, id) keys instead of a
+    Python loop over users."""
+    rows = np.asarray(rows, dtype=np.int64)
+    members = np.asarray(members, dtype=np.int64)
+    span = int(max(rows.max(initial=0), members.max(initial=0))) + 1
+    keys = np.asarray(owner, dtype=np.int64) * span + members
+    return np.isin(np.arange(rows.shape[0], dtype=np.int64)[:, None] * span + rows, keys)
+
+
 def basket_metrics(topk: np.ndarray, baskets: Sequence[np.ndarray], k: int = 10) -> dict:
     """``topk`` [U, >=k] ids best first, ``baskets[u]`` the distinct item ids of user u's
     held-out basket (non-empty). Per user, averaged:
@@ -42,17 +53,17 @@ def basket_metrics(topk: np.ndarray, baskets: Sequence[np.ndarray], k: int = 10)
     if topk.ndim != 2 or topk.shape[0] != len(baskets) or topk.shape[1] < k:
         raise ValueError(f"topk must be [U, >={k}] matching {len(baskets)} baskets; "
                          f"got {topk.shape}")
+    sizes = np.array([len(b) for b in baskets], dtype=np.int64)
+    if (sizes == 0).any():
+        raise ValueError("every held-out basket needs at least one item")
+    members = (np.concatenate([np.asarray(b, dtype=np.int64) for b in baskets])
+               if len(baskets) else np.zeros(0, np.int64))
+    hit = _in_row_sets(topk[:, :k], members, np.repeat(np.arange(len(baskets)), sizes))
     gains = 1.0 / np.log2(np.arange(k) + 2.0)
-    hr, recall, ndcg = [], [], []
-    for row, basket in zip(topk[:, :k], baskets, strict=True):
-        if not len(basket):
-            raise ValueError("every held-out basket needs at least one item")
-        hit = np.isin(row, basket)
-        hr.append(hit.any())
-        recall.append(hit.sum() / len(basket))
-        ndcg.append(gains[hit].sum() / gains[: min(k, len(basket))].sum())
-    return {f"basket_hr@{k}": float(np.mean(hr)), f"basket_recall@{k}": float(np.mean(recall)),
-            f"basket_ndcg@{k}": float(np.mean(ndcg))}
+    ideal = np.cumsum(gains)[np.minimum(k, sizes) - 1]
+    return {f"basket_hr@{k}": float(hit.any(axis=1).mean()),
+            f"basket_recall@{k}": float((hit.sum(axis=1) / sizes).mean()),
+            f"basket_ndcg@{k}": float(((hit * gains).sum(axis=1) / ideal).mean())}
 
 
 def repeat_share(topk: np.ndarray, history: np.ndarray, k: int = 10) -> float:
@@ -62,11 +73,16 @@ def repeat_share(topk: np.ndarray, history: np.ndarray, k: int = 10) -> float:
     if topk.shape[0] != history.shape[0] or history.ndim != 2:
         raise ValueError(f"topk [U, >={k}] and history [U, L] must have the same U; got "
                          f"{topk.shape} and {history.shape}")
-    return float(np.mean([np.isin(row, h[h > 0]).mean() for row, h in
-                          zip(topk, history, strict=True)]))
+    real = history > 0
+    owner = np.broadcast_to(np.arange(history.shape[0])[:, None], history.shape)[real]
+    return float(_in_row_sets(topk, history[real], owner).mean(axis=1).mean())
 
 
 def topk_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     """Mean |top-k(a) ∩ top-k(b)| / k over rows: how often two models recommend the same."""
-    a, b = np.asarray(a)[:, :k], np.asarray(b)[:, :k]
-    return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, b, strict=True)]))
+    a, b = np.sort(np.asarray(a)[:, :k], axis=1), np.asarray(b)[:, :k]
+    distinct = np.ones(a.shape, dtype=bool)  # a repeated id counts once, as in a set
+    distinct[:, 1:] = a[:, 1:] != a[:, :-1]
+    owner = np.broadcast_to(np.arange(b.shape[0])[:, None], b.shape).ravel()
+    common = _in_row_sets(a, b.ravel(), owner) & distinct
+    return float((common.sum(axis=1) / k).mean())
