@@ -51,9 +51,10 @@ def local_trainer_ms(population, bundle_dir: Path, config: SimulationConfig, n: 
     bundle = load_bundle(bundle_dir)
     trainer = LocalTrainer(bundle, HistoryPolicy(exclude_kinds=("dismiss",)))
     federated = bundle.manifest.get("architecture", {}).get("federated")
-    task = LocalTrainingConfig(config.local_epochs, config.learning_rate, config.batch_size,
-                               config.clip_norm, 0.0, config.max_examples,
-                               tuple(federated) if federated else None)
+    task = LocalTrainingConfig(
+        local_epochs=config.local_epochs, learning_rate=config.learning_rate,
+        batch_size=config.batch_size, clip_norm=config.clip_norm,
+        max_examples=config.max_examples, trainable=tuple(federated) if federated else None)
     now = int(population.clock[0])
     times = []
     for user in sorted(population.devices):
