@@ -91,3 +91,23 @@ def test_bad_ledger_settings_are_refused():
         PrivacyLedger(0.0)
     with pytest.raises(ValueError, match="no finite epsilon"):
         LedgerEntry("r", 0.0, 0.1)
+
+
+def test_a_ledger_kept_across_rounds_gives_what_a_restored_one_computes_from_scratch():
+    """The fast simulator keeps one ledger and records a round at a time, its sampling rate
+    changing every round (the eligible population grows); the server rebuilds the ledger
+    from its rows each round. Round by round both give the same epsilon, bit for bit, and
+    a hypothetical check() in between changes nothing."""
+    kept = PrivacyLedger(1e-5)
+    entries = []
+    for n in range(12):
+        q = 0.02 if n in (4, 5, 6) else 0.01 + 0.001 * n  # a run of equal rounds in between
+        entry = LedgerEntry(f"round-{n}", 1.1, q)
+        if n % 3 == 0:
+            kept.check(LedgerEntry("what-if", 0.9, 0.5))
+        entries.append(entry)
+        assert kept.record(entry) == PrivacyLedger(1e-5, entries=entries).epsilon()
+    reference = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    assert kept.epsilon() == pytest.approx(
+        _reference(reference, [(e.noise_multiplier, e.sampling_rate) for e in entries], 1e-5),
+        rel=1e-6)
