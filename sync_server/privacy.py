@@ -17,7 +17,6 @@ aggregation) is accounted as the Gaussian of the summed variance with its effect
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -118,17 +117,6 @@ def _run_event(key: tuple[float, float, int], count: int) -> Any:
     return LedgerEntry("", z, q, steps * count).dp_event()
 
 
-def dp_event(entries: Iterable[LedgerEntry]) -> Any:
-    """All entries as one composed ``dp_accounting`` event; entries of equal (z, q, steps)
-    are grouped into one self-composition (far faster for PLD, and the same result)."""
-    import dp_accounting
-
-    groups = Counter((e.noise_multiplier, e.sampling_rate, e.steps) for e in entries)
-    events = [LedgerEntry("", z, q, steps * count).dp_event()
-              for (z, q, steps), count in sorted(groups.items())]
-    return dp_accounting.ComposedDpEvent(events)
-
-
 class PrivacyLedger:
     """Cumulative (epsilon, delta) over ledger entries, via the named accountant."""
 
@@ -146,11 +134,9 @@ class PrivacyLedger:
         self.accountant = accountant
         self.computed_by = accountant  # which accountant gave the last epsilon
         self.entries: list[LedgerEntry] = list(entries)
-        # PLD: the accountant after every run but the newest, and those runs. A ledger that
-        # lives across rounds (the fast simulator's) composes each new run once instead of
-        # every round again (whose cost grew with the square of the rounds when q changes
-        # every round); from scratch or cached, the same compose calls in the same order.
-        self._done: tuple[list[tuple[tuple[float, float, int], int]], Any] = ([], None)
+        # Per accountant: the runs composed so far but the newest, and the accountant after
+        # them (``_after``).
+        self._done: dict[str, tuple[list[tuple[tuple[float, float, int], int]], Any]] = {}
 
     def epsilon(self, extra: Iterable[LedgerEntry] = ()) -> float:
         """Epsilon at ``delta`` after every entry (plus ``extra``, hypothetically)."""
@@ -158,34 +144,32 @@ class PrivacyLedger:
         self.computed_by = self.accountant
         if not entries:
             return 0.0
-        event = dp_event(entries)
+        all_runs = runs(entries)
         if self.accountant == "pld":
-            bound = ACCOUNTANTS["rdp"]()
-            bound.compose(event)
-            loose = float(bound.get_epsilon(self.delta))
+            loose = float(self._after("rdp", all_runs).get_epsilon(self.delta))
             if not loose <= PLD_MAX_EPSILON:  # NaN / inf included
                 self.computed_by = "rdp"
                 return loose
-            return float(self._pld_after(runs(entries)).get_epsilon(self.delta))
-        accountant = ACCOUNTANTS[self.accountant]()
-        accountant.compose(event)
-        return float(accountant.get_epsilon(self.delta))
+        return float(self._after(self.accountant, all_runs).get_epsilon(self.delta))
 
-    def _pld_after(self, all_runs: list[tuple[tuple[float, float, int], int]]) -> Any:
-        """A PLD accountant that composed ``all_runs`` one run at a time, in order; the
-        prefix of complete runs (all but the last, which a next round may extend) is
-        kept and reused when the next call starts with it."""
+    def _after(self, name: str, all_runs: list[tuple[tuple[float, float, int], int]]) -> Any:
+        """Accountant ``name`` after composing ``all_runs`` one run at a time, in order. The
+        accountant after the settled runs (all but the last, which a next round may extend)
+        is kept, and reused when the next call starts with the same runs: a ledger kept
+        across rounds (the fast simulator's, whose q changes every round) composes each run
+        once, where recomputing grew with the square of the rounds. From scratch or
+        reused, the same compose calls in the same order: the same epsilon, bit for bit."""
         import copy
 
         settled, last = all_runs[:-1], all_runs[-1]
-        done, accountant = self._done
+        done, accountant = self._done.get(name, ([], None))
         if accountant is None or settled[: len(done)] != done:
-            done, accountant = [], ACCOUNTANTS["pld"]()
+            done, accountant = [], ACCOUNTANTS[name]()
         else:
             accountant = copy.deepcopy(accountant)
         for key, count in settled[len(done):]:
             accountant.compose(_run_event(key, count))
-        self._done = (settled, copy.deepcopy(accountant))
+        self._done[name] = (settled, copy.deepcopy(accountant))
         accountant.compose(_run_event(*last))
         return accountant
 
