@@ -22,8 +22,8 @@ writes its own report in OUT/runs/NAME; OUT holds ``sweep.csv`` (one row per run
 ``sweep_configs.csv`` (one row per configuration: mean and spread over its seeds),
 ``sweep.json`` (both), ``index.html`` and ``privacy_utility.png`` (HR@10 of the float
 model against epsilon, one curve per run over its rounds; runs without DP as their final
-HR@10). The table is
-rewritten after every finished run, and a Ctrl-C keeps the finished runs in it."""
+HR@10). The tables are rewritten after every finished run, and a Ctrl-C keeps the
+finished runs in them."""
 
 from __future__ import annotations
 
