@@ -38,7 +38,22 @@ def run(seed: int, run_dir: Path, extra: list[str]) -> dict[str, float]:
             "federated+DP": rows["federated+DP"]["final_hr10"],
             "central": data["central"]["hr@10"],
             "epsilon": rows["federated+DP"]["epsilon"],
+            **basket_columns(data),
             "seconds": time.perf_counter() - started}
+
+
+BASKET = ("basket round 0", "basket federated", "basket federated+DP", "basket central")
+
+
+def basket_columns(data: dict) -> dict[str, float]:
+    """Basket HR@10 of the same models, for data with a next-basket holdout (else none)."""
+    runs, central = data["runs"], data["central"]
+    if runs["federated"][0].get("basket_hr10") is None:
+        return {}
+    return {"basket round 0": runs["federated"][0]["basket_hr10"],
+            "basket federated": runs["federated"][-1]["basket_hr10"],
+            "basket federated+DP": runs["federated+DP"][-1]["basket_hr10"],
+            "basket central": central["basket_hr@10"]}
 
 
 def main() -> int:
@@ -53,17 +68,18 @@ def main() -> int:
         results.append((seed, run(seed, root / f"seed-{seed}-{k}", extra)))
         print(f"seed {seed}: " + ", ".join(f"{c} {results[-1][1][c]:.4f}" for c in COLUMNS)
               + f" ({results[-1][1]['seconds']:.0f} s)", flush=True)
+    columns = COLUMNS + (BASKET if all(BASKET[0] in r for _, r in results) else ())
     print()
     print("| seed | HR@10 round 0 | federated, final | federated + DP, final | central | "
-          "epsilon |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "epsilon |" + ("".join(f" {c} |" for c in BASKET) if columns != COLUMNS else ""))
+    print("|---|" + "---:|" * len(columns))
     for seed, r in results:
         print(f"| {seed} | " + " | ".join(f"{r[c]:.4f}" if c != "epsilon" else f"{r[c]:.2f}"
-                                          for c in COLUMNS) + " |")
+                                          for c in columns) + " |")
     distinct = {seed: r for seed, r in results}  # a repeated seed counts once (its last run)
     if len(distinct) > 1:
         cells = []
-        for c in COLUMNS:
+        for c in columns:
             values = [r[c] for r in distinct.values()]
             digits = 2 if c == "epsilon" else 4
             cells.append(f"{statistics.mean(values):.{digits}f} ± "
