@@ -12,7 +12,9 @@ from sync_server.privacy import (
     PLD_MAX_EPSILON,
     BudgetExceeded,
     LedgerEntry,
+    Prefixes,
     PrivacyLedger,
+    runs,
 )
 
 # (noise multiplier, sampling rate, rounds, delta): the demo's 24 rounds at z 0.5, q 32/1900;
@@ -93,20 +95,30 @@ def test_bad_ledger_settings_are_refused():
         LedgerEntry("r", 0.0, 0.1)
 
 
-def test_a_ledger_kept_across_rounds_gives_what_a_restored_one_computes_from_scratch():
+def test_ledgers_sharing_settled_runs_give_what_one_from_scratch_computes():
     """The fast simulator keeps one ledger and records a round at a time, its sampling rate
-    changing every round (the eligible population grows); the server rebuilds the ledger
-    from its rows each round. Round by round both give the same epsilon, bit for bit, and
-    a hypothetical check() in between changes nothing."""
-    kept = PrivacyLedger(1e-5)
+    changing every round (the eligible population grows); the server builds a new ledger
+    from its rows for every check and record. Both start from the accountant a shared
+    ``Prefixes`` holds after the settled runs; round by round both give what a ledger
+    composing every run from scratch gives, bit for bit, a hypothetical check() in
+    between changes nothing, and each rebuilt ledger found the previous round's runs."""
+    prefixes = Prefixes()
+    kept = PrivacyLedger(1e-5, prefixes=prefixes)
     entries = []
     for n in range(12):
         q = 0.02 if n in (4, 5, 6) else 0.01 + 0.001 * n  # a run of equal rounds in between
         entry = LedgerEntry(f"round-{n}", 1.1, q)
         if n % 3 == 0:
             kept.check(LedgerEntry("what-if", 0.9, 0.5))
+        rebuilt = PrivacyLedger(1e-5, entries=entries, prefixes=prefixes)
+        settled = runs([*entries, entry])[:-1]
+        found, _ = prefixes.longest("pld", settled)
+        assert found >= len(settled) - 1 or n == 0
+        projected = rebuilt.check(entry)
         entries.append(entry)
-        assert kept.record(entry) == PrivacyLedger(1e-5, entries=entries).epsilon()
+        scratch = PrivacyLedger(1e-5, entries=entries, prefixes=None).epsilon()
+        assert kept.record(entry) == projected == scratch
+        assert PrivacyLedger(1e-5, entries=entries, prefixes=prefixes).epsilon() == scratch
     reference = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     assert kept.epsilon() == pytest.approx(
         _reference(reference, [(e.noise_multiplier, e.sampling_rate) for e in entries], 1e-5),
