@@ -265,6 +265,10 @@ class DPFedAvg:
 SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam)
 }
+# The round-config keys each server optimizer reads (absent: its defaults above).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("server_lr",), "fedavgm": ("server_lr", "momentum"),
+    "fedadam": ("server_lr", "beta1", "beta2", "tau")}
 
 
 def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
@@ -275,9 +279,7 @@ def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
     if name not in SERVER_OPTIMIZERS:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(SERVER_OPTIMIZERS)}")
     cls = SERVER_OPTIMIZERS[name]
-    keys = {"fedavg": ("server_lr",), "fedavgm": ("server_lr", "momentum"),
-            "fedadam": ("server_lr", "beta1", "beta2", "tau")}[name]
-    inner = cls(**{k: float(config[k]) for k in keys if k in config})
+    inner = cls(**{k: float(config[k]) for k in OPTIONS[name] if k in config})
     if config.get("noise_multiplier") is None:
         return inner
     return DPFedAvg(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.cli import main
+from trainer.cli import RECIPE_STRATEGY, STRATEGY_DEFAULTS, main
 
 
 @pytest.mark.slow
@@ -20,6 +20,12 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
     assert f"report: {report / 'index.html'}" in out
     data = json.loads((report / "rounds.json").read_text())
     assert set(data["runs"]) == {"federated+DP", "federated"}
+    # Each run got the recipe for it: the server optimizer is chosen by DP or not.
+    for label, dp in (("federated", False), ("federated+DP", True)):
+        config = data["meta"][f"config[{label}]"]
+        assert config["strategy"] == RECIPE_STRATEGY[dp]
+        for key, value in STRATEGY_DEFAULTS[RECIPE_STRATEGY[dp]].items():
+            assert config[key] == value
     assert 0 < data["central"]["hr@10"] <= 1
     for label, records in data["runs"].items():
         assert [r["round"] for r in records] == [0, 1, 2, 3]

@@ -371,3 +371,58 @@ def test_ctrl_c_during_a_sweep_keeps_the_finished_runs(fleet, tmp_path):
     # when Ctrl-C came is not.
     assert 1 <= len(data["runs"]) < 3
     assert all(r["rounds"] == r["published"] == 40 for r in data["runs"])
+
+
+def test_a_round_over_a_subset_leaves_the_frozen_tensors_as_they_were_in_both_modes(
+        fleet, tmp_path):
+    """``trainable`` federates only the MLP and the output bias: both modes publish the
+    same model within the quantization bound, and the item tables are the base bundle's
+    bit for bit."""
+    _, bundle = fleet
+    federated = ("mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "out.bias")
+    config = replace(CONFIG, strategy="fedavgm", server_lr=2.0, momentum=0.5,
+                     trainable=federated)
+    runs = _both_modes(fleet, tmp_path, config)
+    _check_parity(runs, config)
+    base = load_bundle(bundle).weights()
+    version = runs["fast"][1][-1].version
+    for mode in ("full", "fast"):
+        weights = _final_weights(runs[mode][0], version, mode)
+        for name in base:
+            if name in federated:
+                assert not np.array_equal(weights[name], base[name]), (mode, name)
+            else:
+                assert np.array_equal(weights[name], base[name]), (mode, name)
+
+
+def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_subset():
+    from sync_server import round_config
+    from trainer.cli import RECIPE_STRATEGY, STRATEGY_DEFAULTS, _recipe, _trainable, build_parser
+
+    def args(*flags):
+        return build_parser().parse_args(["simulate", *flags])
+
+    assert _trainable(args()) is None
+    assert _trainable(args("--trainable", "mlp, out.bias")) == (
+        "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "out.bias")
+    assert len(_trainable(args("--trainable", "all"))) == 7
+    with pytest.raises(ValueError, match="'mlp.1' matches no parameter"):
+        _trainable(args("--trainable", "mlp.1"))
+    # No strategy flag: the recipe's strategy for the run (with DP or not), its settings.
+    for dp in (False, True):
+        strategy = RECIPE_STRATEGY[dp]
+        assert _recipe(args(), dp) == {"strategy": strategy, **STRATEGY_DEFAULTS[strategy]}
+    assert RECIPE_STRATEGY[False] != RECIPE_STRATEGY[True]
+    # Flags win; a setting the strategy does not read is not sent.
+    assert _recipe(args("--strategy", "fedadam", "--tau", "0.02", "--momentum", "0.9"),
+                   True) == {**STRATEGY_DEFAULTS["fedadam"], "strategy": "fedadam",
+                             "tau": 0.02}
+    config = SimulationConfig(strategy="fedadam", server_lr=0.1, tau=0.02, beta1=0.8,
+                              momentum=0.9, trainable=("out.bias",))
+    body = config.round_config(32, 1900, 1, 1e-5, 60.0, 30.0)
+    stored = round_config.plan(body).stored()
+    assert (stored["tau"], stored["beta1"], stored["trainable"]) == (0.02, 0.8, ["out.bias"])
+    assert "momentum" not in stored and "beta2" not in stored  # fedadam's own default
+    body = replace(config, strategy="fedavgm", trainable=None).round_config(
+        32, 1900, 1, 1e-5, 60.0, 30.0)
+    assert body["momentum"] == 0.9 and "tau" not in body and body["trainable"] is None

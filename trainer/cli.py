@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainer.simulation.experiment import ModelSpec
@@ -300,9 +300,22 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--deadline", type=float, help="collecting deadline (s); default: paced")
     g.add_argument("--stage-timeout", type=float, help="SecAgg+ stage timeout (s); default: paced")
     g = p.add_argument_group("federated training")
-    g.add_argument("--strategy", default="fedavgm", choices=("fedavg", "fedavgm", "fedadam"))
-    g.add_argument("--server-lr", type=float, default=0.5)
-    g.add_argument("--momentum", type=float, default=0.5, help="fedavgm")
+    defaults = {key: ", ".join(f"{name} {values[key]:g}" for name, values in
+                               STRATEGY_DEFAULTS.items() if key in values)
+                for key in ("server_lr", "momentum", "tau")}
+    g.add_argument("--strategy", choices=tuple(STRATEGY_DEFAULTS),
+                   help=f"server optimizer (default: {RECIPE_STRATEGY[False]} without DP, "
+                   f"{RECIPE_STRATEGY[True]} with DP)")
+    g.add_argument("--server-lr", type=float, help=f"default: {defaults['server_lr']}")
+    g.add_argument("--momentum", type=float, help=f"default: {defaults['momentum']}")
+    g.add_argument("--beta1", type=float, help="fedadam (default 0.9)")
+    g.add_argument("--beta2", type=float, help="fedadam (default 0.99)")
+    g.add_argument("--tau", type=float, help=f"fedadam's adaptivity floor (default: "
+                   f"{defaults['tau']}; under DP about the noise's z x clip / cohort)")
+    g.add_argument("--trainable", metavar="NAMES",
+                   help="the tensors rounds federate, comma-separated: parameter names or "
+                   "their dotted prefixes, or 'all' (dual encoder: 'mlp,out.bias' freezes both "
+                   "item tables); default: the architecture's")
     g.add_argument("--clip-norm", type=float, default=0.3,
                    help="per-device update clip C (typical unclipped norms are printed in the "
                    "report: update_norm_median)")
@@ -330,13 +343,38 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--out", help="report directory (default: RUN/report)")
 
 
+# The federated recipe demo, simulate and sweep default to, from the sweeps on the demo's
+# fleet (README, "The recipe search"): FedAdam without DP; with DP, FedAdam turns the
+# noise into full steps and FedAvgM does best. A strategy's settings default to the best
+# found for it; flags override each.
+RECIPE_STRATEGY = {False: "fedadam", True: "fedavgm"}  # by "with DP"
+STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedavg": {"server_lr": 1.0},
+    "fedavgm": {"server_lr": 0.5, "momentum": 0.5},
+    "fedadam": {"server_lr": 0.1, "tau": 1e-3},
+}
+
+
+def _recipe(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
+    """strategy, server_lr and the strategy's own settings for one run: the flags given,
+    else the recipe's (RECIPE_STRATEGY, STRATEGY_DEFAULTS)."""
+    from sync_server import strategies
+
+    strategy = getattr(args, "strategy", None) or RECIPE_STRATEGY[dp]
+    recipe: dict[str, Any] = {"strategy": strategy, **STRATEGY_DEFAULTS[strategy]}
+    for key in strategies.OPTIONS[strategy]:
+        if getattr(args, key, None) is not None:
+            recipe[key] = getattr(args, key)
+    return recipe
+
+
 def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
     from trainer.simulation.run import SimulationConfig
 
-    return SimulationConfig(
+    return SimulationConfig(**_recipe(args, bool(noise)),
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
-        delta=args.delta, clip_norm=args.clip_norm, strategy=args.strategy,
-        server_lr=args.server_lr, momentum=args.momentum, local_epochs=args.local_epochs,
+        delta=args.delta, clip_norm=args.clip_norm, trainable=_trainable(args),
+        local_epochs=args.local_epochs,
         learning_rate=args.local_lr, batch_size=args.local_batch_size,
         max_examples=args.local_max_examples,
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
@@ -344,6 +382,31 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
         stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,
         ray_address=args.ray_address, seed=args.seed, label=label, mode=args.mode,
         export_every=args.export_every)
+
+
+def _trainable(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--trainable's names and prefixes -> the model's parameter names (sorted), or None.
+    ValueError naming an entry that matches no parameter."""
+    spec = getattr(args, "trainable", None)
+    if spec is None:
+        return None
+    import model_zoo
+
+    entries = spec if isinstance(spec, list | tuple) else str(spec).split(",")
+    entries = [e.strip() for e in entries if e.strip()]
+    if not entries:
+        raise ValueError("--trainable needs at least one parameter name or prefix")
+    arch = model_zoo.get(args.arch or SIMULATION_MODEL)
+    names = list(arch.config(n_items=2, **_model_options(args, arch)).param_shapes())
+    chosen: set[str] = set()
+    for entry in entries:
+        matched = [n for n in names if entry == "all" or n == entry
+                   or n.startswith(entry + ".")]
+        if not matched:
+            raise ValueError(f"--trainable {entry!r} matches no parameter of {arch.name}; "
+                             f"its parameters: {names}")
+        chosen.update(matched)
+    return tuple(sorted(chosen))
 
 
 def _simulation_model(args: argparse.Namespace) -> ModelSpec:
@@ -452,9 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
             "central training; writes a report (synthetic shop unless --data)", cmd_demo)
     _data_args(p)
     _train_args(p)
-    _sim_args(p, rounds=24, clients=32)
+    _sim_args(p, rounds=48, clients=32)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.5)
+    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.6)
     p.add_argument("--base-bundle", metavar="DIR",
                    help="start from this exported bundle (same data) instead of pretraining")
 

@@ -44,6 +44,7 @@ from device_sdk import secagg
 from device_sdk.bundle import zip_bundle_dir
 from device_sdk.protocol import b64decode
 from device_sdk.sync_client import SyncError
+from sync_server import strategies
 from sync_server.privacy import default_delta
 from sync_server.round_config import TASK_KEYS, RoundConfig
 from sync_server.selection import coin
@@ -70,7 +71,11 @@ class SimulationConfig:
     clip_norm: float = _SERVER.clip_norm
     strategy: str = _SERVER.strategy
     server_lr: float = 1.0
-    momentum: float | None = None
+    momentum: float | None = None  # fedavgm; None: the strategy's default
+    beta1: float | None = None  # fedadam's beta1, beta2, tau; None: the strategy's defaults
+    beta2: float | None = None
+    tau: float | None = None
+    trainable: tuple[str, ...] | None = None  # federated tensors; None: the architecture's
     local_epochs: int = _SERVER.local_epochs
     learning_rate: float = _SERVER.learning_rate
     batch_size: int = _SERVER.batch_size
@@ -99,8 +104,11 @@ class SimulationConfig:
             "upload_scheme": self.upload_scheme, "server_lr": self.server_lr,
             **{key: getattr(self, key) for key in TASK_KEYS if hasattr(self, key)},
         }
-        if self.momentum is not None and self.strategy == "fedavgm":
-            config["momentum"] = self.momentum
+        if self.trainable is not None:
+            config["trainable"] = list(self.trainable)
+        for key in strategies.OPTIONS[self.strategy]:
+            if key != "server_lr" and getattr(self, key, None) is not None:
+                config[key] = getattr(self, key)
         if self.noise_multiplier is not None:
             config.update(noise_multiplier=self.noise_multiplier, delta=delta)
         if self.upload_scheme == secagg.SCHEME:
