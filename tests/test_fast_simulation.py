@@ -396,8 +396,16 @@ def test_a_round_over_a_subset_leaves_the_frozen_tensors_as_they_were_in_both_mo
 
 
 def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_subset():
+    import model_zoo
     from sync_server import round_config
-    from trainer.cli import RECIPE_STRATEGY, STRATEGY_DEFAULTS, _recipe, _trainable, build_parser
+    from trainer.cli import (
+        RECIPE_STRATEGY,
+        SIMULATION_MODEL,
+        STRATEGY_DEFAULTS,
+        _recipe,
+        _trainable,
+        build_parser,
+    )
 
     def args(*flags):
         return build_parser().parse_args(["simulate", *flags])
@@ -405,7 +413,8 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
     assert _trainable(args()) is None
     assert _trainable(args("--trainable", "mlp, out.bias")) == (
         "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "out.bias")
-    assert len(_trainable(args("--trainable", "all"))) == 7
+    assert _trainable(args("--trainable", "all")) == tuple(sorted(
+        model_zoo.get(SIMULATION_MODEL).config(n_items=2).param_shapes()))
     with pytest.raises(ValueError, match="'mlp.1' matches no parameter"):
         _trainable(args("--trainable", "mlp.1"))
     # No strategy flag: the recipe's strategy for the run (with DP or not), its settings.
