@@ -45,39 +45,47 @@ def retail_run(tmp_path_factory):
     return run, key, public_hex
 
 
-def test_train_export_evaluate_on_online_retail(retail_run):
-    run, _, _ = retail_run
-    report = json.loads((run / "export_report.json").read_text())
-    assert report["agree@10_int8_vs_torch"] >= 0.97
-    assert report["size_ratio_int8_float"] < 0.4
-    table = _pocketrec("evaluate", "--run", str(run))
-    assert "dual_encoder litert int8" in table and "basket holdout" in table
-    rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
-    torch_row, int8_row = rows["dual_encoder torch (float)"], rows["dual_encoder litert int8"]
-    assert torch_row["hr@10"] > 2 * rows["popularity"]["hr@10"]
-    assert int8_row["hr@10"] > 2 * rows["popularity"]["hr@10"]
-    assert int8_row["agree@10"] >= 0.97
-    assert torch_row["coverage@10"] > 10 * rows["popularity"]["coverage@10"]
-    assert torch_row["basket_hr@10"] > rows["popularity"]["basket_hr@10"]
-
-
-def test_sasrec_trains_exports_and_shares_one_table_with_the_dual_encoder(retail_run, tmp_path):
-    """`pocketrec train --model sasrec` + `export` + `evaluate --compare`: one table, both
-    protocols, the baselines and both models (two short epochs: a smoke run, not the
-    benchmark; bench/ and the README hold the measured numbers)."""
+@pytest.fixture(scope="module")
+def retail_table(retail_run, tmp_path_factory):
+    """`pocketrec train --model sasrec` (two short epochs: a smoke run, not the benchmark;
+    bench/ and the README hold the measured numbers) + `export`, then one `evaluate
+    --compare` of both runs: the table both tests below read (one evaluation, whose
+    baselines' tuning is most of its cost, instead of one per model)."""
     dual, _, _ = retail_run
-    run = tmp_path / "sasrec"
+    run = tmp_path_factory.mktemp("retail-sasrec") / "sasrec"
     out = _pocketrec("train", "--model", "sasrec", "--data", str(ONLINE_RETAIL), "--run",
                      str(run), "--epochs", "2", "--no-progress")
     assert "basket holdout" in out
     _pocketrec("export", "--run", str(run))
+    table = _pocketrec("evaluate", "--run", str(run), "--compare", str(dual))
+    rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
+    return run, table, rows
+
+
+def test_train_export_evaluate_on_online_retail(retail_run, retail_table):
+    run, _, _ = retail_run
+    report = json.loads((run / "export_report.json").read_text())
+    assert report["agree@10_int8_vs_torch"] >= 0.97
+    assert report["size_ratio_int8_float"] < 0.4
+    _, table, rows = retail_table
+    assert "dual_encoder litert int8" in table and "basket holdout" in table
+    torch_row, int8_row = rows["dual_encoder torch (float)"], rows["dual_encoder litert int8"]
+    assert torch_row["hr@10"] > 2 * rows["popularity"]["hr@10"]
+    assert int8_row["hr@10"] > 2 * rows["popularity"]["hr@10"]
+    assert int8_row["agree@10"] >= 0.97  # against its own run's torch model
+    assert torch_row["coverage@10"] > 10 * rows["popularity"]["coverage@10"]
+    assert torch_row["basket_hr@10"] > rows["popularity"]["basket_hr@10"]
+
+
+def test_sasrec_trains_exports_and_shares_one_table_with_the_dual_encoder(retail_table):
+    """`--model sasrec` trains, exports and shares one evaluate table with the dual encoder:
+    both protocols, the baselines and both models."""
+    run, table, rows = retail_table
     report = json.loads((run / "export_report.json").read_text())
     assert report["agree@10_int8_vs_torch"] >= 0.9
-    table = _pocketrec("evaluate", "--run", str(run), "--compare", str(dual))
     for name in ("popularity", "item-knn", "sasrec litert int8", "dual_encoder litert int8",
                  "basket_recall@10"):
         assert name in table
-    rows = {r["model"]: r for r in json.loads((run / "evaluation_test.json").read_text())}
     sas = rows["sasrec litert int8"]
     assert sas["hr@10"] > 2 * rows["popularity"]["hr@10"]
     assert sas["hr@10"] >= 0.95 * rows["sasrec torch (float)"]["hr@10"]
