@@ -147,7 +147,17 @@ MODEL_FIXTURES = frozenset({"tiny_checkpoint", "tiny_export", "tiny_sasrec_check
                             "tiny_sasrec_export", "signed_bundles"})
 
 
+# -- two workers (pyproject: -n 2 --dist loadfile --no-loadscope-reorder): xdist hands out
+# whole files in collection order, so the files that take minutes go first; one of them
+# started last would run alone at the end while the other worker idles.
+FIRST = ("test_online_retail.py", "test_secagg_rounds.py", "test_server_faults.py",
+         "test_selection.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # A stable sort: every file keeps its own order of tests.
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST
+               else len(FIRST))
