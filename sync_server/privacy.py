@@ -160,6 +160,55 @@ class Prefixes:
 SHARED_PREFIXES = Prefixes()
 
 
+# --target-epsilon never asks for less noise than this: below it the subsampled Gaussian's
+# privacy loss distribution gets costly to build, and federated DP runs sit well above it.
+MIN_CALIBRATED_NOISE = 0.3
+
+
+def calibrate_noise(rates: Iterable[float], target_epsilon: float, delta: float,
+                    accountant: str = DEFAULT_ACCOUNTANT, tol: float = 1e-3) -> float:
+    """The noise multiplier z for rounds at these sampling rates, one round each in order,
+    whose ledger epsilon at ``delta`` is at most ``target_epsilon``: the smallest such z
+    to within ``tol`` (never below ``MIN_CALIBRATED_NOISE``), found by dp_accounting's
+    ``calibrate_dp_mechanism`` (Brent's method) on the events the ledger composes, then
+    confirmed by a ledger. ValueError on no rounds or a target that is not positive."""
+    import dp_accounting
+    from dp_accounting import mechanism_calibration as calibration
+
+    rates = [float(q) for q in rates]
+    if not rates:
+        raise ValueError("no rounds to calibrate the noise for")
+    if not target_epsilon > 0:
+        raise ValueError(f"target epsilon must be positive, got {target_epsilon}")
+
+    def entries(z: float) -> list[LedgerEntry]:
+        return [LedgerEntry(f"planned-{i}", z, q) for i, q in enumerate(rates, 1)]
+
+    def event(z: float) -> Any:
+        return dp_accounting.ComposedDpEvent([_run_event(key, count)
+                                              for key, count in runs(entries(z))])
+
+    def ledger_epsilon(z: float) -> float:
+        return PrivacyLedger(delta, entries=entries(z), accountant=accountant,
+                             prefixes=None).epsilon()
+
+    make = ACCOUNTANTS[accountant]
+    low, guess = MIN_CALIBRATED_NOISE, 1.0
+    if ledger_epsilon(guess) <= target_epsilon:
+        if ledger_epsilon(low) <= target_epsilon:
+            return low
+        bracket: Any = calibration.ExplicitBracketInterval(low, guess)
+    else:
+        bracket = calibration.LowerEndpointAndGuess(guess, 2 * guess)
+    z = float(dp_accounting.calibrate_dp_mechanism(make, event, target_epsilon, delta,
+                                                   bracket, tol=tol))
+    # The ledger is what the rounds will report (it may answer from RDP where PLD's grid
+    # would be too large): step up until it agrees.
+    while ledger_epsilon(z) > target_epsilon:
+        z += tol
+    return z
+
+
 class PrivacyLedger:
     """Cumulative (epsilon, delta) over ledger entries, via the named accountant.
     ``prefixes``: where accountants after settled runs are kept between ledgers (the

@@ -99,6 +99,17 @@ def test_dp_flags_need_dp(tmp_path):
               "--synthetic-users", "50", "--synthetic-items", "30"])
 
 
+@pytest.mark.parametrize("command", ["simulate", "demo"])
+def test_rounds_take_a_noise_multiplier_or_a_target_epsilon(command, tmp_path, capsys):
+    common = ["--run", str(tmp_path / "r"), "--synthetic-users", "50", "--synthetic-items",
+              "30"]
+    assert main([command, *common, "--noise-multiplier", "0.9", "--target-epsilon", "4"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([command, *common, "--target-epsilon", "-1"]) == 2
+    assert "--target-epsilon must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("command", ["demo", "train", "export", "evaluate"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

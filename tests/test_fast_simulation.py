@@ -34,10 +34,11 @@ from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_se
 from device_sdk.protocol import b64, b64decode, device_id_for
 from device_sdk.recommender import HistoryPolicy
 from device_sdk.uploads import flatten_update
+from sync_server.privacy import LedgerEntry, PrivacyLedger
 from tests.support.fleet import ROUNDS, pretrained_fleet
 from trainer.simulation.experiment import simulate_one
 from trainer.simulation.fast import FastDeviceWorker, decode_ring, quantize_seed
-from trainer.simulation.run import SimulationConfig
+from trainer.simulation.run import SimulationConfig, planned_rates
 
 REPO = Path(__file__).resolve().parents[1]
 # The embedded synthetic shop, small: 240 users, 120 items.
@@ -227,6 +228,22 @@ def test_parity_holds_with_central_dp_noise(fleet, tmp_path):
                      momentum=0.5)
     runs = _both_modes(fleet, tmp_path, config)
     _check_parity(runs, config)
+
+
+def test_a_target_epsilon_sets_the_noise_the_rounds_ledger_spends_it_to(fleet, tmp_path):
+    population, bundle = fleet
+    config = replace(CONFIG, mode="fast", dropout=0.0, target_epsilon=3.0,
+                     strategy="fedavgm", server_lr=0.5, momentum=0.5)
+    rates = planned_rates(population, config)
+    records, interrupted = simulate_one(population, bundle, tmp_path, config, progress=False)
+    assert not interrupted and config.noise_multiplier is not None
+    assert [r.state for r in records[1:]] == ["published"] * ROUNDS == ["published"] * len(rates)
+    # Every round published, so the run's epsilon is the plan's, at most the target.
+    planned = [LedgerEntry(f"r{i}", config.noise_multiplier, q) for i, q in enumerate(rates)]
+    epsilon = PrivacyLedger(records[-1].delta, entries=planned, prefixes=None).epsilon()
+    assert records[-1].epsilon == pytest.approx(epsilon, rel=1e-9)
+    assert 0.9 * 3.0 < records[-1].epsilon <= 3.0
+    assert all(0 < q < 1 for q in rates)  # a sampled fleet: the rates are the server's q
 
 
 TIMINGS = ("wall_s", "phases", "device_seconds_median")

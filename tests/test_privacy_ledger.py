@@ -8,12 +8,14 @@ import pytest
 from dp_accounting import pld, rdp
 
 from sync_server.privacy import (
+    MIN_CALIBRATED_NOISE,
     PLD_DISCRETIZATION,
     PLD_MAX_EPSILON,
     BudgetExceeded,
     LedgerEntry,
     Prefixes,
     PrivacyLedger,
+    calibrate_noise,
     runs,
 )
 
@@ -123,3 +125,25 @@ def test_ledgers_sharing_settled_runs_give_what_one_from_scratch_computes():
     assert kept.epsilon() == pytest.approx(
         _reference(reference, [(e.noise_multiplier, e.sampling_rate) for e in entries], 1e-5),
         rel=1e-6)
+
+
+def _planned(z, rates):
+    return [LedgerEntry(f"r{i}", z, q) for i, q in enumerate(rates)]
+
+
+def test_calibrated_noise_is_the_smallest_the_ledger_keeps_under_the_target():
+    # A growing population: q falls from 0.3 to 0.1 over 12 rounds.
+    rates = [0.3] * 3 + [0.2] * 4 + [0.1] * 5
+    for target in (2.0, 6.0):
+        z = calibrate_noise(rates, target, 1e-5, tol=1e-3)
+        assert PrivacyLedger(1e-5, entries=_planned(z, rates), prefixes=None).epsilon() <= target
+        tighter = PrivacyLedger(1e-5, entries=_planned(z - 2e-3, rates), prefixes=None)
+        assert tighter.epsilon() > target  # within 2 tol of the least noise that fits
+
+
+def test_calibration_floors_the_noise_and_refuses_what_it_cannot_do():
+    assert calibrate_noise([0.01] * 3, 500.0, 1e-5) == MIN_CALIBRATED_NOISE
+    with pytest.raises(ValueError, match="no rounds"):
+        calibrate_noise([], 4.0, 1e-5)
+    with pytest.raises(ValueError, match="must be positive"):
+        calibrate_noise([0.1], 0.0, 1e-5)

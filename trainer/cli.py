@@ -80,7 +80,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp", action="store_true",
                    help="train with DP-SGD (without a noise setting: --target-epsilon 8)")
     g.add_argument("--noise-multiplier", type=float)
-    g.add_argument("--target-epsilon", type=float, help="calibrate noise to reach this epsilon")
+    g.add_argument("--target-epsilon", type=float,
+                   help="calibrate the noise to this epsilon: train --dp, DP-SGD's; demo, "
+                   "simulate and sweep, the federated rounds' (the smallest noise multiplier "
+                   "whose ledger epsilon over the planned rounds is at most it)")
     g.add_argument("--delta", type=float, help="default: the power of ten below 1/examples")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clip norm")
 
@@ -368,11 +371,15 @@ def _recipe(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
     return recipe
 
 
-def _sim_config(args: argparse.Namespace, label: str, noise: float | None):
+def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
+                target: float | None = None):
+    """One run's SimulationConfig; ``target``: an epsilon to calibrate the noise to (when
+    ``noise`` is None)."""
     from trainer.simulation.run import SimulationConfig
 
-    return SimulationConfig(**_recipe(args, bool(noise)),
+    return SimulationConfig(**_recipe(args, bool(noise) or target is not None),
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
+        target_epsilon=None if noise else target,
         delta=args.delta, clip_norm=args.clip_norm, trainable=_trainable(args),
         local_epochs=args.local_epochs,
         learning_rate=args.local_lr, batch_size=args.local_batch_size,
@@ -441,10 +448,24 @@ def _experiment(args: argparse.Namespace, configs: list, central: bool,
     return result
 
 
+def _round_noise(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """(noise multiplier, target epsilon) for the rounds: --target-epsilon calibrates the
+    noise in place of --noise-multiplier (the two together are refused)."""
+    target = getattr(args, "target_epsilon", None)
+    if target is None:
+        return args.noise_multiplier, None
+    if args.noise_multiplier is not None and args.noise_multiplier != getattr(
+            args, "default_noise", None):
+        raise ValueError("give --noise-multiplier or --target-epsilon, not both")
+    if not target > 0:
+        raise ValueError(f"--target-epsilon must be positive, got {target}")
+    return None, target
+
+
 def cmd_simulate(args: argparse.Namespace) -> dict:
-    label = "federated+DP" if args.noise_multiplier else "federated"
-    return _experiment(args, [_sim_config(args, label, args.noise_multiplier)],
-                       central=args.central)
+    noise, target = _round_noise(args)
+    label = "federated+DP" if noise or target else "federated"
+    return _experiment(args, [_sim_config(args, label, noise, target)], central=args.central)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
@@ -455,8 +476,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     # The two runs go side by side, each with its own server and half the workers.
     workers = max(1, args.workers // 2)
-    configs = [replace(_sim_config(args, "federated+DP", args.noise_multiplier),
-                       workers=workers),
+    noise, target = _round_noise(args)
+    configs = [replace(_sim_config(args, "federated+DP", noise, target), workers=workers),
                replace(_sim_config(args, "federated", None), workers=workers)]
     result = _experiment(args, configs, central=True, side_by_side=args.server is None)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
@@ -517,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     _sim_args(p, rounds=48, clients=32)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.6)
+    # The DP run's noise; --target-epsilon replaces it with the calibrated one.
+    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.6, default_noise=0.6)
     p.add_argument("--base-bundle", metavar="DIR",
                    help="start from this exported bundle (same data) instead of pretraining")
 

@@ -20,7 +20,7 @@ from typing import Any
 from trainer.data.dataset import DataSpec
 from trainer.simulation.devices import peak_rss_mb
 from trainer.simulation.population import Population, build_population
-from trainer.simulation.run import RoundRecord, Simulation, SimulationConfig
+from trainer.simulation.run import RoundRecord, Simulation, SimulationConfig, calibrate
 from trainer.simulation.server import ServerProcess
 
 
@@ -112,6 +112,7 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
     ``server_url``). Returns the round records and whether it was interrupted (Ctrl-C, or
     ``stop`` set by another thread)."""
     root.mkdir(parents=True, exist_ok=True)
+    calibrate(population, config)  # --target-epsilon: the noise multiplier it needs
     if config.mode == "fast":
         return _simulate_fast(population, base_bundle, root, config, server_url=server_url,
                               progress=progress, on_round=on_round, stop=stop,
@@ -249,6 +250,11 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
     outcome: dict[str, bool] = {}
     written = {"next": 0.0}  # when the report may be rewritten next (perf_counter)
     for config in configs:
+        if config.target_epsilon is not None and config.noise_multiplier is None:
+            calibrate(population, config)
+            log(f"[{config.label}] noise multiplier {config.noise_multiplier:g}: the smallest "
+                f"whose epsilon over the {config.rounds} planned rounds is at most "
+                f"{config.target_epsilon:g}")
         meta[f"config[{config.label}]"] = {k: v for k, v in config.__dict__.items()
                                            if k != "label"}
 

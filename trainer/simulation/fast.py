@@ -379,16 +379,15 @@ class FastRounds:
         from sync_server import secure_aggregation, strategies
         from sync_server.privacy import LedgerEntry, PrivacyLedger
         from sync_server.selection import coin
-        from trainer.simulation.run import RoundRecord, draw_fates
+        from trainer.simulation.run import MIN_DEVICES, RoundRecord, draw_fates, eligible_users
 
         sim, config = self.sim, self.config
         now = sim._now(r)
-        eligible = [u for u in sim.users
-                    if np.searchsorted(sim.population.devices[u].times, now) >= 2]
+        eligible = eligible_users(sim.population, sim.users, now)
         n = min(config.clients_per_round, len(eligible))
         record = RoundRecord(r, config.label, sim._clock(r), population=len(eligible),
                              delta=sim.delta, epsilon=self.epsilon)
-        if n < 3:
+        if n < MIN_DEVICES:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             return record
         drop, late = draw_fates(sim.rng, eligible, config)  # as full mode draws them

@@ -45,7 +45,7 @@ from device_sdk.bundle import zip_bundle_dir
 from device_sdk.protocol import b64decode
 from device_sdk.sync_client import SyncError
 from sync_server import strategies
-from sync_server.privacy import default_delta
+from sync_server.privacy import calibrate_noise, default_delta
 from sync_server.round_config import TASK_KEYS, RoundConfig
 from sync_server.selection import coin
 from trainer.metrics import basket_metrics, ranking_metrics
@@ -67,6 +67,9 @@ class SimulationConfig:
     rounds: int = 20
     clients_per_round: int = 50
     noise_multiplier: float | None = None  # None: no differential privacy
+    # Without a noise_multiplier: calibrate one so the planned rounds' epsilon is at most
+    # this (``calibrate``); the config then carries the z it found.
+    target_epsilon: float | None = None
     delta: float | None = None  # default: the power of ten at or below 1 / (10 x devices)
     clip_norm: float = _SERVER.clip_norm
     strategy: str = _SERVER.strategy
@@ -117,6 +120,47 @@ class SimulationConfig:
         else:
             config["min_clients"] = max(1, math.ceil(0.5 * n))
         return config
+
+
+# A round needs this many eligible devices; with fewer the simulator skips it (no cost).
+MIN_DEVICES = 3
+
+
+def round_time(population: Population, r: int) -> int:
+    """Round r's time on the population's clock (rounds past the clock's end stay at it)."""
+    clock = population.clock
+    return int(clock[min(r - 1, len(clock) - 1)])
+
+
+def eligible_users(population: Population, users: list[str], now: int) -> list[str]:
+    """The devices that can train at ``now``: two or more events logged by then."""
+    return [u for u in users if np.searchsorted(population.devices[u].times, now) >= 2]
+
+
+def planned_rates(population: Population, config: SimulationConfig) -> list[float]:
+    """Each round's sampling rate as the simulator will ask the server for it: a target of
+    min(clients_per_round, eligible) devices over the eligible population (the server's
+    ``selection.resolve``), for every round that is not skipped."""
+    users = sorted(population.devices)
+    rates = []
+    for r in range(1, config.rounds + 1):
+        eligible = len(eligible_users(population, users, round_time(population, r)))
+        n = min(config.clients_per_round, eligible)
+        if n >= MIN_DEVICES:
+            rates.append(min(1.0, n / eligible))
+    return rates
+
+
+def calibrate(population: Population, config: SimulationConfig) -> None:
+    """``target_epsilon`` without a ``noise_multiplier``: set the smallest noise multiplier
+    whose ledger epsilon over the planned rounds (``planned_rates``, every one assumed to
+    publish) stays at most the target (``sync_server.privacy.calibrate_noise``). Rounds that
+    fail spend nothing, so the run's epsilon can only come out lower. A no-op otherwise."""
+    if config.target_epsilon is None or config.noise_multiplier is not None:
+        return
+    delta = config.delta or default_delta(len(population.devices))
+    config.noise_multiplier = round(calibrate_noise(
+        planned_rates(population, config), config.target_epsilon, delta), 4)
 
 
 @dataclass
@@ -349,8 +393,7 @@ class Simulation:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._now(max(r, 1))))
 
     def _now(self, r: int) -> int:
-        clock = self.population.clock
-        return int(clock[min(r - 1, len(clock) - 1)])
+        return round_time(self.population, r)
 
     def _run_op(self, op: str, users: list[str], extra: dict[str, Any] | None = None,
                 desc: str | None = None, per_user: dict[str, dict[str, Any]] | None = None
@@ -406,12 +449,11 @@ class Simulation:
         config = self.config
         started = time.perf_counter()
         now = self._now(r)
-        eligible = [u for u in self.users
-                    if np.searchsorted(self.population.devices[u].times, now) >= 2]
+        eligible = eligible_users(self.population, self.users, now)
         n = min(config.clients_per_round, len(eligible))
         record = RoundRecord(r, config.label, self._clock(r), population=len(eligible),
                              delta=self.delta)
-        if n < 3:
+        if n < MIN_DEVICES:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             self._finish_record(record)
             return record

@@ -48,8 +48,8 @@ from device_sdk.files import atomic_write
 
 # Flags a grid may vary: those of one simulation. Data, model and round-count flags shape
 # the fleet, its clock and the starting model every run shares: [base] only.
-GRID_FLAGS = ("noise_multiplier", "delta", "clip_norm", "strategy", "server_lr", "momentum",
-              "beta1", "beta2", "tau", "trainable",
+GRID_FLAGS = ("noise_multiplier", "target_epsilon", "delta", "clip_norm", "strategy",
+              "server_lr", "momentum", "beta1", "beta2", "tau", "trainable",
               "local_epochs", "local_lr", "local_batch_size", "local_max_examples",
               "dp_mode", "device_dropout", "stragglers", "clients_per_round", "seed",
               "workers", "export_every")
@@ -295,7 +295,7 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
         for k, v in params.items():
             setattr(run_args, k, v)
         noise = run_args.noise_multiplier or None  # 0: no DP
-        config = _sim_config(run_args, name, noise)
+        config = _sim_config(run_args, name, noise, getattr(run_args, "target_epsilon", None))
         config.mode = "fast"
         root = out / "runs" / name.replace("/", "_")
         started = time.perf_counter()
@@ -303,7 +303,8 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
                                             progress=False, stop=stop)
         if interrupted or stop.is_set():
             return
-        write_report(root, {name: records}, None, {"params": params})
+        write_report(root, {name: records}, None,
+                     {"params": params, "noise_multiplier": config.noise_multiplier})
         row = summarise(name, params, records, time.perf_counter() - started)
         with lock:
             rows.append(row)
