@@ -159,8 +159,8 @@ def calibrate(population: Population, config: SimulationConfig) -> None:
     if config.target_epsilon is None or config.noise_multiplier is not None:
         return
     delta = config.delta or default_delta(len(population.devices))
-    config.noise_multiplier = round(calibrate_noise(
-        planned_rates(population, config), config.target_epsilon, delta), 4)
+    config.noise_multiplier = calibrate_noise(planned_rates(population, config),
+                                              config.target_epsilon, delta)
 
 
 @dataclass
