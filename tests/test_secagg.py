@@ -290,7 +290,8 @@ def _looks_random(guess, quantized):
     uniform on the ring, so it is off by more than 2**24 at nearly every value (a uniform
     error lands that close with probability 2**-7; at most a quarter of the values may), and
     its correlation with the truth is within 8 standard errors of 0 (sd 1 / sqrt(length)).
-    Both bounds hold by chance with probability below 1e-14, so the test cannot flake."""
+    A truly masked guess fails either bound by chance with probability below 1e-14, so the
+    test cannot flake."""
     error = secagg.centered(guess - quantized).astype(float)
     close = np.abs(error) < 2.0 ** 24
     g, q = secagg.centered(guess).astype(float), secagg.centered(quantized).astype(float)

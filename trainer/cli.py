@@ -452,10 +452,10 @@ def _round_noise(args: argparse.Namespace) -> tuple[float | None, float | None]:
     """(noise multiplier, target epsilon) for the rounds: --target-epsilon calibrates the
     noise in place of --noise-multiplier (the two together are refused)."""
     target = getattr(args, "target_epsilon", None)
-    if target is None:
-        return args.noise_multiplier, None
-    if args.noise_multiplier is not None and args.noise_multiplier != getattr(
-            args, "default_noise", None):
+    if target is None:  # the demo's DP run has a default noise; simulate none (no DP)
+        noise = args.noise_multiplier
+        return (getattr(args, "default_noise", None) if noise is None else noise), None
+    if args.noise_multiplier is not None:
         raise ValueError("give --noise-multiplier or --target-epsilon, not both")
     if not target > 0:
         raise ValueError(f"--target-epsilon must be positive, got {target}")
@@ -538,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     _sim_args(p, rounds=48, clients=32)
     p.add_argument("--no-progress", action="store_true")
-    # The DP run's noise; --target-epsilon replaces it with the calibrated one.
-    p.set_defaults(epochs=15, dim=32, hidden=64, noise_multiplier=0.6, default_noise=0.6)
+    # The DP run's noise unless --noise-multiplier or --target-epsilon says otherwise.
+    p.set_defaults(epochs=15, dim=32, hidden=64, default_noise=0.6)
     p.add_argument("--base-bundle", metavar="DIR",
                    help="start from this exported bundle (same data) instead of pretraining")
 

@@ -250,8 +250,7 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
     outcome: dict[str, bool] = {}
     written = {"next": 0.0}  # when the report may be rewritten next (perf_counter)
     for config in configs:
-        if config.target_epsilon is not None and config.noise_multiplier is None:
-            calibrate(population, config)
+        if calibrate(population, config):
             log(f"[{config.label}] noise multiplier {config.noise_multiplier:g}: the smallest "
                 f"whose epsilon over the {config.rounds} planned rounds is at most "
                 f"{config.target_epsilon:g}")

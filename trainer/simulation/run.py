@@ -151,16 +151,18 @@ def planned_rates(population: Population, config: SimulationConfig) -> list[floa
     return rates
 
 
-def calibrate(population: Population, config: SimulationConfig) -> None:
+def calibrate(population: Population, config: SimulationConfig) -> bool:
     """``target_epsilon`` without a ``noise_multiplier``: set the smallest noise multiplier
     whose ledger epsilon over the planned rounds (``planned_rates``, every one assumed to
     publish) stays at most the target (``sync_server.privacy.calibrate_noise``). Rounds that
-    fail spend nothing, so the run's epsilon can only come out lower. A no-op otherwise."""
+    fail spend nothing, so the run's epsilon can only come out lower. Returns whether it
+    calibrated (a no-op otherwise)."""
     if config.target_epsilon is None or config.noise_multiplier is not None:
-        return
+        return False
     delta = config.delta or default_delta(len(population.devices))
     config.noise_multiplier = calibrate_noise(planned_rates(population, config),
                                               config.target_epsilon, delta)
+    return True
 
 
 @dataclass
