@@ -36,12 +36,13 @@ def main() -> None:
     from trainer.cli import _load_run
     from trainer.export import FLOAT_MODEL
     from trainer.metrics import ranking_metrics
+    from trainer.train import model_rows
 
     runners, sizes, quality, float_of, labels = {}, {}, {}, {}, []
     tests = []
     for run in runs:
         ckpt, prepared = _load_run(str(run))
-        test = prepared.split.test
+        test = model_rows(prepared.split.test, ckpt.model_config())  # its own view
         tests.append(test)
         n_items = len(ckpt.vocab)
         arch = ckpt.architecture

@@ -456,6 +456,18 @@ class EventLog:
         rows.reverse()
         return rows
 
+    def recent_triples(self, limit: int) -> list[tuple[str, str, float]]:
+        """``(item, kind, ts)`` of the ``limit`` newest events, oldest first: the read of a
+        recommender whose model marks session boundaries."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise _bad(f"limit must be an int >= 0, got {limit!r}")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT item, kind, ts FROM events ORDER BY ts DESC, id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        rows.reverse()
+        return rows
+
     def events(
         self, *, since_id: int = 0, kinds: Iterable[str] | None = None
     ) -> Iterator[Event]:

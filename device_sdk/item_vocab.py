@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from device_sdk.sessions import SESSION_KEY
+
 PAD_KEY = ""
 
 
@@ -31,20 +33,37 @@ class ItemVocab:
         self._index = {k: i for i, k in enumerate(self.keys)}
         if len(self._index) != len(self.keys):
             raise ValueError("vocabulary keys must be unique")
-        bad = [i for i in self.popular if not 0 < i < len(self.keys)]
+        # The separator is no item: a logged key equal to it maps to 0 (ignored) like any
+        # unknown key, and only ``session_id`` names it.
+        self._session = self._index.pop(SESSION_KEY, 0)
+        bad = [i for i in self.popular if not 0 < i < len(self.keys) or i == self._session]
         if bad:
-            raise ValueError(f"popular ids {bad[:5]} are outside 1..{len(self.keys) - 1}")
+            raise ValueError(f"popular ids {bad[:5]} are not item ids (1..{len(self.keys) - 1}, "
+                             "the session separator excluded)")
 
     @classmethod
     def from_items(cls, items: Iterable[str]) -> ItemVocab:
         """Ids by descending frequency (ties by key), so low ids are popular items."""
         counts = Counter(str(k) for k in items)
         counts.pop(PAD_KEY, None)
+        counts.pop(SESSION_KEY, None)
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return cls([PAD_KEY] + [k for k, _ in ordered])
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def with_session(self) -> ItemVocab:
+        """This vocabulary with the session separator (``SESSION_KEY``) as its last id, for
+        a model trained with session boundaries; itself when it has one already."""
+        if self.session_id:
+            return self
+        return ItemVocab(self.keys + [SESSION_KEY], list(self.popular))
+
+    @property
+    def session_id(self) -> int:
+        """The session separator's id, 0 when the vocabulary has none."""
+        return self._session
 
     def id_of(self, key: str) -> int:
         """The id of ``key``, 0 when unknown."""

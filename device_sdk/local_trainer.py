@@ -23,6 +23,7 @@ from device_sdk.bundle import Bundle
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import TrainingParams, l2_norm
 from device_sdk.recommender import NEGATIVE_KINDS, HistoryPolicy
+from device_sdk.sessions import session_targets, session_tokens
 
 if TYPE_CHECKING:
     from device_sdk.event_log import Event
@@ -80,18 +81,30 @@ class LocalTrainer:
         """Events, oldest first -> (histories int32 [N, L], targets int32 [N]), the most
         recent ``max_examples`` next-item examples."""
         seq: list[int] = []
+        stamps: list[float] = []
         for event in events:
             if event.kind in NEGATIVE_KINDS or self.policy.weight(event.kind) <= 0:
                 continue
             item = self.vocab.id_of(event.item)
             if item and (not seq or seq[-1] != item):
                 seq.append(item)
+                stamps.append(event.ts)
         ids = np.asarray(seq, dtype=np.int32)
+        empty = np.zeros((0, self.config.max_len), dtype=np.int32), np.zeros(0, dtype=np.int32)
         if len(ids) < 2:
-            empty = np.zeros((0, self.config.max_len), dtype=np.int32)
-            return empty, np.zeros(0, dtype=np.int32)
-        histories = next_item_windows(ids, self.config.max_len)
-        return histories[-max_examples:], ids[1:][-max_examples:]
+            return empty
+        separator = getattr(self.config, "session_id", 0)
+        if not separator:
+            histories = next_item_windows(ids, self.config.max_len)
+            return histories[-max_examples:], ids[1:][-max_examples:]
+        # As central training: separators between sessions, no example whose target is one.
+        tokens = session_tokens(ids, np.asarray(stamps), separator, self.config.session_gap)
+        targets = session_targets(tokens, separator)
+        keep = targets > 0
+        if not keep.any():
+            return empty
+        histories = next_item_windows(tokens, self.config.max_len)[keep]
+        return histories[-max_examples:], targets[keep][-max_examples:]
 
     def evaluate_loss(
         self, params: dict[str, np.ndarray], histories: np.ndarray, targets: np.ndarray

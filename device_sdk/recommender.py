@@ -17,12 +17,18 @@ training; a dismissed item still leaves it.
 
 The bundle's manifest carries the policy the trainer chose from the data (``history_policy``:
 ``exclude_kinds``, ``distinct``); an app passing its own ``HistoryPolicy`` overrides it.
+
+A model trained with session separators (its config's ``session_id`` and ``session_gap``)
+gets them between history steps more than the gap apart, and a closing one when the request
+comes more than the gap after the last step (``device_sdk.sessions``): the request's time is
+part of its input.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from device_sdk.bundle import Bundle, run_golden_check
+from device_sdk.sessions import session_window
 
 if TYPE_CHECKING:
     from device_sdk.event_log import EventLog
@@ -93,13 +100,32 @@ def history_ids(
 ) -> np.ndarray:
     """``(item, kind)`` pairs, oldest first -> int32[max_len] history, left-padded with 0,
     most recent last."""
+    steps = history_steps(((key, kind, 0.0) for key, kind in events), vocab_id, max_len,
+                          policy)
+    out = np.zeros(max_len, dtype=np.int32)
+    if steps:
+        out[max_len - len(steps):] = [item for item, _ in steps]
+    return out
+
+
+def history_steps(
+    events: Iterable[tuple[str, str, float]],
+    vocab_id: Callable[[str], int],
+    max_len: int,
+    policy: HistoryPolicy,
+) -> list[tuple[int, float]]:
+    """``(item, kind, ts)`` triples, oldest first -> the history's steps ``(id, ts)``, at
+    most ``max_len``, most recent last: ``history_ids`` before padding, with each step's
+    time (its last event's) for session boundaries."""
     strength: dict[int, float] = {}
     last_pos: dict[int, int] = {}
     dismissed_at: dict[int, int] = {}
+    stamps: list[float] = []
     weights = {kind: policy.weight(kind) for kind in policy.weights}
     events_kept: list[tuple[int, int]] = []  # (position, item) of every positive event
     pos = -1
-    for pos, (key, kind) in enumerate(events):
+    for pos, (key, kind, ts) in enumerate(events):
+        stamps.append(ts)
         item = vocab_id(key)
         if not item:
             continue
@@ -114,7 +140,8 @@ def history_ids(
             events_kept.append((pos, item))
     n = pos + 1
     if not policy.distinct:
-        return _event_history(events_kept, dismissed_at, max_len)
+        return [(item, stamps[p]) for p, item in
+                _event_history(events_kept, dismissed_at, max_len)]
     scored = [
         (s * 0.5 ** ((n - 1 - last_pos[i]) / max_len), last_pos[i], i)
         for i, s in strength.items()
@@ -122,25 +149,18 @@ def history_ids(
     ]
     if len(scored) > max_len:
         scored = sorted(scored, reverse=True)[:max_len]
-    chosen = sorted(scored, key=lambda t: t[1])
-    out = np.zeros(max_len, dtype=np.int32)
-    if chosen:
-        out[max_len - len(chosen) :] = [i for _, _, i in chosen]
-    return out
+    return [(i, stamps[p]) for _, p, i in sorted(scored, key=lambda t: t[1])]
 
 
 def _event_history(kept: list[tuple[int, int]], dismissed_at: dict[int, int],
-                   max_len: int) -> np.ndarray:
-    """The last ``max_len`` positive events' items, repeats kept, most recent last; an item
-    dismissed after its last positive event leaves the history (every occurrence)."""
+                   max_len: int) -> list[tuple[int, int]]:
+    """The last ``max_len`` positive events ``(position, item)``, repeats kept, most recent
+    last; an item dismissed after its last positive event leaves the history (every
+    occurrence)."""
     last: dict[int, int] = {}
     for pos, item in kept:
         last[item] = pos
-    ids = [item for _, item in kept if dismissed_at.get(item, -1) < last[item]][-max_len:]
-    out = np.zeros(max_len, dtype=np.int32)
-    if ids:
-        out[max_len - len(ids):] = ids
-    return out
+    return [(p, item) for p, item in kept if dismissed_at.get(item, -1) < last[item]][-max_len:]
 
 
 class Recommender:
@@ -159,6 +179,12 @@ class Recommender:
         self.model = bundle.model(num_threads=num_threads)
         self.golden_overlap = run_golden_check(self.model, bundle.manifest["golden"])
         self._n_items = len(self.vocab)
+        # A model trained with session separators (``device_sdk.sessions``) gets them here too.
+        config = bundle.config
+        self._session = (int(config.get("session_id", 0)), float(config.get("session_gap", 0)))
+        if self._session[0] and self._session[0] != self.vocab.session_id:
+            raise ValueError(f"bundle config session_id {self._session[0]} is not the "
+                             f"vocabulary's separator id {self.vocab.session_id}")
         # Per log: (watermark, history, excluded items). Reading the log costs ~1 us per row
         # on a slow device, so what the last request derived is reused while the log is
         # unchanged, and the excluded set is extended from the new rows only.
@@ -173,17 +199,39 @@ class Recommender:
     def max_len(self) -> int:
         return self.model.max_len
 
-    def history(self, log: EventLog) -> np.ndarray:
-        events = log.recent_pairs(self.policy.scan_factor * self.max_len)
-        return history_ids(events, self.vocab.id_of, self.max_len, self.policy)
+    def history(self, log: EventLog, now: float | None = None) -> np.ndarray:
+        """The model's input for ``log``; with session separators, as of ``now`` (Unix
+        seconds, default the clock): a request long after the last event opens a session."""
+        return self._window(self._read(log), now)
 
-    def _log_state(self, log: EventLog) -> tuple[np.ndarray, frozenset[str]]:
+    def _read(self, log: EventLog) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """What the history is built from: the padded history itself, or with session
+        separators the steps' ids and times (the separators depend on the request time)."""
+        limit = self.policy.scan_factor * self.max_len
+        if not self._session[0]:
+            return history_ids(log.recent_pairs(limit), self.vocab.id_of, self.max_len,
+                               self.policy)
+        steps = history_steps(log.recent_triples(limit), self.vocab.id_of, self.max_len,
+                              self.policy)
+        return (np.array([i for i, _ in steps], dtype=np.int32),
+                np.array([t for _, t in steps], dtype=np.float64))
+
+    def _window(self, read: np.ndarray | tuple[np.ndarray, np.ndarray],
+                now: float | None) -> np.ndarray:
+        if not self._session[0]:
+            return read
+        separator, gap = self._session
+        return session_window(*read, separator, gap, time.time() if now is None else now,
+                              self.max_len)
+
+    def _log_state(self, log: EventLog, now: float | None = None
+                   ) -> tuple[np.ndarray, frozenset[str]]:
         """(history, excluded item keys) for ``log``, from the cache when still valid."""
         mark = log.watermark()  # taken first: rows logged meanwhile are re-read next time
         with self._cache_lock:
             cached = self._cache.get(log)
         if cached is not None and cached[0] == mark:
-            return cached[1], cached[2]
+            return self._window(cached[1], now), cached[2]
         kinds = self.policy.exclude_kinds
         if not kinds:
             excluded: frozenset[str] = frozenset()
@@ -191,10 +239,10 @@ class Recommender:
             excluded = cached[2] | log.items_with_kinds(kinds, since_id=cached[0][1])
         else:
             excluded = frozenset(log.items_with_kinds(kinds))
-        history = self.history(log)
+        read = self._read(log)
         with self._cache_lock:
-            self._cache[log] = (mark, history, excluded)
-        return history, excluded
+            self._cache[log] = (mark, read, excluded)
+        return self._window(read, now), excluded
 
     def recommend(
         self,
@@ -202,15 +250,17 @@ class Recommender:
         k: int = 10,
         *,
         candidates: Collection[str] | Callable[[str], bool] | None = None,
+        now: float | None = None,
     ) -> list[Recommendation]:
         """Up to ``k`` items, best first: the model's top-K minus excluded (bought, dismissed),
         unknown and non-candidate items, topped up from the popularity list. An empty history
         gives the popularity list alone. ``candidates`` is a set of allowed keys or a predicate
-        (e.g. "in stock")."""
+        (e.g. "in stock"). ``now``: the request's Unix time for a bundle whose model marks
+        sessions (default: the clock)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         allowed = _predicate(candidates)
-        history, excluded = self._log_state(log)
+        history, excluded = self._log_state(log, now)
         ranked: list[tuple[str, float | None, str]] = []
         if history.any():
             ids, scores = self.model.topk(history)

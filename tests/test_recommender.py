@@ -58,6 +58,7 @@ def user_log(tmp_path, tiny_checkpoint):
 def test_recommend_matches_the_model_minus_exclusions(rec, user_log):
     log, keys = user_log
     assert log.recent_pairs(7) == [(e.item, e.kind) for e in log.recent(7)]
+    assert log.recent_triples(7) == [(e.item, e.kind, e.ts) for e in log.recent(7)]
     ids, scores = rec.model.topk(rec.history(log))
     expected = [rec.vocab.keys[i] for i in ids]
     got = rec.recommend(log, k=10)

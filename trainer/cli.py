@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,8 @@ DEFAULT_RUN = "runs/default"
 DEFAULT_MODEL = "repeat_sasrec"
 SIMULATION_MODEL = "dual_encoder"
 DP_MODEL = "sasrec"
+# repeat_sasrec's default session gap (seconds): a new visit after 30 minutes without events.
+SESSION_GAP = 1800
 
 
 def _quiet() -> None:
@@ -68,6 +70,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--federated-blocks", type=int,
                    help="sasrec: last blocks devices train with the output table (default 1)")
     g.add_argument("--top-k", type=int, default=50, help="K returned by the exported graph")
+    g.add_argument("--session-gap", type=int,
+                   help="repeat_sasrec: seconds between two steps that start a new session "
+                   "(a separator in the history, and the basket objective); default "
+                   f"{SESSION_GAP}, 0 = none")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int,
@@ -76,6 +82,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, default=3, help="epochs without val HR@10 gain")
     g.add_argument("--loss", default="full", choices=("full", "sampled"))
     g.add_argument("--negatives", type=int, default=1000, help="for --loss sampled")
+    g.add_argument("--basket-weight", type=float, default=1.0,
+                   help="with session separators: weight of the basket objective (each item "
+                   "of a session scored from the separator that opens it)")
     g = p.add_argument_group("differential privacy (DP-SGD, Opacus)")
     g.add_argument("--dp", action="store_true",
                    help="train with DP-SGD (without a noise setting: --target-epsilon 8)")
@@ -100,8 +109,6 @@ def _data_spec(args: argparse.Namespace):
 def _model_options(args: argparse.Namespace, arch) -> dict:
     """The model flags this architecture's config has; unset optional flags keep its defaults,
     and a flag it does not have is refused rather than silently ignored."""
-    from dataclasses import fields
-
     known = {f.name for f in fields(arch.config_cls)}
     options = {}
     for name in ("dim", "hidden", "max_len", "recency_decay", "blocks", "heads", "dropout",
@@ -142,13 +149,24 @@ def cmd_train(args: argparse.Namespace) -> dict:
     elif args.noise_multiplier is not None or args.target_epsilon is not None:
         raise SystemExit("error: --noise-multiplier/--target-epsilon need --dp")
     arch = model_zoo.get(args.arch)
-    config = arch.config(n_items=len(prepared.vocab), **_model_options(args, arch))
+    options = _model_options(args, arch)
+    gap = getattr(args, "session_gap", None)
+    if "session_gap" in {f.name for f in fields(arch.config_cls)} and not args.dp:
+        gap = SESSION_GAP if gap is None else gap
+        if gap:
+            prepared.vocab = prepared.vocab.with_session()
+            options.update(session_id=prepared.vocab.session_id, session_gap=gap)
+            print(f"  session separator: a gap over {gap:,} s starts a new session")
+    elif gap:
+        raise ValueError(f"--session-gap does not apply to --model {arch.name}"
+                         + (" with --dp" if args.dp else ""))
+    config = arch.config(n_items=len(prepared.vocab), **options)
     module = init_module(arch, config, args.seed)
     if args.batch_size is None:
         args.batch_size = 128 if predicts_every_position(module) else 512
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       patience=args.patience, loss=args.loss, negatives=args.negatives,
-                      seed=args.seed, dp=dp)
+                      seed=args.seed, dp=dp, basket_weight=args.basket_weight)
     result = train(module, prepared.split, cfg, progress=not args.no_progress)
     best = result.history[result.best_epoch - 1]
     meta = {
@@ -188,12 +206,12 @@ def cmd_export(args: argparse.Namespace) -> dict:
     from trainer.evaluate import K
     from trainer.export import export_bundle
     from trainer.metrics import topk_agreement
-    from trainer.train import torch_topk
+    from trainer.train import model_rows, torch_topk
 
     ckpt, prepared = _load_run(args.run)
     # Runs trained before the repeat rate was recorded get it measured here (same split).
     ckpt.meta.setdefault("data", {}).setdefault("repeat_rate", prepared.stats["repeat_rate"])
-    test = prepared.split.test
+    test = model_rows(prepared.split.test, ckpt.model_config())
     print("exporting: litert-torch -> float .tflite -> ai-edge-quantizer "
           f"{args.recipe} ...", flush=True)
     signer = None
@@ -235,7 +253,13 @@ def cmd_export(args: argparse.Namespace) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
     import numpy as np
 
-    from trainer.evaluate import RunToEvaluate, evaluate, evaluate_runs, format_table
+    from trainer.evaluate import (
+        RunToEvaluate,
+        evaluate,
+        evaluate_runs,
+        format_table,
+        ranked_items,
+    )
     from trainer.export import FLOAT_MODEL
 
     if args.baselines_only:
@@ -268,7 +292,7 @@ def cmd_evaluate(args: argparse.Namespace) -> list[dict]:
           "target; the picked one, *, then ranks the evaluated split):")
     print(result.format_tunings())
     print(f"{args.split}: {len(data):,} users of {first.spec.name} ({first.split.holdout} "
-          f"holdout), full ranking over {len(first.vocab) - 1:,} items")
+          f"holdout), full ranking over {ranked_items(first.vocab) - 1:,} items")
     print(format_table(rows))
     if first.split.basket is None or args.split != "test":
         print("basket columns: the next-basket protocol needs whole last baskets held out "

@@ -34,7 +34,7 @@ from trainer.baselines import (
 from trainer.checkpoint import Checkpoint
 from trainer.data.split import LeaveLastOut
 from trainer.metrics import basket_metrics, ranking_metrics, repeat_share, topk_agreement
-from trainer.train import torch_topk
+from trainer.train import model_rows, torch_topk
 
 K = 10
 MISSING = "-"
@@ -123,8 +123,10 @@ def _with_settings(ranker: Ranker, params: dict, k_out: int) -> Rank:
     return lambda rows: ranker.topk(rows, k_out, **params)
 
 
-def _on_history(model: Callable[[np.ndarray], np.ndarray]) -> Rank:
-    return lambda rows: model(rows.history)
+def _on_history(model: Callable[[np.ndarray], np.ndarray], config) -> Rank:
+    """A run's model on the rows as it sees them (``model_rows``: with session separators
+    when it was trained with them)."""
+    return lambda rows: model(model_rows(rows, config).history)
 
 
 def _counts(train: dict[str, np.ndarray], n_items: int) -> np.ndarray:
@@ -156,8 +158,14 @@ def evaluate_runs(runs: list[RunToEvaluate], split_name: str = "test") -> Evalua
             raise ValueError("runs to compare must use the same data, vocabulary and holdout "
                              f"(pocketrec train with the same --data/--holdout); "
                              f"{run.ckpt.architecture} differs")
-    return evaluate(first.split, len(first.ckpt.vocab), first.ckpt.vocab.popular, runs,
-                    split_name)
+    return evaluate(first.split, ranked_items(first.ckpt.vocab), first.ckpt.vocab.popular,
+                    runs, split_name)
+
+
+def ranked_items(vocab) -> int:
+    """The id range every ranker scores, padding included: the vocabulary without the
+    session separator (always its last id, never ranked)."""
+    return len(vocab) - (1 if vocab.session_id else 0)
 
 
 def evaluate(split: LeaveLastOut, n_items: int, popular: list[int],
@@ -192,8 +200,10 @@ def evaluate(split: LeaveLastOut, n_items: int, popular: list[int],
         if run.bundle_dir is not None:
             int8 = load_bundle(run.bundle_dir).model()
             models.append((f"{arch} litert int8", lambda h, m=int8: m.topk_many(h)[0]))
+        config = run.ckpt.model_config()
         for name, model in models:
-            rankers.append(_Row(name, _on_history(model), _on_history(model), index))
+            rankers.append(_Row(name, _on_history(model, config), _on_history(model, config),
+                                index))
 
     ranked = [r.line(line) for r in rankers]
     rows = []

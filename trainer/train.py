@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sync_server.privacy import default_delta
-from trainer.data.split import EvalSet, LeaveLastOut
+from trainer.data.split import EvalSet, LeaveLastOut, with_sessions
 from trainer.metrics import ranking_metrics
 
 
@@ -45,6 +45,8 @@ class TrainConfig:
     eval_users: int = 3000
     seed: int = 0
     dp: DPConfig | None = None
+    # Weight of the basket objective for models with session separators (``_session_loss``).
+    basket_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("full", "sampled"):
@@ -122,6 +124,36 @@ def _full_loss(
     return criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), **extra)
 
 
+def _session_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, anchor: torch.Tensor,
+                  basket_weight: float) -> torch.Tensor:
+    """Next-item cross-entropy at every position with a target, plus ``basket_weight`` x the
+    basket objective: each item of a session scored from the separator that opened it (the
+    mean over those items of -log p(item | history up to the separator)), so a new visit's
+    prediction is fitted to the whole basket, not only its first line."""
+    logp = torch.log_softmax(module.sequence_logits(x), dim=-1)  # [B, L, N]
+    real = y > 0
+    line = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)[real].mean()
+    has = anchor >= 0
+    if not basket_weight or not has.any():
+        return line
+    rows = torch.arange(len(y)).unsqueeze(1).expand_as(y)
+    basket = -logp[rows[has], anchor[has], y[has]].mean()
+    return line + basket_weight * basket
+
+
+def session_of(config) -> tuple[int, int]:
+    """(separator id, gap in seconds) of a model trained with session separators, (0, 0)
+    for any other."""
+    return getattr(config, "session_id", 0), getattr(config, "session_gap", 0)
+
+
+def model_rows(rows, config):
+    """Evaluation rows as ``config``'s model sees them: with session separators when it was
+    trained with them, as they are otherwise."""
+    separator, gap = session_of(config)
+    return with_sessions(rows, separator, gap) if separator else rows
+
+
 def train(
     module: nn.Module,
     split: LeaveLastOut,
@@ -137,13 +169,21 @@ def train(
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     n_items, max_len = module.config.n_items, module.config.max_len
-    if predicts_every_position(module):
+    separator, gap = session_of(module.config)
+    tensors = []
+    if separator:
+        if cfg.dp is not None or cfg.loss != "full":
+            raise ValueError("session separators train with the full softmax, without "
+                             "central DP-SGD")
+        history, target, anchor = split.train_session_sequences(max_len, separator, gap)
+        tensors = [torch.from_numpy(anchor)]
+    elif predicts_every_position(module):
         history, target = split.train_sequences(max_len)
     else:
         history, target = split.train_examples(max_len)
-    valid = split.valid.subset(cfg.eval_users, seed=cfg.seed)
+    valid = model_rows(split.valid.subset(cfg.eval_users, seed=cfg.seed), module.config)
     dataset = torch.utils.data.TensorDataset(
-        torch.from_numpy(history).long(), torch.from_numpy(target).long()
+        torch.from_numpy(history).long(), torch.from_numpy(target).long(), *tensors
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
@@ -167,11 +207,13 @@ def train(
         trained.train()
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
-        for x, y in bar:
+        for x, y, *anchor in bar:
             if len(y) == 0:  # Poisson sampling can draw an empty batch
                 continue
             optimizer.zero_grad()
-            if cfg.loss == "sampled":
+            if anchor:
+                loss = _session_loss(module, x, y, anchor[0], cfg.basket_weight)
+            elif cfg.loss == "sampled":
                 loss = _sampled_loss(module, x, y, cfg.negatives, n_items)
             else:
                 loss = _full_loss(module, trained, criterion, x, y, engine is not None)

@@ -11,7 +11,7 @@ import numpy as np
 from model_zoo.repeat_sasrec.config import RepeatSasRecConfig
 from model_zoo.sasrec.numpy_twin import SasRecNumpy
 from model_zoo.sasrec.numpy_twin import serving_constants as sasrec_constants
-from model_zoo.softmax_head import check_batch, loss_and_logit_grads
+from model_zoo.softmax_head import PAD_LOGIT, check_batch, loss_and_logit_grads
 
 
 class RepeatSasRecNumpy(SasRecNumpy):
@@ -28,12 +28,27 @@ class RepeatSasRecNumpy(SasRecNumpy):
         rows = np.repeat(np.arange(batch), length)
         flat = history.ravel()
         rec = np.zeros((batch, self.config.n_items), u.dtype)
-        np.add.at(rec, (rows, flat), (p["repeat.age"][::-1] * real).ravel())
+        opens = self._opens(history)
+        ages = p["repeat.age"][::-1][None, :]
+        if opens is not None:
+            ages = np.where(opens[:, None], p["repeat.age_session"][::-1][None, :], ages)
+        np.add.at(rec, (rows, flat), (ages * real).ravel())
         count = np.zeros_like(rec)
         np.add.at(count, (rows, flat), real.ravel())
         gate = u @ p["repeat.gate.weight"].T + p["repeat.gate.bias"]
         return {"rec": rec, "freq": np.log1p(count), "seen": (count > 0).astype(u.dtype),
-                "gate": gate, "real": real}
+                "gate": gate, "real": real, "opens": opens}
+
+    def _opens(self, history: np.ndarray) -> np.ndarray | None:
+        """[B] bool: the most recent token is the session separator (None: no separator)."""
+        sep = self.config.session_id
+        return (history[:, -1] == sep) if sep else None
+
+    def _logits(self, u: np.ndarray) -> np.ndarray:
+        scores = super()._logits(u)
+        if self.config.session_id:
+            scores[:, self.config.session_id] = PAD_LOGIT
+        return scores
 
     def _repeat_logits(self, history: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, dict]:
         parts = self._repeat(history, u)
@@ -69,6 +84,10 @@ class RepeatSasRecNumpy(SasRecNumpy):
             "repeat.gate.bias": dgate.sum(axis=0),
             "repeat.item_bias": (g * parts["seen"]).sum(axis=0),
         }
+        if parts["opens"] is not None:
+            opens = parts["opens"][:, None]
+            grads["repeat.age"] = np.where(opens, 0.0, at_slots).sum(axis=0)[::-1].copy()
+            grads["repeat.age_session"] = np.where(opens, at_slots, 0.0).sum(axis=0)[::-1].copy()
         du = g @ p["out.weight"] + dgate @ p["repeat.gate.weight"]
         self._backward(history, cache, du, wanted, grads)
         return loss, {k: grads[k].astype(np.float32, copy=False) for k in sorted(wanted)}
@@ -76,9 +95,17 @@ class RepeatSasRecNumpy(SasRecNumpy):
 
 def serving_constants(config: RepeatSasRecConfig, params) -> dict:
     """SASRec's serving constants (every parameter as it is, the repeat head's included) plus
-    the age weights by position, oldest first: the serving graph reads them so and the
-    converter folds that gather into the reversed vector."""
+    the age weights by position, oldest first (both vectors with a session separator): the
+    serving graph reads them so and the converter folds that gather into the reversed vector.
+    The separator's output bias carries PAD_LOGIT like padding's."""
     out = sasrec_constants(config, params)
-    out["repeat.age reversed"] = (np.asarray(params["repeat.age"], np.float32)[::-1].copy(),
-                                  ("repeat.age",))
+    for name in ("repeat.age", "repeat.age_session"):
+        if name in params and name in config.param_shapes():
+            out[f"{name} reversed"] = (np.asarray(params[name], np.float32)[::-1].copy(),
+                                       (name,))
+    if config.session_id:  # the separator's output is masked like padding's
+        bias, names = out["out.bias+pad_logit"]
+        bias = bias.copy()
+        bias[config.session_id] += np.float32(PAD_LOGIT)
+        out["out.bias+pad_logit"] = (bias, names)
     return out

@@ -10,7 +10,12 @@ For item i and a history h (most recent last) the repeat score is
 with ``gate(u) = u . w + b`` read from SASRec's user state u. Items outside the history get
 0, so the explore logits rank the new items. Serving scatters the last position's terms onto
 item ids; training does the same for every position of a chunk at once (age counted from
-that position). The padding id stays at PAD_LOGIT: it is never scattered a real weight."""
+that position). The padding id stays at PAD_LOGIT: it is never scattered a real weight.
+
+With a session separator (``config.session_id``), a history whose most recent token is the
+separator (a new visit) reads its ages from ``age_session`` instead of ``age``: recency in a
+basket being filled and at the start of a visit are opposite signals (the line just added is
+rarely the next; last visit's items are often bought again)."""
 
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ class RepeatHead(nn.Module):
         self.age = nn.Parameter(torch.zeros(config.max_len))
         self.gate = nn.Linear(config.dim, 1)
         self.item_bias = nn.Parameter(torch.zeros(config.n_items))
+        if config.session_id:
+            self.age_session = nn.Parameter(torch.zeros(config.max_len))
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
@@ -42,6 +49,9 @@ class RepeatSasRec(SasRec):
     def __init__(self, config: RepeatSasRecConfig) -> None:
         super().__init__(config)
         self.repeat = RepeatHead(config)
+        self.session_id = config.session_id
+        if self.session_id:  # the separator is never ranked, like padding
+            self.pad_logit[self.session_id] = self.pad_logit[0]
         length = config.max_len
         # Training: age[t, l] = t - l of key l seen from query t (l <= t), and which l count.
         t = torch.arange(length)
@@ -66,7 +76,11 @@ class RepeatSasRec(SasRec):
         count = (seen @ same) * seen  # [B, t, l]: occurrences of h_l in positions <= t
         share = (self.repeat.gate(states) * torch.log1p(count)  # gate [B, t, 1]
                  + self.repeat.item_bias[history].unsqueeze(1)) / count.clamp(min=1.0)
-        slots = (self.repeat.age[self.ages].unsqueeze(0) + share) * seen
+        age = self.repeat.age[self.ages].unsqueeze(0)  # [1, t, l]
+        if self.session_id:  # position t opens a session: its own recency weights
+            opens = (history == self.session_id).unsqueeze(2)  # [B, t, 1]
+            age = torch.where(opens, self.repeat.age_session[self.ages].unsqueeze(0), age)
+        slots = (age + share) * seen
         index = history.unsqueeze(1).expand(b, length, length)
         return logits.scatter_add(-1, index, slots)
 
@@ -77,7 +91,12 @@ class RepeatSasRec(SasRec):
         u = self.user_vectors(history)
         logits = self.out(u) + self.pad_logit  # [B, N]
         real = (history > 0).to(u.dtype)
-        weight = self.repeat.age[self.last_ages] * real  # [B, L]
+        weight = self.repeat.age[self.last_ages]  # [L]
+        if self.session_id:
+            opens = (history[:, -1:] == self.session_id).to(u.dtype)  # [B, 1]
+            weight = (weight * (1.0 - opens)
+                      + self.repeat.age_session[self.last_ages] * opens)  # [B, L]
+        weight = weight * real  # [B, L]
         parts = []
         for start in range(0, history.shape[0], ONE_HOT_ROWS):
             rows = slice(start, start + ONE_HOT_ROWS)

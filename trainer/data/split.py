@@ -3,13 +3,14 @@ the chronological leave-last-out split, fixed-length history windows, per-user p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from device_sdk.item_vocab import ItemVocab
 from device_sdk.local_trainer import next_item_windows as windows
+from device_sdk.sessions import session_histories, session_targets, session_tokens
 
 
 def kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -99,12 +100,14 @@ def last_window(seq: np.ndarray, max_len: int, dtype: type = np.int32) -> np.nda
 @dataclass
 class EvalSet:
     """One held-out event per user: ``history`` [U, L] and ``target`` [U]; ``times`` [U, L]
-    int64 Unix seconds of each history step (0 on padding) when the split kept them."""
+    int64 Unix seconds of each history step (0 on padding) and ``at`` [U] the held-out
+    event's (the request's) time, when the split kept them."""
 
     users: list[str]
     history: np.ndarray
     target: np.ndarray
     times: np.ndarray | None = None
+    at: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -114,22 +117,24 @@ class EvalSet:
             return self
         rows = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
         return EvalSet([self.users[i] for i in rows], self.history[rows], self.target[rows],
-                       None if self.times is None else self.times[rows])
+                       None if self.times is None else self.times[rows],
+                       None if self.at is None else self.at[rows])
 
 
 @dataclass
 class BasketSet:
     """The next-basket protocol: per user, ``history`` [U, L] of the steps before the last
     basket and that basket's distinct item ids (``baskets[u]``, int32); ``times`` as in
-    ``EvalSet``. ``train_len[u]``, when set, is how many leading steps of user u's training
-    sequence come before the basket (a validation basket cut from the training history);
-    None means all of them do."""
+    ``EvalSet``, ``at`` [U] each basket's time. ``train_len[u]``, when set, is how many
+    leading steps of user u's training sequence come before the basket (a validation basket
+    cut from the training history); None means all of them do."""
 
     users: list[str]
     history: np.ndarray
     baskets: list[np.ndarray]
     times: np.ndarray | None = None
     train_len: np.ndarray | None = None
+    at: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -186,6 +191,35 @@ class LeaveLastOut:
             return empty, empty.copy()
         return np.stack(inputs), np.stack(targets)
 
+    def train_session_sequences(self, max_len: int, separator: int, gap: float
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``train_sequences`` over the training prefixes with session separators
+        (``device_sdk.sessions``) -> (inputs [S, L], targets [S, L], anchors [S, L]): no
+        target where the next token is a separator; ``anchors[s, l]`` is the chunk position
+        of the separator that opened the session of target (s, l), -1 when that separator is
+        outside the chunk or the target is none: the basket objective scores the whole next
+        session from the separator that opens it."""
+        if self.train_times is None:
+            raise ValueError("session separators need the training steps' times")
+        inputs, targets, anchors = [], [], []
+        for user, seq in self.train.items():
+            tokens = session_tokens(seq, self.train_times[user], separator, gap)
+            nxt = session_targets(tokens, separator)
+            opened = np.where(tokens == separator, np.arange(len(tokens)), -1)
+            opened = np.maximum.accumulate(opened) if len(opened) else opened
+            for end in range(len(tokens) - 1, 0, -max_len):
+                start = max(0, end - max_len)
+                inputs.append(last_window(tokens[start:end], max_len))
+                targets.append(last_window(nxt[start:end], max_len))
+                pad = max_len - (end - start)  # chunk position = token index - start + pad
+                anchor = opened[start:end] - start + pad
+                anchor[(opened[start:end] < start) | (nxt[start:end] == 0)] = -1
+                anchors.append(last_window(anchor + 1, max_len).astype(np.int64) - 1)
+        if not inputs:
+            empty = np.zeros((0, max_len), dtype=np.int32)
+            return empty, empty.copy(), empty.astype(np.int64) - 1
+        return np.stack(inputs), np.stack(targets), np.stack(anchors)
+
     def train_item_counts(self, n_items: int) -> np.ndarray:
         counts = np.zeros(n_items, dtype=np.int64)
         for s in self.train.values():
@@ -208,7 +242,8 @@ def leave_last_out(sequences: dict[str, np.ndarray], max_len: int,
         target = np.array([held[u][cut] for u in users], dtype=np.int32)
         stamps = None if times is None else time_windows(
             [times[u][:cut] for u in users], max_len)
-        return EvalSet(users, history, target, stamps)
+        at = None if times is None else np.array([times[u][cut] for u in users], np.int64)
+        return EvalSet(users, history, target, stamps, at)
 
     train_times = None if times is None else {
         u: t[: len(train[u])] for u, t in times.items()}
@@ -252,7 +287,8 @@ def basket_holdout(
         for row, (ids, _, cut) in enumerate(rows):
             history[row] = last_window(ids[:cut], max_len)
         return EvalSet(users, history, np.array([ids[cut] for ids, _, cut in rows], np.int32),
-                       time_windows([times[:cut] for _, times, cut in rows], max_len))
+                       time_windows([times[:cut] for _, times, cut in rows], max_len),
+                       np.array([times[cut] for _, times, cut in rows], np.int64))
 
     def basket_set(rows: list[tuple[str, np.ndarray, np.ndarray, int, np.ndarray]],
                    train_len: np.ndarray | None) -> BasketSet:
@@ -261,7 +297,7 @@ def basket_holdout(
             history[row] = last_window(ids[:cut], max_len)
         return BasketSet([r[0] for r in rows], history, [r[4] for r in rows],
                          time_windows([times[:cut] for _, _, times, cut, _ in rows], max_len),
-                         train_len)
+                         train_len, np.array([t[cut] for _, _, t, cut, _ in rows], np.int64))
 
     valid = eval_set([(ids, times, cut - 1) for _, ids, times, cut, _ in held])
     test = eval_set([(ids, times, len(ids) - 1) for _, ids, times, _, _ in held])
@@ -279,3 +315,13 @@ def basket_holdout(
 def partition_by_user(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Each user's events in time order: one virtual device each, for federated use."""
     return {user: part.reset_index(drop=True) for user, part in df.groupby("user", sort=True)}
+
+
+def with_sessions(rows, separator: int, gap: float):
+    """An ``EvalSet`` or ``BasketSet`` as a session-aware model sees it: the same rows with
+    separators in each history (``device_sdk.sessions.session_histories``), closing with one
+    when the request comes more than ``gap`` seconds after the last step."""
+    if rows.times is None or rows.at is None:
+        raise ValueError("session separators need the history's times and the request times")
+    return replace(rows, history=session_histories(rows.history, rows.times, rows.at,
+                                                   separator, gap))
