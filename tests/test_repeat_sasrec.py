@@ -335,6 +335,13 @@ def test_session_gap_flag_turns_separators_off_and_is_refused_elsewhere(tmp_path
     assert main([*args, "--run", str(tmp_path / "s"), "--model", "sasrec",
                  "--session-gap", "600"]) == 2
     assert "--session-gap does not apply to --model sasrec" in capsys.readouterr().err
+    # Runs with and without separators rank the same items: one table compares them.
+    assert main([*args, "--run", str(tmp_path / "on")]) == 0
+    assert main(["evaluate", "--run", str(tmp_path / "on"), "--compare",
+                 str(tmp_path / "off")]) == 0
+    out = capsys.readouterr().out
+    assert "repeat_sasrec +sessions torch (float)" in out
+    assert "\nrepeat_sasrec torch (float)" in out
 
 
 def test_central_dp_refuses_the_repeat_head_by_name(tmp_path, capsys):

@@ -34,7 +34,7 @@ from trainer.baselines import (
 from trainer.checkpoint import Checkpoint
 from trainer.data.split import LeaveLastOut
 from trainer.metrics import basket_metrics, ranking_metrics, repeat_share, topk_agreement
-from trainer.train import model_rows, torch_topk
+from trainer.train import model_rows, session_of, torch_topk
 
 K = 10
 MISSING = "-"
@@ -153,13 +153,19 @@ def evaluate_runs(runs: list[RunToEvaluate], split_name: str = "test") -> Evalua
     for run in runs[1:]:
         other = getattr(run.split, split_name)
         same = (other.users == line.users and np.array_equal(other.target, line.target)
-                and run.ckpt.vocab.digest() == first.ckpt.vocab.digest())
+                and _items(run.ckpt.vocab) == _items(first.ckpt.vocab))
         if not same:
             raise ValueError("runs to compare must use the same data, vocabulary and holdout "
                              f"(pocketrec train with the same --data/--holdout); "
                              f"{run.ckpt.architecture} differs")
     return evaluate(first.split, ranked_items(first.ckpt.vocab), first.ckpt.vocab.popular,
                     runs, split_name)
+
+
+def _items(vocab) -> list[str]:
+    """The item keys, in id order: runs with and without a session separator (always the
+    last id) rank the same items under the same ids."""
+    return vocab.keys[:ranked_items(vocab)]
 
 
 def ranked_items(vocab) -> int:
@@ -190,7 +196,9 @@ def evaluate(split: LeaveLastOut, n_items: int, popular: list[int],
     rankers += tuned
     torch_rows = {}
     for index, run in enumerate(runs):
-        arch = run.ckpt.architecture
+        config = run.ckpt.model_config()
+        # A run trained with session separators says so: runs with and without compare.
+        arch = run.ckpt.architecture + (" +sessions" if session_of(config)[0] else "")
         module = run.ckpt.torch_module()
         models = [(f"{arch} torch (float)", lambda h, m=module: torch_topk(m, h, k_out))]
         torch_rows[index] = len(rankers)
@@ -200,7 +208,6 @@ def evaluate(split: LeaveLastOut, n_items: int, popular: list[int],
         if run.bundle_dir is not None:
             int8 = load_bundle(run.bundle_dir).model()
             models.append((f"{arch} litert int8", lambda h, m=int8: m.topk_many(h)[0]))
-        config = run.ckpt.model_config()
         for name, model in models:
             rankers.append(_Row(name, _on_history(model, config), _on_history(model, config),
                                 index))

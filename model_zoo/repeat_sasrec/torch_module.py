@@ -100,10 +100,11 @@ class RepeatSasRec(SasRec):
         parts = []
         for start in range(0, history.shape[0], ONE_HOT_ROWS):
             rows = slice(start, start + ONE_HOT_ROWS)
-            one_hot = (history[rows].unsqueeze(-1) == self.item_ids).to(u.dtype)  # [b, L, N]
-            stacked = torch.stack([weight[rows], real[rows]], dim=1)  # [b, 2, L]
-            parts.append(stacked @ one_hot)  # [b, 2, N]: age-weighted sum, count
+            one_hot = (self.item_ids.unsqueeze(-1) == history[rows].unsqueeze(1)
+                       ).to(u.dtype)  # [b, N, L]
+            stacked = torch.stack([weight[rows], real[rows]], dim=2)  # [b, L, 2]
+            parts.append(one_hot @ stacked)  # [b, N, 2]: age-weighted sum, count
         rec_count = torch.cat(parts) if len(parts) > 1 else parts[0]
-        rec, count = rec_count[:, 0], rec_count[:, 1]
+        rec, count = rec_count[:, :, 0], rec_count[:, :, 1]
         return (logits + rec + self.repeat.gate(u) * torch.log1p(count)
                 + self.repeat.item_bias * (count > 0).to(u.dtype))
