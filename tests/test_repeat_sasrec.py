@@ -335,6 +335,10 @@ def test_session_gap_flag_turns_separators_off_and_is_refused_elsewhere(tmp_path
     assert main([*args, "--run", str(tmp_path / "s"), "--model", "sasrec",
                  "--session-gap", "600"]) == 2
     assert "--session-gap does not apply to --model sasrec" in capsys.readouterr().err
+    assert main(["simulate", "--run", str(tmp_path / "sim"), "--model", "repeat_sasrec",
+                 "--session-gap", "600", "--synthetic-users", "60", "--no-progress"]) == 2
+    assert "the simulator builds its models without session separators" in \
+        capsys.readouterr().err
     # Runs with and without separators rank the same items: one table compares them.
     assert main([*args, "--run", str(tmp_path / "on")]) == 0
     assert main(["evaluate", "--run", str(tmp_path / "on"), "--compare",

@@ -82,9 +82,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, default=3, help="epochs without val HR@10 gain")
     g.add_argument("--loss", default="full", choices=("full", "sampled"))
     g.add_argument("--negatives", type=int, default=1000, help="for --loss sampled")
-    g.add_argument("--basket-weight", type=float, default=1.0,
+    g.add_argument("--basket-weight", type=float,
                    help="with session separators: weight of the basket objective (each item "
-                   "of a session scored from the separator that opens it)")
+                   "of a session scored from the separator that opens it); default 1")
     g = p.add_argument_group("differential privacy (DP-SGD, Opacus)")
     g.add_argument("--dp", action="store_true",
                    help="train with DP-SGD (without a noise setting: --target-epsilon 8)")
@@ -166,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
         args.batch_size = 128 if predicts_every_position(module) else 512
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       patience=args.patience, loss=args.loss, negatives=args.negatives,
-                      seed=args.seed, dp=dp, basket_weight=args.basket_weight)
+                      seed=args.seed, dp=dp,
+                      basket_weight=1.0 if args.basket_weight is None else args.basket_weight)
     result = train(module, prepared.split, cfg, progress=not args.no_progress)
     best = result.history[result.best_epoch - 1]
     meta = {
@@ -448,6 +449,10 @@ def _simulation_model(args: argparse.Namespace) -> ModelSpec:
 
     if args.arch is None:
         args.arch = SIMULATION_MODEL
+    for flag in ("session_gap", "basket_weight"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to pocketrec train; the "
+                             "simulator builds its models without session separators")
     arch = model_zoo.get(args.arch)
     return ModelSpec(args.arch, _model_options(args, arch), epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, patience=args.patience,
