@@ -46,6 +46,8 @@ def main() -> None:
         tests.append(test)
         n_items = len(ckpt.vocab)
         arch = ckpt.architecture
+        if any(name.startswith(f"{arch}: ") for name in runners):  # two runs of one family
+            arch = f"{arch} ({run.name})"
         int8 = load_bundle(run / "bundle").model(num_threads=1)
         flt = TopKModel((run / FLOAT_MODEL).read_bytes(), num_threads=1)
         twin = ckpt.numpy_model()
