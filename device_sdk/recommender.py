@@ -182,12 +182,15 @@ class Recommender:
         # A model trained with session separators (``device_sdk.sessions``) gets them here too.
         config = bundle.config
         self._session = (int(config.get("session_id", 0)), float(config.get("session_gap", 0)))
-        if self._session[0] and self._session[0] != self.vocab.session_id:
-            raise ValueError(f"bundle config session_id {self._session[0]} is not the "
-                             f"vocabulary's separator id {self.vocab.session_id}")
-        # Per log: (watermark, history, excluded items). Reading the log costs ~1 us per row
-        # on a slow device, so what the last request derived is reused while the log is
-        # unchanged, and the excluded set is extended from the new rows only.
+        if self._session[0] and (self._session[0] != self.vocab.session_id
+                                 or not self._session[1] > 0):
+            raise ValueError(f"bundle config session_id {self._session[0]} / session_gap "
+                             f"{self._session[1]} do not match the vocabulary's separator id "
+                             f"{self.vocab.session_id} and a positive gap")
+        # Per log: (watermark, what the history is built from, excluded items). Reading the
+        # log costs ~1 us per row on a slow device, so what the last request derived is
+        # reused while the log is unchanged, and the excluded set is extended from the new
+        # rows only.
         self._cache: weakref.WeakKeyDictionary[EventLog, tuple] = weakref.WeakKeyDictionary()
         self._cache_lock = threading.Lock()
 

@@ -72,8 +72,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=50, help="K returned by the exported graph")
     g.add_argument("--session-gap", type=int,
                    help="repeat_sasrec: seconds between two steps that start a new session "
-                   "(a separator in the history, and the basket objective); default "
-                   f"{SESSION_GAP}, 0 = none")
+                   f"(a separator in the history); default {SESSION_GAP}, 0 = none")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int,

@@ -54,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
         if self.dp is not None and self.loss != "full":
             raise ValueError("DP-SGD supports the full softmax only (per-sample gradients)")
+        if not self.basket_weight >= 0:
+            raise ValueError(f"basket_weight must be >= 0, got {self.basket_weight}")
 
 
 def init_module(arch, config, seed: int) -> nn.Module:
@@ -175,7 +177,7 @@ def train(
     if separator:
         if cfg.dp is not None or cfg.loss != "full":
             raise ValueError("session separators train with the full softmax, without "
-                             "central DP-SGD")
+                             "central DP-SGD (pocketrec train --session-gap 0 turns them off)")
         history, target, anchor = split.train_session_sequences(max_len, separator, gap)
         tensors = [torch.from_numpy(anchor)]
     elif predicts_every_position(module):
