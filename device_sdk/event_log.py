@@ -447,23 +447,19 @@ class EventLog:
     def recent_pairs(self, limit: int) -> list[tuple[str, str]]:
         """``(item, kind)`` of the ``limit`` newest events, oldest first: the recommender's
         per-request read, without decoding contexts or building Event objects."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise _bad(f"limit must be an int >= 0, got {limit!r}")
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT item, kind FROM events ORDER BY ts DESC, id DESC LIMIT ?", (limit,)
-            ).fetchall()
-        rows.reverse()
-        return rows
+        return self._newest("item, kind", limit)
 
     def recent_triples(self, limit: int) -> list[tuple[str, str, float]]:
         """``(item, kind, ts)`` of the ``limit`` newest events, oldest first: the read of a
         recommender whose model marks session boundaries."""
+        return self._newest("item, kind, ts", limit)
+
+    def _newest(self, columns: str, limit: int) -> list[tuple]:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise _bad(f"limit must be an int >= 0, got {limit!r}")
         with self._lock:
             rows = self._conn.execute(
-                "SELECT item, kind, ts FROM events ORDER BY ts DESC, id DESC LIMIT ?", (limit,)
+                f"SELECT {columns} FROM events ORDER BY ts DESC, id DESC LIMIT ?", (limit,)
             ).fetchall()
         rows.reverse()
         return rows
