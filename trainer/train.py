@@ -179,7 +179,8 @@ def train(
             raise ValueError("session separators train with the full softmax, without "
                              "central DP-SGD (pocketrec train --session-gap 0 turns them off)")
         history, target, anchor = split.train_session_sequences(max_len, separator, gap)
-        tensors = [torch.from_numpy(anchor)]
+        if cfg.basket_weight:  # without the basket objective, the plain full softmax
+            tensors = [torch.from_numpy(anchor)]
     elif predicts_every_position(module):
         history, target = split.train_sequences(max_len)
     else:

@@ -54,7 +54,3 @@ class RepeatSasRecConfig(SasRecConfig):
     def federated_params(self) -> tuple[str, ...]:
         return (*super().federated_params(),
                 *(n for n in self.param_shapes() if n.startswith("repeat.")))
-
-    def masked_ids(self) -> tuple[int, ...]:
-        """Ids the model never ranks: padding, and the session separator when it has one."""
-        return (0, self.session_id) if self.session_id else (0,)

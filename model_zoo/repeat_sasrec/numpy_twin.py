@@ -100,7 +100,7 @@ def serving_constants(config: RepeatSasRecConfig, params) -> dict:
     The separator's output bias carries PAD_LOGIT like padding's."""
     out = sasrec_constants(config, params)
     for name in ("repeat.age", "repeat.age_session"):
-        if name in params and name in config.param_shapes():
+        if name in config.param_shapes():
             out[f"{name} reversed"] = (np.asarray(params[name], np.float32)[::-1].copy(),
                                        (name,))
     if config.session_id:  # the separator's output is masked like padding's

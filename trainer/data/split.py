@@ -140,6 +140,12 @@ class BasketSet:
         return len(self.users)
 
 
+def _chunks(steps: int, max_len: int) -> list[tuple[int, int]]:
+    """``steps`` input steps cut from their end into chunks of up to ``max_len``:
+    (start, end) index pairs, the last chunk first."""
+    return [(max(0, end - max_len), end) for end in range(steps, 0, -max_len)]
+
+
 @dataclass
 class LeaveLastOut:
     """Per user: last event -> test, second-to-last -> validation, the rest -> training.
@@ -182,8 +188,7 @@ class LeaveLastOut:
         chunk of a user sits exactly where serving puts the most recent item."""
         inputs, targets = [], []
         for seq in self.train.values():
-            for end in range(len(seq) - 1, 0, -max_len):
-                start = max(0, end - max_len)
+            for start, end in _chunks(len(seq) - 1, max_len):
                 inputs.append(last_window(seq[start:end], max_len))
                 targets.append(last_window(seq[start + 1 : end + 1], max_len))
         if not inputs:
@@ -207,8 +212,7 @@ class LeaveLastOut:
             nxt = session_targets(tokens, separator)
             opened = np.where(tokens == separator, np.arange(len(tokens)), -1)
             opened = np.maximum.accumulate(opened) if len(opened) else opened
-            for end in range(len(tokens) - 1, 0, -max_len):
-                start = max(0, end - max_len)
+            for start, end in _chunks(len(tokens) - 1, max_len):
                 inputs.append(last_window(tokens[start:end], max_len))
                 targets.append(last_window(nxt[start:end], max_len))
                 pad = max_len - (end - start)  # chunk position = token index - start + pad
