@@ -127,15 +127,16 @@ class DeviceClient:
         return self.events.log_many(events)
 
     def recommend(
-        self, k: int = 10, *, candidates: Any = None
+        self, k: int = 10, *, candidates: Any = None, now: float | None = None
     ) -> list[Recommendation]:
-        """Up to ``k`` items for this user, best first (see ``Recommender.recommend``)."""
+        """Up to ``k`` items for this user, best first (see ``Recommender.recommend``;
+        ``now``, the request's Unix time, matters to a model that marks sessions)."""
         rec = self._recommender
         if rec is None:
             raise ModelNotReadyError(
                 "no model is installed on this device yet: call sync() or install() first"
             )
-        return rec.recommend(self.events, k, candidates=candidates)
+        return rec.recommend(self.events, k, candidates=candidates, now=now)
 
     @property
     def model_version(self) -> int | None:

@@ -452,3 +452,70 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
     body = replace(config, strategy="fedavgm", trainable=None).round_config(
         32, 1900, 1, 1e-5, 60.0, 30.0)
     assert body["momentum"] == 0.9 and "tau" not in body and body["trainable"] is None
+
+
+@pytest.fixture(scope="module")
+def session_fleet(tmp_path_factory):
+    from tests.support.fleet import pretrained_session_fleet
+
+    population, bundle, _ = pretrained_session_fleet(tmp_path_factory.mktemp("sessions"))
+    return population, bundle
+
+
+def test_a_session_model_fleet_sees_the_held_out_rows_as_evaluate_does(session_fleet):
+    """The simulator's repeat_sasrec (separators on, as pocketrec train's default): the
+    vocabulary gains the separator as its last id, the held-out histories every round is
+    evaluated on carry separators where ``pocketrec evaluate`` puts them, and the exported
+    start says so in its config."""
+    from tests.support.fleet import fleet_population
+    from trainer.data.split import with_sessions
+
+    population, bundle_dir = session_fleet
+    plain = fleet_population()
+    separator = population.vocab.session_id
+    assert separator == len(population.vocab) - 1 == len(plain.vocab)
+    assert population.ranked_items == len(plain.vocab)
+    expected = with_sessions(plain.test, separator, 1800)
+    assert population.test.users == plain.test.users
+    assert np.array_equal(population.test.history, expected.history)
+    assert np.array_equal(population.test.target, plain.test.target)
+    assert (population.test.history == separator).any()
+    config = load_bundle(bundle_dir).config
+    assert (config["session_id"], config["session_gap"]) == (separator, 1800)
+
+
+def test_fast_workers_history_is_the_devices_recommender_history(session_fleet, tmp_path):
+    """Fast mode's online hit reads the history a device's ``Recommender`` builds from its
+    SQLite log, separators placed as of the user's next event."""
+    from device_sdk.recommender import Recommender
+
+    population, bundle_dir = session_fleet
+    bundle = load_bundle(bundle_dir)
+    policy = HistoryPolicy(exclude_kinds=("dismiss",))
+    recommender = Recommender(bundle, policy=policy)
+    worker = FastDeviceWorker({"base_bundle": str(bundle_dir), "seed": SEED})
+    separator, checked, opened = population.vocab.session_id, 0, 0
+    for user in sorted(population.devices)[:40]:
+        stream = population.devices[user]
+        upto = len(stream) - 1
+        if upto < 2:
+            continue
+        log = EventLog(tmp_path / f"{checked}.db")
+        log.log_many([(stream.items[i], stream.kinds[i], float(stream.times[i]))
+                      for i in range(upto)])
+        expected = recommender.history(log, now=float(stream.times[upto]))
+        log.close()
+        got = worker.history(stream, upto)
+        assert got.tolist() == expected.tolist(), user
+        checked += 1
+        opened += int(got[-1] == separator)
+    assert checked >= 30 and 0 < opened < checked  # both: inside a visit and opening one
+
+
+def test_parity_holds_for_the_session_aware_repeat_family(session_fleet, tmp_path):
+    """The default family with separators: full mode's devices (SQLite logs, LocalTrainer,
+    SecAgg+ over HTTP) and fast mode publish the same model within the quantization bound,
+    and both evaluate it on the histories with separators."""
+    config = replace(CONFIG, learning_rate=0.05)
+    runs = _both_modes(session_fleet, tmp_path, config)
+    _check_parity(runs, config)

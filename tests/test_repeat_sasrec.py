@@ -335,10 +335,12 @@ def test_session_gap_flag_turns_separators_off_and_is_refused_elsewhere(tmp_path
     assert main([*args, "--run", str(tmp_path / "s"), "--model", "sasrec",
                  "--session-gap", "600"]) == 2
     assert "--session-gap does not apply to --model sasrec" in capsys.readouterr().err
-    assert main(["simulate", "--run", str(tmp_path / "sim"), "--model", "repeat_sasrec",
-                 "--session-gap", "600", "--synthetic-users", "60", "--no-progress"]) == 2
-    assert "the simulator builds its models without session separators" in \
-        capsys.readouterr().err
+    sim = ["simulate", "--run", str(tmp_path / "sim"), "--synthetic-users", "60",
+           "--no-progress"]
+    assert main([*sim, "--session-gap", "600"]) == 2  # the simulator's default: dual_encoder
+    assert "--session-gap does not apply to --model dual_encoder" in capsys.readouterr().err
+    assert main([*sim, "--model", "repeat_sasrec", "--basket-weight", "1"]) == 2
+    assert "--basket-weight applies to pocketrec train" in capsys.readouterr().err
     # Runs with and without separators rank the same items: one table compares them.
     assert main([*args, "--run", str(tmp_path / "on")]) == 0
     assert main(["evaluate", "--run", str(tmp_path / "on"), "--compare",
@@ -346,6 +348,19 @@ def test_session_gap_flag_turns_separators_off_and_is_refused_elsewhere(tmp_path
     out = capsys.readouterr().out
     assert "repeat_sasrec +sessions torch (float)" in out
     assert "\nrepeat_sasrec torch (float)" in out
+
+
+def test_the_simulator_builds_repeat_sasrec_with_separators_as_train_does():
+    from trainer.cli import SESSION_GAP, _simulation_model, build_parser
+
+    def model(*flags):
+        return _simulation_model(build_parser().parse_args(["simulate", *flags]))
+
+    assert model("--model", "repeat_sasrec").options["session_gap"] == SESSION_GAP
+    assert model("--model", "repeat_sasrec", "--session-gap", "600").options[
+        "session_gap"] == 600
+    assert "session_gap" not in model("--model", "repeat_sasrec", "--session-gap", "0").options
+    assert "session_gap" not in model().options  # dual_encoder has no separators
 
 
 def test_central_dp_refuses_the_repeat_head_by_name(tmp_path, capsys):

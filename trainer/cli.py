@@ -450,12 +450,20 @@ def _simulation_model(args: argparse.Namespace) -> ModelSpec:
 
     if args.arch is None:
         args.arch = SIMULATION_MODEL
-    for flag in ("session_gap", "basket_weight"):
-        if getattr(args, flag, None) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} applies to pocketrec train; the "
-                             "simulator builds its models without session separators")
+    if getattr(args, "basket_weight", None) is not None:
+        raise ValueError("--basket-weight applies to pocketrec train; the simulator "
+                         "pretrains with the next-item objective only")
     arch = model_zoo.get(args.arch)
-    return ModelSpec(args.arch, _model_options(args, arch), epochs=args.epochs,
+    options = _model_options(args, arch)
+    gap = getattr(args, "session_gap", None)
+    if "session_gap" in {f.name for f in fields(arch.config_cls)}:
+        # As pocketrec train: separators by default; the experiment adds the separator's id.
+        gap = SESSION_GAP if gap is None else gap
+        if gap:
+            options["session_gap"] = gap
+    elif gap:
+        raise ValueError(f"--session-gap does not apply to --model {arch.name}")
+    return ModelSpec(args.arch, options, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                      seed=args.seed)
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.data.dataset import DataSpec
-from trainer.simulation.experiment import ModelSpec, export_base, train_central
+from trainer.simulation.experiment import ModelSpec, build_fleet, export_base, train_central
 from trainer.simulation.population import Population, build_population
 
 SPEC = DataSpec(synthetic_users=240, synthetic_items=120, seed=3)
 MODEL = ModelSpec(options={"dim": 16, "hidden": 32, "max_len": 20}, epochs=2)
 ROUNDS = 3
+# The default family with session separators, as pocketrec simulate --model repeat_sasrec.
+SESSION_MODEL = ModelSpec("repeat_sasrec", {"dim": 16, "hidden": 32, "max_len": 20,
+                                            "blocks": 1, "session_gap": 1800}, epochs=2)
 
 
 def fleet_population(seed: int = 3) -> Population:
@@ -23,3 +26,12 @@ def pretrained_fleet(directory: Path) -> tuple[Population, Path]:
     population = fleet_population()
     ckpt, _ = train_central(population, "pretrain", MODEL, progress=False)
     return population, export_base(ckpt, population, directory)
+
+
+def pretrained_session_fleet(directory: Path) -> tuple[Population, Path, ModelSpec]:
+    """``pretrained_fleet`` for the session-aware repeat_sasrec: the population as that model
+    sees it, its exported start and the model spec with the separator's id."""
+    population, model = build_fleet(SPEC, SESSION_MODEL, rounds=ROUNDS, public_fraction=0.15,
+                                    warmup=0.5)
+    ckpt, _ = train_central(population, "pretrain", model, progress=False)
+    return population, export_base(ckpt, population, directory), model

@@ -205,7 +205,9 @@ class DeviceWorker(ShardWorker):
                 if first.install_error:
                     out["install_error"] = first.install_error
                 if upto < len(stream) and device.model_version is not None:
-                    keys = [r.item for r in device.recommend(K)]
+                    # asked when the user's next event comes (session models read the gap)
+                    keys = [r.item for r in device.recommend(
+                        K, now=float(stream.times[upto]))]
                     nxt = stream.items[upto]
                     rank = keys.index(nxt) if nxt in keys else None
                     out["hit"] = rank is not None

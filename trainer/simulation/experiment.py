@@ -35,6 +35,22 @@ class ModelSpec:
     seed: int = 0
 
 
+def build_fleet(spec: DataSpec, model: ModelSpec, *, rounds: int, public_fraction: float,
+                warmup: float) -> tuple[Population, ModelSpec]:
+    """``build_population`` for ``model``: a session-aware model (``session_gap`` in its
+    options) gets the separator in the vocabulary and the held-out histories, and its id in
+    the returned spec's options."""
+    population = build_population(spec, int(model.options.get("max_len", 50)), rounds=rounds,
+                                  public_fraction=public_fraction, warmup=warmup,
+                                  seed=spec.seed)
+    gap = int(model.options.get("session_gap", 0))
+    if gap:
+        population = population.with_sessions(gap)
+        model = replace(model, options={**model.options,
+                                        "session_id": population.vocab.session_id})
+    return population, model
+
+
 def train_central(population: Population, which: str, model: ModelSpec,
                   progress: bool = True) -> Any:
     """Train ``model`` centrally on the public slice (``which="pretrain"``) or on every
@@ -67,7 +83,7 @@ def central_metrics(ckpt: Any, population: Population) -> dict[str, float]:
     module = ckpt.torch_module()
     test = population.test
     line = ranking_metrics(torch_topk(module, test.history, 10), test.target,
-                           len(population.vocab), 10)
+                           population.ranked_items, 10)
     out = {"hr@10": line["hr@10"], "ndcg@10": line["ndcg@10"]}
     if population.basket is not None and len(population.basket):
         b = basket_metrics(torch_topk(module, population.basket.history, 10),
@@ -215,10 +231,8 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    max_len = int(model.options.get("max_len", 50))
-    population = build_population(spec, max_len, rounds=rounds,
-                                  public_fraction=public_fraction, warmup=warmup,
-                                  seed=spec.seed)
+    population, model = build_fleet(spec, model, rounds=rounds,
+                                    public_fraction=public_fraction, warmup=warmup)
     s = population.stats
     log(f"{population.name}: {s['users']:,} users, {s['items']:,} items; "
         f"{s['public_users']:,} public users pretrain, {s['devices']:,} devices "

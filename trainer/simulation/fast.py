@@ -32,7 +32,8 @@ devices, both protocols for basket data; every ``export_every`` rounds and after
 one the server's own publisher (``sync_server.publisher.patch_or_export``) writes the
 int8 LiteRT bundle and the LiteRT interpreter evaluates it, so the report's last row is
 what devices would serve. Online HR@10 is measured with the float twin through the device's
-history policy and filters. Same seed, same results, bit for bit.
+history policy and filters (for a model that marks sessions, as of the user's next event, as
+full mode's devices are asked). Same seed, same results, bit for bit.
 
 Only ``secagg+-v1`` rounds run in fast mode (the sealed path's example-weighted float mean
 needs each device's update at the server)."""
@@ -55,7 +56,8 @@ from device_sdk.bundle import load_bundle
 from device_sdk.csprng import CryptoRandom
 from device_sdk.event_log import Event
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_seed
-from device_sdk.recommender import HistoryPolicy, history_ids
+from device_sdk.recommender import HistoryPolicy, history_ids, history_steps
+from device_sdk.sessions import session_window
 from device_sdk.uploads import flatten_update
 from trainer.simulation.devices import DeviceStream, ShardWorker, peak_rss_mb
 
@@ -165,13 +167,29 @@ class FastDeviceWorker(ShardWorker):
         self._ring, self._clients = None, 0
         return {"ring": None if ring is None else encode_ring(ring), "clients": clients}
 
+    def history(self, stream: DeviceStream, upto: int) -> np.ndarray:
+        """The model input ``Recommender.history`` builds from the user's first ``upto``
+        events: with session separators, as of the next event's time (when the user asks)."""
+        config = self.base.config  # what the Recommender reads too
+        max_len = int(config["max_len"])
+        start = max(0, upto - self.policy.scan_factor * max_len)
+        separator = int(config.get("session_id", 0))
+        if not separator:
+            pairs = list(zip(stream.items[start:upto], stream.kinds[start:upto], strict=True))
+            return history_ids(pairs, self.vocab.id_of, max_len, self.policy)
+        steps = history_steps(zip(stream.items[start:upto], stream.kinds[start:upto],
+                                  stream.times[start:upto].tolist(), strict=True),
+                              self.vocab.id_of, max_len, self.policy)
+        return session_window(np.array([i for i, _ in steps], dtype=np.int32),
+                              np.array([t for _, t in steps], dtype=np.float64),
+                              separator, float(config["session_gap"]),
+                              float(stream.times[upto]),
+                              max_len)
+
     def _rank(self, stream: DeviceStream, upto: int) -> int | None:
         """Where the user's next real event ranks in the K items the device would show
         (``Recommender.recommend``'s history, filters and popularity fill), float model."""
-        max_len = self._trainer.config.max_len
-        start = max(0, upto - self.policy.scan_factor * max_len)
-        pairs = list(zip(stream.items[start:upto], stream.kinds[start:upto], strict=True))
-        history = history_ids(pairs, self.vocab.id_of, max_len, self.policy)
+        history = self.history(stream, upto)
         excluded = {stream.items[i] for i in range(upto)
                     if stream.kinds[i] in self.policy.exclude_kinds}
         n_items = len(self.vocab)

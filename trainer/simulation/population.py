@@ -18,14 +18,14 @@ upper bound the federated models are compared with)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
 
 from device_sdk.item_vocab import ItemVocab
 from trainer.data.dataset import DataSpec, holdout_split, set_popular
-from trainer.data.split import BasketSet, EvalSet, LeaveLastOut
+from trainer.data.split import BasketSet, EvalSet, LeaveLastOut, with_sessions
 from trainer.simulation.devices import DeviceStream
 
 
@@ -42,25 +42,45 @@ class Population:
     basket: BasketSet | None  # devices' held-out baskets, for basket data
     stats: dict = field(default_factory=dict)
 
+    def with_sessions(self, gap: int) -> Population:
+        """The fleet as a model trained with session separators sees it: the vocabulary
+        with the separator as its last id, and the held-out rows' histories with
+        separators (placed once here, not at every evaluation). The devices' streams and
+        the pretraining and central splits stay as they are: training places separators
+        itself, and so do devices (``LocalTrainer``, ``Recommender``)."""
+        vocab = self.vocab.with_session()
+        separator = vocab.session_id
+        return replace(self, vocab=vocab, test=with_sessions(self.test, separator, gap),
+                       basket=None if self.basket is None else
+                       with_sessions(self.basket, separator, gap),
+                       stats={**self.stats, "session_gap": gap})
 
-def _subset_eval(data: EvalSet, keep: set[str]) -> EvalSet:
-    rows = [i for i, u in enumerate(data.users) if u in keep]
-    return EvalSet([data.users[i] for i in rows], data.history[rows], data.target[rows])
+    @property
+    def ranked_items(self) -> int:
+        """The id range models rank, padding included (the separator is never ranked)."""
+        return len(self.vocab) - (1 if self.vocab.session_id else 0)
 
 
-def _subset_basket(data: BasketSet | None, keep: set[str]) -> BasketSet | None:
+def _rows(data, keep: set[str]):
+    """An ``EvalSet`` or ``BasketSet`` cut to the users in ``keep``, every per-row field
+    (history, targets, step and request times) with them."""
     if data is None:
         return None
     rows = [i for i, u in enumerate(data.users) if u in keep]
-    return BasketSet([data.users[i] for i in rows], data.history[rows],
-                     [data.baskets[i] for i in rows])
+    cut = {f.name: [getattr(data, f.name)[i] for i in rows] if isinstance(
+               getattr(data, f.name), list) else getattr(data, f.name)[rows]
+           for f in fields(data) if getattr(data, f.name) is not None and f.name != "users"}
+    return replace(data, users=[data.users[i] for i in rows], **cut)
 
 
 def _restrict(split: LeaveLastOut, keep: set[str]) -> LeaveLastOut:
+    times = split.train_times
     return LeaveLastOut(
         train={u: s for u, s in split.train.items() if u in keep},
-        valid=_subset_eval(split.valid, keep), test=_subset_eval(split.test, keep),
-        basket=_subset_basket(split.basket, keep), holdout=split.holdout)
+        valid=_rows(split.valid, keep), test=_rows(split.test, keep),
+        basket=_rows(split.basket, keep), holdout=split.holdout,
+        train_times=None if times is None else {u: t for u, t in times.items() if u in keep},
+        basket_valid=_rows(split.basket_valid, keep))
 
 
 def build_population(
@@ -102,7 +122,7 @@ def build_population(
 
     pretrain = _restrict(split, set(public))
     set_popular(vocab, pretrain)  # what the starting model's bundle falls back to
-    test = _subset_eval(split.test, device_users)
+    test = _rows(split.test, device_users)
     stats = {
         "events": int(len(df)), "users": len(users), "items": len(vocab) - 1,
         "public_users": len(public), "devices": len(devices),
@@ -112,4 +132,4 @@ def build_population(
         "clock_end": pd.Timestamp(int(times[-1]), unit="s").isoformat(),
     }
     return Population(spec.name, vocab, public, devices, clock, pretrain, split, test,
-                      _subset_basket(split.basket, device_users), stats)
+                      _rows(split.basket, device_users), stats)

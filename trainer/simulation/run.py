@@ -214,7 +214,7 @@ def offline_metrics(topk: Callable[[np.ndarray], np.ndarray], population: Popula
     too."""
     test = population.test
     ids = topk(test.history)
-    line = ranking_metrics(ids, test.target, len(population.vocab), K)
+    line = ranking_metrics(ids, test.target, population.ranked_items, K)
     out = {"hr@10": line["hr@10"], "ndcg@10": line["ndcg@10"]}
     basket = population.basket
     if basket is not None and len(basket):

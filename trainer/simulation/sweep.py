@@ -260,19 +260,18 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
     from trainer.cli import _data_spec, _sim_config, _simulation_model
     from trainer.simulation.experiment import (
         _Interrupt,
+        build_fleet,
         export_base,
         simulate_one,
         train_central,
     )
-    from trainer.simulation.population import build_population
     from trainer.simulation.report import write_report
 
     base, combos = load_grid(grid_path)
     args = args_for(base)
-    model = _simulation_model(args)
-    population = build_population(_data_spec(args), int(model.options.get("max_len", 50)),
-                                  rounds=args.rounds, public_fraction=args.public_fraction,
-                                  warmup=args.warmup, seed=args.seed)
+    population, model = build_fleet(_data_spec(args), _simulation_model(args),
+                                    rounds=args.rounds, public_fraction=args.public_fraction,
+                                    warmup=args.warmup)
     out.mkdir(parents=True, exist_ok=True)
     if getattr(args, "base_bundle", None):
         bundle = Path(args.base_bundle)
