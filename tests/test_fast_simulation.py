@@ -519,3 +519,26 @@ def test_parity_holds_for_the_session_aware_repeat_family(session_fleet, tmp_pat
     config = replace(CONFIG, learning_rate=0.05)
     runs = _both_modes(session_fleet, tmp_path, config)
     _check_parity(runs, config)
+
+
+def test_a_base_bundle_decides_the_model_the_fleet_is_built_for(fleet, session_fleet):
+    """--base-bundle: the fleet is built for the bundle's model (architecture and
+    separators), whatever the simulator's default is; a flag against it is refused."""
+    from trainer.cli import _simulation_model, build_parser
+
+    def model(bundle, *flags):
+        return _simulation_model(build_parser().parse_args(
+            ["simulate", "--base-bundle", str(bundle), *flags]))
+
+    spec = model(session_fleet[1])
+    assert spec.arch == "repeat_sasrec"
+    assert spec.options["session_gap"] == 1800
+    plain = model(fleet[1])
+    assert plain.arch == "dual_encoder" and "session_gap" not in plain.options
+    with pytest.raises(ValueError, match="holds a repeat_sasrec model with arch"):
+        model(session_fleet[1], "--model", "dual_encoder")
+    with pytest.raises(ValueError, match="--session-gap 600 contradicts it"):
+        model(session_fleet[1], "--session-gap", "600")
+    # Flags that agree with the bundle are fine.
+    assert model(session_fleet[1], "--model", "repeat_sasrec", "--session-gap", "1800"
+                 ).options["session_gap"] == 1800

@@ -444,10 +444,26 @@ def _trainable(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 def _simulation_model(args: argparse.Namespace) -> ModelSpec:
     """The ModelSpec that demo, simulate and sweep pretrain (``SIMULATION_MODEL`` unless
-    --model names another)."""
+    --model names another). With --base-bundle, the bundle's architecture and session
+    separator (the fleet must see histories as that model does)."""
     import model_zoo
     from trainer.simulation.experiment import ModelSpec
 
+    if getattr(args, "base_bundle", None):
+        from device_sdk.bundle import load_bundle
+
+        bundle = load_bundle(args.base_bundle)
+        name, config = bundle.architecture, bundle.config
+        held: dict = {"arch": name}
+        if "session_gap" in config:
+            held["session_gap"] = int(config["session_gap"]) if config.get("session_id") else 0
+        for key, value in held.items():
+            given = getattr(args, key, None)
+            if given is not None and given != value:
+                flag = "--model" if key == "arch" else f"--{key.replace('_', '-')}"
+                raise ValueError(f"--base-bundle holds a {name} model with {key} {value}; "
+                                 f"{flag} {given} contradicts it (drop the flag)")
+            setattr(args, key, value)
     if args.arch is None:
         args.arch = SIMULATION_MODEL
     if getattr(args, "basket_weight", None) is not None:
