@@ -351,7 +351,7 @@ def test_session_gap_flag_turns_separators_off_and_is_refused_elsewhere(tmp_path
 
 
 def test_the_simulator_builds_repeat_sasrec_with_separators_as_train_does():
-    from trainer.cli import SESSION_GAP, _simulation_model, build_parser
+    from trainer.cli import SESSION_GAP, _simulation_model, _trainable, build_parser
 
     def model(*flags):
         return _simulation_model(build_parser().parse_args(["simulate", *flags]))
@@ -361,6 +361,11 @@ def test_the_simulator_builds_repeat_sasrec_with_separators_as_train_does():
         "session_gap"] == 600
     assert "session_gap" not in model("--model", "repeat_sasrec", "--session-gap", "0").options
     assert "session_gap" not in model().options  # dual_encoder has no separators
+    # --trainable names the tensors of the model as built, the separators' one included.
+    trainable = _trainable(build_parser().parse_args(
+        ["simulate", "--model", "repeat_sasrec", "--trainable", "repeat"]))
+    assert trainable == ("repeat.age", "repeat.age_session", "repeat.gate.bias",
+                         "repeat.gate.weight", "repeat.item_bias")
 
 
 def test_central_dp_refuses_the_repeat_head_by_name(tmp_path, capsys):

@@ -429,14 +429,17 @@ def _trainable(args: argparse.Namespace) -> tuple[str, ...] | None:
     entries = [e.strip() for e in entries if e.strip()]
     if not entries:
         raise ValueError("--trainable needs at least one parameter name or prefix")
-    arch = model_zoo.get(args.arch or SIMULATION_MODEL)
-    names = list(arch.config(n_items=2, **_model_options(args, arch)).param_shapes())
+    model = _simulation_model(args)
+    options = dict(model.options)
+    if options.get("session_gap"):
+        options["session_id"] = 1  # any valid id: with separators the model has more tensors
+    names = list(model_zoo.get(model.arch).config(n_items=3, **options).param_shapes())
     chosen: set[str] = set()
     for entry in entries:
         matched = [n for n in names if entry == "all" or n == entry
                    or n.startswith(entry + ".")]
         if not matched:
-            raise ValueError(f"--trainable {entry!r} matches no parameter of {arch.name}; "
+            raise ValueError(f"--trainable {entry!r} matches no parameter of {model.arch}; "
                              f"its parameters: {names}")
         chosen.update(matched)
     return tuple(sorted(chosen))
