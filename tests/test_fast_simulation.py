@@ -417,7 +417,6 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
     from sync_server import round_config
     from trainer.cli import (
         RECIPE_STRATEGY,
-        SIMULATION_MODEL,
         STRATEGY_DEFAULTS,
         _recipe,
         _trainable,
@@ -428,12 +427,12 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
         return build_parser().parse_args(["simulate", *flags])
 
     assert _trainable(args()) is None
-    assert _trainable(args("--trainable", "mlp, out.bias")) == (
+    assert _trainable(args("--model", "dual_encoder", "--trainable", "mlp, out.bias")) == (
         "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "out.bias")
-    assert _trainable(args("--trainable", "all")) == tuple(sorted(
-        model_zoo.get(SIMULATION_MODEL).config(n_items=2).param_shapes()))
+    assert _trainable(args("--model", "dual_encoder", "--trainable", "all")) == tuple(sorted(
+        model_zoo.get("dual_encoder").config(n_items=2).param_shapes()))
     with pytest.raises(ValueError, match="'mlp.1' matches no parameter"):
-        _trainable(args("--trainable", "mlp.1"))
+        _trainable(args("--model", "dual_encoder", "--trainable", "mlp.1"))
     # No strategy flag: the recipe's strategy for the run (with DP or not), its settings.
     for dp in (False, True):
         strategy = RECIPE_STRATEGY[dp]

@@ -337,7 +337,7 @@ def test_session_gap_flag_turns_separators_off_and_is_refused_elsewhere(tmp_path
     assert "--session-gap does not apply to --model sasrec" in capsys.readouterr().err
     sim = ["simulate", "--run", str(tmp_path / "sim"), "--synthetic-users", "60",
            "--no-progress"]
-    assert main([*sim, "--session-gap", "600"]) == 2  # the simulator's default: dual_encoder
+    assert main([*sim, "--model", "dual_encoder", "--session-gap", "600"]) == 2
     assert "--session-gap does not apply to --model dual_encoder" in capsys.readouterr().err
     assert main([*sim, "--model", "repeat_sasrec", "--basket-weight", "1"]) == 2
     assert "--basket-weight applies to pocketrec train" in capsys.readouterr().err
@@ -356,11 +356,12 @@ def test_the_simulator_builds_repeat_sasrec_with_separators_as_train_does():
     def model(*flags):
         return _simulation_model(build_parser().parse_args(["simulate", *flags]))
 
-    assert model("--model", "repeat_sasrec").options["session_gap"] == SESSION_GAP
+    assert model().options["session_gap"] == SESSION_GAP
     assert model("--model", "repeat_sasrec", "--session-gap", "600").options[
         "session_gap"] == 600
     assert "session_gap" not in model("--model", "repeat_sasrec", "--session-gap", "0").options
-    assert "session_gap" not in model().options  # dual_encoder has no separators
+    assert model().arch == "repeat_sasrec"  # the simulator's default family
+    assert "session_gap" not in model("--model", "dual_encoder").options
     # --trainable names the tensors of the model as built, the separators' one included.
     trainable = _trainable(build_parser().parse_args(
         ["simulate", "--model", "repeat_sasrec", "--trainable", "repeat"]))

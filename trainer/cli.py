@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 DEFAULT_RUN = "runs/default"
 # `pocketrec train` without --model: the best shipped family (README, "Repeat-aware model":
-# it wins the line protocol; on the basket protocol the tuned baselines still win). The demo
-# and simulate keep the dual encoder (their time).
+# it wins the line protocol; on the basket protocol the tuned baselines still win), and the
+# family demo, simulate and sweep pretrain and federate (README, "The demo").
 DEFAULT_MODEL = "repeat_sasrec"
-SIMULATION_MODEL = "dual_encoder"
+SIMULATION_MODEL = "repeat_sasrec"
 DP_MODEL = "sasrec"
 # repeat_sasrec's default session gap (seconds): a new visit after 30 minutes without events.
 SESSION_GAP = 1800
@@ -58,8 +58,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", "--arch", dest="arch", choices=model_zoo.names(),
-                   help=f"architecture (model_zoo name; default: {DEFAULT_MODEL} for train, "
-                   f"{SIMULATION_MODEL} for demo and simulate)")
+                   help=f"architecture (model_zoo name; default: {DEFAULT_MODEL}; demo, "
+                   "simulate and sweep with --base-bundle: the bundle's)")
     g.add_argument("--dim", type=int, default=64)
     g.add_argument("--hidden", type=int, default=128, help="MLP / feed-forward width")
     g.add_argument("--max-len", type=int, default=50, help="history length L")
