@@ -67,10 +67,12 @@ def _rows(data, keep: set[str]):
     if data is None:
         return None
     rows = [i for i, u in enumerate(data.users) if u in keep]
-    cut = {f.name: [getattr(data, f.name)[i] for i in rows] if isinstance(
-               getattr(data, f.name), list) else getattr(data, f.name)[rows]
-           for f in fields(data) if getattr(data, f.name) is not None and f.name != "users"}
-    return replace(data, users=[data.users[i] for i in rows], **cut)
+
+    def cut(value):  # a list (users, baskets) or an array with a row per user
+        return [value[i] for i in rows] if isinstance(value, list) else value[rows]
+
+    return replace(data, **{f.name: cut(getattr(data, f.name)) for f in fields(data)
+                            if getattr(data, f.name) is not None})
 
 
 def _restrict(split: LeaveLastOut, keep: set[str]) -> LeaveLastOut:
