@@ -457,8 +457,7 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
 def session_fleet(tmp_path_factory):
     from tests.support.fleet import pretrained_session_fleet
 
-    population, bundle, _ = pretrained_session_fleet(tmp_path_factory.mktemp("sessions"))
-    return population, bundle
+    return pretrained_session_fleet(tmp_path_factory.mktemp("sessions"))
 
 
 def test_a_session_model_fleet_sees_the_held_out_rows_as_evaluate_does(session_fleet):

@@ -28,10 +28,10 @@ def pretrained_fleet(directory: Path) -> tuple[Population, Path]:
     return population, export_base(ckpt, population, directory)
 
 
-def pretrained_session_fleet(directory: Path) -> tuple[Population, Path, ModelSpec]:
+def pretrained_session_fleet(directory: Path) -> tuple[Population, Path]:
     """``pretrained_fleet`` for the session-aware repeat_sasrec: the population as that model
-    sees it, its exported start and the model spec with the separator's id."""
+    sees it and its exported start."""
     population, model = build_fleet(SPEC, SESSION_MODEL, rounds=ROUNDS, public_fraction=0.15,
                                     warmup=0.5)
     ckpt, _ = train_central(population, "pretrain", model, progress=False)
-    return population, export_base(ckpt, population, directory), model
+    return population, export_base(ckpt, population, directory)
