@@ -361,6 +361,36 @@ def test_a_grid_may_not_vary_what_every_run_shares(tmp_path):
     assert base == {} and len(runs) == 4 and len({json.dumps(r) for r in runs}) == 4
 
 
+def test_run_tables_name_recipes_and_combine_with_the_grid(tmp_path):
+    """Each [[run]] is one recipe, crossed with every [grid] combination; a recipe that
+    sets what every run shares, what the grid varies, a list, or repeats a run is refused
+    with the reason."""
+    from trainer.simulation.sweep import load_grid, run_name
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\nrounds = 3\n[grid]\nseed = [0, 1]\n'
+                    '[[run]]\nstrategy = "fedadam"\nlocal-lr = 0.2\n'
+                    '[[run]]\nstrategy = "fedavg"\nlocal_epochs = 3\nlocal_batch_size = 8\n')
+    base, runs = load_grid(grid)
+    assert base == {"rounds": 3}
+    assert runs == [{"seed": 0, "strategy": "fedadam", "local_lr": 0.2},
+                    {"seed": 1, "strategy": "fedadam", "local_lr": 0.2},
+                    {"seed": 0, "strategy": "fedavg", "local_epochs": 3, "local_batch_size": 8},
+                    {"seed": 1, "strategy": "fedavg", "local_epochs": 3, "local_batch_size": 8}]
+    assert len({run_name(r) for r in runs}) == 4
+    grid.write_text('[[run]]\nclip_norm = 0.5\n')
+    assert load_grid(grid)[1] == [{"clip_norm": 0.5}]
+    for body, reason in (('[[run]]\ndim = 16\n', "cannot set"),
+                         ('[grid]\nseed = [0]\n[[run]]\nseed = 1\n', "which \\[grid\\] varies"),
+                         ('[[run]]\nlocal_lr = [0.1, 0.2]\n', "single values"),
+                         ('[[run]]\nseed = 1\n[[run]]\nseed = 1\n', "repeats a run"),
+                         ('run = 3\n', "array of tables"),
+                         ('[runs]\nseed = 1\n', "unknown table")):
+        grid.write_text(body)
+        with pytest.raises(ValueError, match=reason):
+            load_grid(grid)
+
+
 def test_ctrl_c_during_a_sweep_keeps_the_finished_runs(fleet, tmp_path):
     _, bundle = fleet
     grid = tmp_path / "grid.toml"

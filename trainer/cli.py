@@ -617,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_sweep)
     p.add_argument("grid", metavar="GRID.toml",
                    help="[base] simulate flags, [grid] lists of flags to combine, optional "
-                   "[sample] n (see trainer/simulation/sweep.py)")
+                   "[[run]] recipes crossed with the grid, optional [sample] n (see "
+                   "trainer/simulation/sweep.py)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--out", help="table directory (default: RUN/sweep)")
     p.add_argument("--base-bundle", metavar="DIR",

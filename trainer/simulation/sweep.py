@@ -12,6 +12,10 @@ GRID.toml::
     clip_norm = [0.1, 0.3]
     seed = [0, 1]           # the simulation's seed (sampling, dropouts, noise)
 
+    [[run]]                 # optional, repeatable: one recipe whose flags differ from
+    strategy = "fedavg"     # another's in more than one place; each [[run]] is combined
+    local_epochs = 3        # with every [grid] combination (no flag in both)
+
     [sample]                # optional: n combinations drawn at random (seeded) instead
     n = 8
     seed = 0
@@ -71,9 +75,10 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             doc = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: {exc}") from None
-    unknown = sorted(set(doc) - {"base", "grid", "sample"})
+    unknown = sorted(set(doc) - {"base", "grid", "run", "sample"})
     if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; use [base], [grid], [sample]")
+        raise ValueError(f"{path}: unknown table(s) {unknown}; use [base], [grid], [[run]], "
+                         f"[sample]")
     base = {_key(k): v for k, v in doc.get("base", {}).items()}
     grid = {_key(k): v for k, v in doc.get("grid", {}).items()}
     bad = sorted(set(grid) - set(GRID_FLAGS))
@@ -87,6 +92,13 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     names = sorted(grid)
     combos = [dict(zip(names, values, strict=True))
               for values in itertools.product(*(grid[n] for n in names))]
+    recipes = _recipes(path, doc.get("run"), set(grid))
+    if recipes:
+        combos = [{**combo, **recipe} for recipe in recipes for combo in combos]
+        names = [run_name(combo) for combo in combos]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{path}: [[run]] repeats a run: {repeated}")
     sample = doc.get("sample")
     if sample is not None:
         n = sample.get("n")
@@ -96,6 +108,34 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         keep = sorted(rng.choice(len(combos), size=min(n, len(combos)), replace=False))
         combos = [combos[i] for i in keep]
     return base, combos
+
+
+def _recipes(path: str | Path, tables: Any, grid_flags: set[str]) -> list[dict[str, Any]]:
+    """The [[run]] tables: each one recipe's flag values (single values, flags a grid may
+    vary, none the [grid] varies too). ValueError naming what is wrong."""
+    if tables is None:
+        return []
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"{path}: run must be an array of tables, written [[run]]")
+    recipes = []
+    for i, table in enumerate(tables, 1):
+        recipe = {_key(k): v for k, v in table.items()}
+        if not recipe:
+            raise ValueError(f"{path}: [[run]] number {i} is empty")
+        bad = sorted(set(recipe) - set(GRID_FLAGS))
+        if bad:
+            raise ValueError(f"{path}: [[run]] number {i} cannot set {bad} (every run "
+                             f"shares the fleet, its clock and the starting model: put them "
+                             f"in [base]); it can set {list(GRID_FLAGS)}")
+        both = sorted(set(recipe) & grid_flags)
+        if both:
+            raise ValueError(f"{path}: [[run]] number {i} sets {both}, which [grid] varies")
+        lists = sorted(k for k, v in recipe.items() if isinstance(v, (list, dict)))
+        if lists:
+            raise ValueError(f"{path}: [[run]] number {i}: {lists} must be single values "
+                             f"(vary them in [grid])")
+        recipes.append(recipe)
+    return recipes
 
 
 def run_name(params: dict[str, Any]) -> str:
