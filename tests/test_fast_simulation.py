@@ -474,13 +474,37 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
                              "tau": 0.02}
     config = SimulationConfig(strategy="fedadam", server_lr=0.1, tau=0.02, beta1=0.8,
                               momentum=0.9, trainable=("out.bias",))
-    body = config.round_config(32, 1900, 1, 1e-5, 60.0, 30.0)
+    body = config.round_config(32, 1900, 1, 1e-5, 60.0, 30.0, r=1)
     stored = round_config.plan(body).stored()
     assert (stored["tau"], stored["beta1"], stored["trainable"]) == (0.02, 0.8, ["out.bias"])
     assert "momentum" not in stored and "beta2" not in stored  # fedadam's own default
     body = replace(config, strategy="fedavgm", trainable=None).round_config(
-        32, 1900, 1, 1e-5, 60.0, 30.0)
+        32, 1900, 1, 1e-5, 60.0, 30.0, r=1)
     assert body["momentum"] == 0.9 and "tau" not in body and body["trainable"] is None
+
+
+def test_a_server_lr_decay_gives_each_round_its_own_cosine_step():
+    """--server-lr-decay F: round 1 at --server-lr, the last planned round at F times it,
+    cosine in between, held after; each round's config (the server stores and applies it,
+    fast mode plans the same body) carries its own server_lr."""
+    from sync_server import round_config
+    from trainer.cli import _sim_config, build_parser
+
+    args = build_parser().parse_args(["simulate", "--strategy", "fedadam", "--server-lr", "0.2",
+                                      "--server-lr-decay", "0.25", "--rounds", "5"])
+    config = _sim_config(args, "federated", None)
+    lrs = [round_config.plan(config.round_config(32, 1900, r, 1e-5, 60.0, 30.0, r=r)
+                             ).stored()["server_lr"] for r in range(1, 7)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(0.05)
+    # The cosine's midpoint is the mean of the two ends; a round past the plan keeps the last.
+    assert lrs[2] == pytest.approx((0.2 + 0.05) / 2) and lrs[5] == pytest.approx(lrs[4])
+    assert all(a > b for a, b in zip(lrs[:4], lrs[1:5], strict=True))
+    constant = replace(config, server_lr_decay=None)
+    assert {constant.round_config(32, 1900, r, 1e-5, 60.0, 30.0, r=r)["server_lr"]
+            for r in (1, 3, 5)} == {0.2}
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"server_lr_decay .* \(0, 1\], got"):
+            replace(config, server_lr_decay=bad)
 
 
 @pytest.fixture(scope="module")

@@ -336,6 +336,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                    help=f"server optimizer (default: {RECIPE_STRATEGY[False]} without DP, "
                    f"{RECIPE_STRATEGY[True]} with DP)")
     g.add_argument("--server-lr", type=float, help=f"default: {defaults['server_lr']}")
+    g.add_argument("--server-lr-decay", type=float, metavar="F",
+                   help="cosine decay of the server lr over the planned rounds to F x "
+                   "--server-lr at the last round, F in (0, 1] (default: constant)")
     g.add_argument("--momentum", type=float, help=f"default: {defaults['momentum']}")
     g.add_argument("--beta1", type=float, help="fedadam (default 0.9)")
     g.add_argument("--beta2", type=float, help="fedadam (default 0.99)")
@@ -405,6 +408,7 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
 
     return SimulationConfig(**_recipe(args, bool(noise) or target is not None),
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
+        server_lr_decay=args.server_lr_decay,
         target_epsilon=None if noise else target,
         delta=args.delta, clip_norm=args.clip_norm, trainable=_trainable(args),
         local_epochs=args.local_epochs,

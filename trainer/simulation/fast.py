@@ -350,13 +350,13 @@ class FastRounds:
             sim.backend.close()
         return sim.records
 
-    def _round_config(self, n: int, population: int, version: int) -> dict[str, Any]:
+    def _round_config(self, n: int, population: int, version: int, r: int) -> dict[str, Any]:
         """The round config exactly as the server would store it (its own validation and
         defaults), plus what the server adds from the base model."""
         from sync_server import round_config
 
         plan = round_config.plan(self.config.round_config(
-            n, population, version, self.sim.delta, 3600.0, 60.0))
+            n, population, version, self.sim.delta, 3600.0, 60.0, r=r))
         trainable = plan.derived.trainable
         if trainable is None:  # the architecture's federated tensors, if it says
             federated = self.base.manifest.get("architecture", {}).get("federated")
@@ -409,7 +409,7 @@ class FastRounds:
             record.state, record.reason = "skipped", f"{len(eligible)} eligible devices"
             return record
         drop, late = draw_fates(sim.rng, eligible, config)  # as full mode draws them
-        server = self._round_config(n, len(eligible), version)
+        server = self._round_config(n, len(eligible), version, r)
         self.opened += 1
         round_id = record.round_id = f"round-{self.opened}"
         q = float(server["sampling_rate"])

@@ -74,6 +74,9 @@ class SimulationConfig:
     clip_norm: float = _SERVER.clip_norm
     strategy: str = _SERVER.strategy
     server_lr: float = 1.0
+    # Cosine decay of the server lr over the planned rounds, from server_lr at round 1 to
+    # this fraction of it at the last (each round's config carries its own); None: constant.
+    server_lr_decay: float | None = None
     momentum: float | None = None  # fedavgm; None: the strategy's default
     beta1: float | None = None  # fedadam's beta1, beta2, tau; None: the strategy's defaults
     beta2: float | None = None
@@ -98,13 +101,28 @@ class SimulationConfig:
     mode: str = "full"  # "fast": trainer.simulation.fast (no transport, same learning)
     export_every: int = 0  # fast mode: int8 export + evaluation every N rounds (and last)
 
+    def __post_init__(self) -> None:
+        if self.server_lr_decay is not None and not 0 < self.server_lr_decay <= 1:
+            raise ValueError(f"server_lr_decay is a fraction of server_lr in (0, 1], got "
+                             f"{self.server_lr_decay}")
+
+    def server_lr_at(self, r: int) -> float:
+        """Round r's server lr (1-based): ``server_lr``, or its cosine decay to
+        ``server_lr_decay`` x ``server_lr`` at round ``rounds`` (held after it)."""
+        floor = self.server_lr_decay
+        if floor is None:
+            return self.server_lr
+        progress = min(max(r - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
+        return self.server_lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
     def round_config(self, n: int, population: int, version: int, delta: float,
-                     deadline_s: float, stage_timeout_s: float) -> dict[str, Any]:
-        """The body of POST /v1/admin/rounds (sync_server.round_config.RoundConfig)."""
+                     deadline_s: float, stage_timeout_s: float, *, r: int) -> dict[str, Any]:
+        """The body of POST /v1/admin/rounds (sync_server.round_config.RoundConfig) for
+        round ``r``."""
         config: dict[str, Any] = {
             "strategy": self.strategy, "target_clients": n, "deadline_s": deadline_s,
             "population": population, "model_version": version,
-            "upload_scheme": self.upload_scheme, "server_lr": self.server_lr,
+            "upload_scheme": self.upload_scheme, "server_lr": self.server_lr_at(r),
             **{key: getattr(self, key) for key in TASK_KEYS if hasattr(self, key)},
         }
         if self.trainable is not None:
@@ -462,7 +480,7 @@ class Simulation:
         drop, late = draw_fates(self.rng, eligible, config)
         deadline_s, stage_timeout_s = self._timing(len(eligible))
         opened = self._admin_json("POST", "/v1/admin/rounds", json=config.round_config(
-            n, len(eligible), version, self.delta, deadline_s, stage_timeout_s))
+            n, len(eligible), version, self.delta, deadline_s, stage_timeout_s, r=r))
         round_id = record.round_id = opened["round_id"]
         phases: dict[str, float] = {}
         traffic: dict[str, list[int]] = {u: [0, 0] for u in eligible}
