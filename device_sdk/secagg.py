@@ -469,6 +469,9 @@ class TaskParams:
     vector_length: int
     min_clients: int
     noise_std: float = 0.0  # per-device discrete Gaussian std, in quantized units
+    # Adaptive clipping: the input's last value is C (b - 1/2), b = 1 when the update's norm
+    # before clipping was within the clip C (``device_sdk.uploads.secagg_vector``).
+    clip_bit: bool = False
 
     @classmethod
     def from_json(cls, obj: Any) -> TaskParams:
@@ -485,11 +488,17 @@ class TaskParams:
                          "needs at least 3 survivors")
         if type(noise) not in (int, float) or not 0 <= noise < 2**31 or not math.isfinite(noise):
             raise _error("secagg_bad_message", f"bad noise_std {noise!r}")
-        return cls(float(scale), length, min_clients, float(noise))
+        clip_bit = obj.get("clip_bit", False)
+        if type(clip_bit) is not bool:
+            raise _error("secagg_bad_message", f"bad clip_bit {clip_bit!r}")
+        return cls(float(scale), length, min_clients, float(noise), clip_bit)
 
     def to_json(self) -> dict[str, Any]:
-        return {"scale": self.scale, "vector_length": self.vector_length,
-                "min_clients": self.min_clients, "noise_std": self.noise_std}
+        out = {"scale": self.scale, "vector_length": self.vector_length,
+               "min_clients": self.min_clients, "noise_std": self.noise_std}
+        if self.clip_bit:  # absent from rounds with a fixed clip, as before it existed
+            out["clip_bit"] = True
+        return out
 
 
 def advert_message(round_id: str, device_id: str, c_pk: bytes, e_pk: bytes,

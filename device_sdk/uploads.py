@@ -263,7 +263,8 @@ class SecAggUpload:
     def begin(self, client: SyncTransport, task: RoundTask, update: ModelUpdate
               ) -> SecAggSession:
         """Advertise and return the session, for the caller to ``step()`` through."""
-        session = self.session(client, task, flatten_update(update))
+        clip_bit = isinstance(task.secagg, dict) and task.secagg.get("clip_bit") is True
+        session = self.session(client, task, secagg_vector(update, clip_bit=clip_bit))
         session.start()
         return session
 
@@ -282,3 +283,16 @@ def flatten_update(update: ModelUpdate) -> np.ndarray:
 
 
 register_upload_scheme(SecAggUpload())
+
+
+def secagg_vector(update: ModelUpdate, *, clip_bit: bool) -> np.ndarray:
+    """A device's SecAgg+ input: ``flatten_update``, and with ``clip_bit`` (adaptive
+    clipping) one more value, C (b - 1/2) with b = 1 when the update's norm before
+    clipping was within the clip C. Centred and scaled by C, it stays within the ring's
+    per-value range and one device moves the count by 1/2 either way; the server sees only
+    the sum (``sync_server.secure_aggregation.aggregate_ring_sum``)."""
+    vector = flatten_update(update)
+    if not clip_bit:
+        return vector
+    below = update.norm_before_clip <= update.clip_norm
+    return np.append(vector, update.clip_norm * (0.5 if below else -0.5))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from device_sdk import secagg
@@ -77,18 +77,25 @@ class RoundConfig(TrainingParams):
     beta1: float | None = _optional(minimum=0.0, maximum=1.0, exclusive_maximum=True)
     beta2: float | None = _optional(minimum=0.0, maximum=1.0, exclusive_maximum=True)
     tau: float | None = _optional(minimum=0.0, exclusive=True)
+    # Adaptive clipping (sync_server.strategies.AdaptiveClip): the target quantile of the
+    # devices' update norms; clip_norm is then the first round's clip only. None: fixed.
+    clip_quantile: float | None = _optional(minimum=0.0, exclusive=True, maximum=1.0,
+                                            exclusive_maximum=True)
+    clip_lr: float | None = _optional(minimum=0.0, exclusive=True)
+    clip_count_stddev: float | None = _optional(minimum=0.0, exclusive=True)
 
     def to_json(self) -> dict[str, Any]:
         """The operator's half of the stored config."""
         obj = asdict(self)
         obj["trainable"] = None if self.trainable is None else list(self.trainable)
-        for key in STRATEGY_KEYS:
+        for key in (*STRATEGY_KEYS, *CLIP_KEYS):
             if obj[key] is None:
                 del obj[key]
         return obj
 
 
 STRATEGY_KEYS = ("server_lr", "momentum", "beta1", "beta2", "tau")
+CLIP_KEYS = ("clip_quantile", "clip_lr", "clip_count_stddev")
 OPERATOR_KEYS = tuple(f.name for f in fields(RoundConfig))
 TASK_KEYS = tuple(f.name for f in fields(TrainingParams))
 _FIELDS = {f.name: f for f in fields(RoundConfig)}
@@ -110,12 +117,14 @@ class Derived:
     expected_shapes: dict[str, list[int]] | None = None  # of the trainable tensors
     selection: str | None = None  # "csprng" | "seeded" coins
     epsilon_projected: float | None = None  # epsilon after this round (DP rounds)
+    clip_basis: str | None = None  # adaptive clipping: where this round's clip_norm came from
 
     def to_json(self) -> dict[str, Any]:
         obj = asdict(self)
         obj["trainable"] = None if self.trainable is None else list(self.trainable)
-        if self.epsilon_projected is None:
-            del obj["epsilon_projected"]
+        for key in ("epsilon_projected", "clip_basis"):
+            if obj[key] is None:
+                del obj[key]
         return obj
 
 
@@ -165,6 +174,7 @@ class RoundPlan:
             expected_shapes=stored.get("expected_shapes"),
             selection=stored.get("selection"),
             epsilon_projected=stored.get("epsilon_projected"),
+            clip_basis=stored.get("clip_basis"),
         )
         return cls(config, derived)
 
@@ -187,6 +197,52 @@ def _check_number(config: Mapping[str, Any], key: str) -> None:
     ):
         kind = "an integer" if integer else "a number"
         raise bad(f"{key} must be {kind} {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+
+
+def _check_adaptive_clip(config: Mapping[str, Any]) -> None:
+    """Adaptive clipping's settings: the devices' bits travel inside the SecAgg+ vector, and
+    their count is noised by the server (central DP), so it needs both; the count's noise
+    must leave some for the update (``strategies.value_noise_multiplier``)."""
+    for key in CLIP_KEYS:
+        _check_number(config, key)
+    if config["clip_quantile"] is None:
+        extra = [k for k in CLIP_KEYS[1:] if config[k] is not None]
+        if extra:
+            raise bad(f"{extra} only apply with clip_quantile (adaptive clipping)")
+        return
+    if not config["clip_quantile"] < 1:
+        raise bad(f"clip_quantile must be in (0, 1), got {config['clip_quantile']!r}")
+    if config["upload_scheme"] != secagg.SCHEME:
+        raise bad(f"clip_quantile needs upload_scheme {secagg.SCHEME!r}: the devices' "
+                  "under-the-clip bits travel inside its vector, so the server sees only "
+                  "their sum")
+    if config["dp_mode"] != "central":
+        raise bad("clip_quantile needs dp_mode 'central': the server noises the bits' count")
+    adaptive = strategies.AdaptiveClip.from_config(config)
+    if config["noise_multiplier"] is not None and adaptive is not None:
+        try:
+            strategies.value_noise_multiplier(float(config["noise_multiplier"]),
+                                              adaptive.count_stddev)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+
+
+def with_clip(plan: RoundPlan, previous: tuple[str, float] | None) -> RoundPlan:
+    """The round's clip under adaptive clipping: ``previous`` = (round id, its
+    ``clip_norm_next``) of the newest published round that adapted its clip, else the
+    operator's clip_norm as the first estimate. Unchanged without clip_quantile. The server
+    (``sync_server.rounds``) and the fast simulator both call this."""
+    quantile = plan.config.clip_quantile
+    if quantile is None:
+        return plan
+    if previous is None:
+        basis = (f"adaptive (quantile {quantile:g}): the operator's clip_norm as the first "
+                 "estimate")
+        return replace(plan, derived=replace(plan.derived, clip_basis=basis))
+    round_id, clip = previous
+    basis = f"adaptive (quantile {quantile:g}): {round_id}'s noised estimate"
+    return RoundPlan(replace(plan.config, clip_norm=float(clip)),
+                     replace(plan.derived, clip_basis=basis))
 
 
 def plan(obj: Mapping[str, Any]) -> RoundPlan:
@@ -226,6 +282,7 @@ def plan(obj: Mapping[str, Any]) -> RoundPlan:
                 "secagg_threshold"):
         _check_number(config, key)
     upload_schemes.SCHEMES[config["upload_scheme"]].check_config(config)
+    _check_adaptive_clip(config)
     try:  # the device-facing half, checked exactly as a device will check it
         training = TrainingParams.params_from_json(config)
     except ProtocolError as exc:

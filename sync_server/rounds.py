@@ -139,6 +139,8 @@ class RoundService:
                 raise ApiError("no_model", f"a round trains a published model; {which}", 409)
             n_rounds = session.scalar(select(func.count()).select_from(Round)) or 0
             entries = ledger_entries(session)
+            previous_clip = self._previous_clip(session) if (
+                config.clip_quantile is not None) else None
         if config.noise_multiplier is None and (
             private or config.epsilon_budget is not None
         ):
@@ -155,6 +157,7 @@ class RoundService:
             plan.derived, model_version=version, trainable=trainable,
             expected_shapes=self._expected_shapes(base, trainable),
             selection="seeded" if self.seed is not None else "csprng"))
+        plan = round_config.with_clip(plan, previous_clip)
         scheme = upload_schemes.SCHEMES[config.upload_scheme]
         scheme.task_params(plan.stored())  # 400 if the scheme cannot run on these shapes
         sampling_rate = plan.derived.sampling_rate  # never from a count of keys
@@ -199,6 +202,19 @@ class RoundService:
             raise round_config.bad(f"trainable names {missing} are not weights of version "
                                    f"{base.version} (it has {sorted(weights)})")
         return {name: list(weights[name].shape) for name in names}
+
+    @staticmethod
+    def _previous_clip(session: Any) -> tuple[str, float] | None:
+        """(round id, clip_norm_next) of the newest published round that adapted its clip:
+        where adaptive clipping goes on from (``round_config.with_clip``)."""
+        rows = session.execute(select(Round.id, Round.measurements)
+                               .where(Round.state == "published")
+                               .order_by(Round.finished_at.desc()))
+        for round_id, measurements in rows:
+            clip = (measurements or {}).get("clip_norm_next")
+            if clip is not None:
+                return round_id, float(clip)
+        return None
 
     @staticmethod
     def _private_history(session: Any) -> str:

@@ -65,6 +65,13 @@ def vector_length(expected_shapes: Mapping[str, list[int]]) -> int:
     return int(sum(math.prod(shape) for shape in expected_shapes.values()))
 
 
+def input_length(config: Mapping[str, Any]) -> int:
+    """A device's SecAgg+ input: the trainable tensors' values (sorted names), then, when
+    the round adapts its clip, one value for its under-the-clip bit (``clip_bit``)."""
+    return vector_length(config["expected_shapes"]) + (
+        config.get("clip_quantile") is not None)
+
+
 def task_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``secagg`` field of a round task (device_sdk.secagg.TaskParams + timing).
 
@@ -79,10 +86,10 @@ def task_params(config: Mapping[str, Any]) -> dict[str, Any]:
     distributed = config["dp_mode"] == "distributed"
     z = float(config["noise_multiplier"] or 0.0) if distributed else 0.0
     scale = secagg.quantization_scale(clip, target, z * math.sqrt(target / minimum))
-    params = secagg.TaskParams(scale=scale,
-                               vector_length=vector_length(config["expected_shapes"]),
+    params = secagg.TaskParams(scale=scale, vector_length=input_length(config),
                                min_clients=minimum,
-                               noise_std=z * clip * scale / math.sqrt(minimum))
+                               noise_std=z * clip * scale / math.sqrt(minimum),
+                               clip_bit=config.get("clip_quantile") is not None)
     return {**params.to_json(), "stage_timeout_s": float(config["secagg_stage_timeout_s"]),
             "poll_s": float(config["secagg_poll_s"])}
 
@@ -160,6 +167,16 @@ def aggregate_ring_sum(config: Mapping[str, Any], strategy: strategies.Strategy,
     both run this."""
     scale = float(task_params(config)["scale"])
     flat = secagg.dequantize(ring_sum, scale)
+    adaptive = strategies.AdaptiveClip.from_config(config)
+    centred_below = 0.0
+    if adaptive is not None:  # the last value: the sum of C (b_i - 1/2)
+        clip = float(config["clip_norm"])
+        bound = clients * clip / 2 + clients / scale
+        if not abs(flat[-1]) <= bound:
+            raise SumAboveBound(f"sum_norm_above_bound: the {clients} inputs' under-the-clip "
+                                f"bits sum beyond the {bound:.6g} honest devices can reach; "
+                                "some device sent something else. Nothing was released")
+        centred_below, flat = float(flat[-1]) / clip, flat[:-1]
     guard = check_sum_norm(config, flat, clients)
     total, offset = {}, 0
     for name in sorted(config["expected_shapes"]):
@@ -175,6 +192,11 @@ def aggregate_ring_sum(config: Mapping[str, Any], strategy: strategies.Strategy,
                             float(sampling_rate), mode="distributed")
     result.measurements.update(guard)
     result.measurements["quantization_error_bound"] = clients / scale
+    if adaptive is not None:  # after the update's noise: the same stream, in that order
+        result.measurements.update(adaptive.next_clip(
+            float(config["clip_norm"]), centred_below, int(config["target_clients"]),
+            getattr(strategy, "rng", None) if config["noise_multiplier"] is not None
+            else None))
     return result, entry
 
 
@@ -334,7 +356,7 @@ class SecAggStages:
         if member.masked_at is not None:
             raise ApiError("duplicate_answer", "this device already sent its masked input", 409)
         tensors, meta = decode_tensors(data)
-        length = vector_length(row.config["expected_shapes"])
+        length = input_length(row.config)
         masked = tensors.get("masked")
         if set(tensors) != {"masked"} or masked.dtype != np.uint32 or masked.shape != (
                 length,) or meta != {"round_id": row.id}:
@@ -478,7 +500,7 @@ class SecAggStages:
         members = self._members(row.id)
         u1, u2, u3, u4 = self.sets(members)
         by_id = {m.device_id: m for m in members}
-        length = vector_length(row.config["expected_shapes"])
+        length = input_length(row.config)
         masked_sum = np.zeros(length, dtype=np.uint32)
         for u in sorted(u3):
             tensors, _ = decode_tensors(self.blobs.get(by_id[u].masked_sha256))

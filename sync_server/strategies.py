@@ -12,8 +12,10 @@ DifferentialPrivacyClientSideFixedClipping is the model) and owns the clip norm 
 every delta against it (``CLIP_SLACK``, ``l2_norm``: the protocol's), sums the deltas with
 equal weight, adds Gaussian noise with std = noise_multiplier x C to the *sum*, and the noised
 sum divided by the expected number of clients becomes the mean the inner optimizer applies.
-C is fixed for the round by its config; adaptive clipping would need each device's
-under-the-clip bit summed securely, which the protocol does not carry yet.
+C is fixed for the round by its config. With adaptive clipping (``AdaptiveClip``, Andrew et
+al. 2021) the round's config carries the C the previous round's noised quantile estimate
+chose; the devices' under-the-clip bits travel inside the SecAgg+ vector, and the noise on
+their count is part of the round's one Gaussian mechanism (``value_noise_multiplier``).
 
 State (momentum and Adam moments) is plain numpy in ``state()`` / ``load_state()`` so the
 server can persist it beside the weights and resume after a restart.
@@ -21,6 +23,7 @@ server can persist it beside the weights and resume after a restart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -228,6 +231,11 @@ class DPFedAvg:
         # a simulation configures one (``CryptoRandom.from_seed``).
         self._rng = rng or CryptoRandom()
 
+    @property
+    def rng(self) -> Any:
+        """The noise stream (adaptive clipping draws its count's noise from it too)."""
+        return self._rng
+
     def configure(self) -> dict[str, Any]:
         """The clip norm devices must clip to: the wrapper's noise is calibrated to it."""
         return {**self.inner.configure(), "clip_norm": self.clip_norm}
@@ -262,6 +270,67 @@ class DPFedAvg:
         self.inner.load_state(state)
 
 
+# --- adaptive clipping ------------------------------------------------------------------
+
+DEFAULT_CLIP_LR = 0.2  # Andrew et al. 2021's eta_C for the geometric update
+# The count noise's default std, as a fraction of the expected cohort (TFF's default for
+# ``DifferentiallyPrivateFactory.gaussian_adaptive``: clients_per_round / 20).
+DEFAULT_COUNT_STDDEV_FRACTION = 0.05
+
+
+def value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The update's own noise multiplier z_v when a round also releases the noised count of
+    its under-the-clip bits: each device adds (b - 1/2) (sensitivity 1/2) to a sum noised
+    with std ``count_stddev``, and the pair is one Gaussian mechanism with multiplier
+    (z_v^-2 + (2 count_stddev)^-2)^-1/2 (Andrew et al. 2021, Theorem 1). Solved so that
+    multiplier is the round's ``noise_multiplier``, the z its ledger entry charges."""
+    rest = noise_multiplier ** -2 - (2 * count_stddev) ** -2
+    if not rest > 0:
+        raise ValueError(f"clip_count_stddev {count_stddev:g} leaves no noise for the update "
+                         f"at noise_multiplier {noise_multiplier:g}: it must exceed "
+                         f"noise_multiplier / 2 = {noise_multiplier / 2:g}")
+    return rest ** -0.5
+
+
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """Quantile-based adaptive clipping (Andrew et al. 2021): after each round the clip moves
+    geometrically towards the ``quantile``-th quantile of the devices' update norms,
+    C <- C exp(-lr (b - quantile)), where b is the noised fraction of devices whose update was
+    already within C. Devices send b_i - 1/2 (scaled by C, the SecAgg+ vector's last value),
+    so the server only ever sees the sum; ``count_stddev`` is the noise on that count."""
+
+    quantile: float
+    lr: float
+    count_stddev: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> AdaptiveClip | None:
+        """From a round config; None when it does not adapt its clip."""
+        if config.get("clip_quantile") is None:
+            return None
+        lr = config.get("clip_lr")
+        stddev = config.get("clip_count_stddev")
+        cohort = config.get("expected_clients") or config["target_clients"]
+        return cls(float(config["clip_quantile"]),
+                   DEFAULT_CLIP_LR if lr is None else float(lr),
+                   DEFAULT_COUNT_STDDEV_FRACTION * int(cohort) if stddev is None
+                   else float(stddev))
+
+    def next_clip(self, clip_norm: float, centred_below: float, expected_clients: int,
+                  rng: Any = None) -> dict[str, float]:
+        """The next round's clip from this round's ``centred_below`` = sum over devices of
+        (b_i - 1/2), noised here when ``rng`` is given (DP rounds: the strategy's noise
+        stream). The fraction is over ``expected_clients``, the mean's denominator, so one
+        device moves it by at most 1 / (2 expected_clients)."""
+        noised = centred_below
+        if rng is not None:
+            noised += float(rng.normal(0.0, self.count_stddev, size=1)[0])
+        below = noised / expected_clients + 0.5
+        return {"clip_norm": clip_norm, "clip_below_fraction": below,
+                "clip_norm_next": clip_norm * math.exp(-self.lr * (below - self.quantile))}
+
+
 SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam)
 }
@@ -274,7 +343,9 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
     """A strategy from a round config: ``strategy`` (fedavg | fedavgm | fedadam), its
     ``server_lr`` / ``momentum`` / ``beta1`` / ``beta2`` / ``tau``, and, when
-    ``noise_multiplier`` is set, the DP wrapper with ``clip_norm`` and ``expected_clients``."""
+    ``noise_multiplier`` is set, the DP wrapper with ``clip_norm`` and ``expected_clients``
+    (its update noise the share ``value_noise_multiplier`` leaves when the round adapts
+    its clip)."""
     name = config.get("strategy", "fedavg")
     if name not in SERVER_OPTIMIZERS:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(SERVER_OPTIMIZERS)}")
@@ -282,10 +353,13 @@ def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
     inner = cls(**{k: float(config[k]) for k in OPTIONS[name] if k in config})
     if config.get("noise_multiplier") is None:
         return inner
+    z = float(config["noise_multiplier"])
+    adaptive = AdaptiveClip.from_config(config)
     return DPFedAvg(
         inner,
         clip_norm=float(config["clip_norm"]),
-        noise_multiplier=float(config["noise_multiplier"]),
+        noise_multiplier=z if adaptive is None else value_noise_multiplier(
+            z, adaptive.count_stddev),
         expected_clients=int(config["expected_clients"]),
         rng=rng,
     )

@@ -298,7 +298,7 @@ def test_the_valid_sealed_update_opens_to_what_was_sealed():
 # -- round tasks and SecAgg+ task parameters --------------------------------------------------
 
 SECAGG_PARAMS = {"scale": 1024.0, "vector_length": 8, "min_clients": 3, "noise_std": 0.0,
-                 "stage_timeout_s": 30.0, "poll_s": 0.1}
+                 "clip_bit": True, "stage_timeout_s": 30.0, "poll_s": 0.1}
 VALID_TASK = {"round_id": "r1", "model_version": 1, "clip_norm": 0.5, "local_epochs": 1,
               "learning_rate": 0.1, "batch_size": 8, "proximal_mu": 0.0, "max_examples": 100,
               "trainable": ["out.bias"], "deadline": 2e9, "upload_scheme": secagg.SCHEME,

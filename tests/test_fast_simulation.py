@@ -183,10 +183,13 @@ def _check_parity(runs, config):
             f.population, f.sampled, f.completed, f.planned_dropouts)
         assert s.version == f.version
         assert s.epsilon == f.epsilon  # the same ledger over the same (z, q), exactly
+        # The clip devices were given: fixed, or adaptive clipping's estimate from the sum
+        # the server unmasked (which the quantization moves by < clients / scale).
+        assert s.clip_norm == pytest.approx(f.clip_norm, rel=1e-6)
         # Stochastic rounding moves each coordinate of each input by < 1 / scale, so the
         # mean the strategy applies (sum / target_clients) by < clients / (scale target).
         scale = secagg.quantization_scale(
-            config.clip_norm, config.clients_per_round + math.ceil(
+            s.clip_norm, config.clients_per_round + math.ceil(
                 6 * math.sqrt(config.clients_per_round)) + 3)
         bound += config.server_lr * s.completed / (scale * config.clients_per_round)
     assert fast[-1].epsilon > 0 if config.noise_multiplier else fast[-1].epsilon == 0
@@ -228,6 +231,27 @@ def test_parity_holds_with_central_dp_noise(fleet, tmp_path):
                      momentum=0.5)
     runs = _both_modes(fleet, tmp_path, config)
     _check_parity(runs, config)
+
+
+def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):
+    """Devices append their under-the-clip bit to the SecAgg+ vector, the real server
+    unmasks the sum, noises the count and gives the next round the new clip; fast mode runs
+    the same code on its ring sum. The clip moves, the same way in both, and the ledger
+    charges the round's z (the update and the count together)."""
+    config = replace(CONFIG, noise_multiplier=0.8, strategy="fedavgm", server_lr=0.5,
+                     momentum=0.5, clip_quantile=0.5, clip_lr=0.5)
+    runs = _both_modes(fleet, tmp_path, config)
+    _check_parity(runs, config)
+    fast = runs["fast"][1]
+    clips = [r.clip_norm for r in fast[1:]]
+    assert clips[0] == config.clip_norm and len(set(clips)) == len(clips)
+    # Each step is at most lr x (the fraction's range plus the count noise's) in the log.
+    steps = [abs(math.log(b / a)) for a, b in zip(clips, clips[1:], strict=False)]
+    assert all(0 < step < config.clip_lr * 2 for step in steps), steps
+    planned = [LedgerEntry(f"r{i}", 0.8, q) for i, q in
+               enumerate(planned_rates(runs["population"], config))]
+    assert fast[-1].epsilon == pytest.approx(
+        PrivacyLedger(fast[-1].delta, entries=planned, prefixes=None).epsilon(), rel=1e-9)
 
 
 def test_a_target_epsilon_sets_the_noise_the_rounds_ledger_spends_it_to(fleet, tmp_path):

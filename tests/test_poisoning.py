@@ -29,7 +29,7 @@ import pytest
 
 from device_sdk.model_update import ModelUpdate
 from device_sdk.protocol import SEALED_SCHEME, seal_update
-from device_sdk.uploads import SealedUpload, SecAggUpload
+from device_sdk.uploads import SealedUpload, SecAggUpload, secagg_vector
 from tests.support.bundles import zip_bundle
 from tests.support.server import (
     REPUBLISH_SETTINGS,
@@ -230,3 +230,53 @@ def test_secagg_guard_fails_an_unclipped_sum_and_lets_honest_max_norm_rounds_pub
 
 def flat(tensors):
     return np.concatenate([np.asarray(tensors[k], np.float64).ravel() for k in sorted(tensors)])
+
+
+def test_adaptive_clipping_fails_a_round_whose_bits_no_honest_cohort_could_sum_to(
+        server, tmp_path):
+    """Adaptive clipping's bits travel as the SecAgg+ vector's last value, C (b - 1/2).
+    An honest round publishes and the next round's clip is its estimate; a device that
+    sends 10 C there instead (to drag the clip) fails its round like an unclipped update,
+    and the clip stays the last published round's estimate. Within the bound a device can
+    move the count by at most 1/2 whatever it sends: the sensitivity the noise covers."""
+    clients = [sync_client(server, tmp_path, f"d{n}") for n in range(4)]
+    shapes = {k: v.shape for k, v in weights_of(clients[0], 1).items()}
+    rng = np.random.default_rng(5)
+    adaptive = {"target_clients": 4, "min_clients": 3, "secagg_poll_s": 0.05,
+                "secagg_stage_timeout_s": 60.0, "clip_quantile": 0.5, "clip_lr": 0.2}
+    version, estimate = 1, None
+    for attack in (False, True, False):
+        opened = open_round(server, **adaptive)
+        round_id, config = opened["round_id"], opened["config"]
+        if estimate is None:
+            assert config["clip_norm"] == C and "first estimate" in config["clip_basis"]
+        else:  # the newest published round's estimate, whatever failed since
+            assert config["clip_norm"] == pytest.approx(estimate[1], rel=1e-12)
+            assert estimate[0] in config["clip_basis"]
+        clip = config["clip_norm"]
+        tasks = [client.checkin(version, 10) for client in clients]
+        assert all(t.clip_norm == clip and t.secagg["clip_bit"] is True for t in tasks)
+        updates = [as_update(scaled(unit(shapes, rng), 0.5 * clip), version, 10, clip)
+                   for _ in range(4)]  # every honest update within the clip: b = 1
+        vectors = [secagg_vector(u, clip_bit=True) for u in updates]
+        if attack:
+            vectors[3] = np.append(flat(updates[3].delta), 10 * clip)
+        sessions = [SecAggUpload().session(client, task, vector)
+                    for client, task, vector in zip(clients, tasks, vectors, strict=True)]
+        for session in sessions:
+            session.start()
+        drive(sessions, "unmask")
+        view = settled(server, round_id, timeout=60.0)
+        if attack:
+            assert view["state"] == "failed" and view["published_version"] is None
+            assert view["reason"].startswith("sum_norm_above_bound"), view["reason"]
+            assert "under-the-clip bits" in view["reason"]
+            continue
+        assert view["state"] == "published", view["reason"]
+        m = view["measurements"]
+        # No DP: the count is exact but for the rounding (< 1 unit per device).
+        scale = float(tasks[0].secagg["scale"])
+        assert m["clip_below_fraction"] == pytest.approx(1.0, abs=4 / (scale * clip))
+        assert m["clip_norm_next"] == pytest.approx(clip * math.exp(-0.2 * 0.5), rel=1e-6)
+        estimate = (round_id, m["clip_norm_next"])
+        version = view["published_version"]

@@ -16,6 +16,7 @@ from sync_server.round_config import (
     RoundConfig,
     RoundPlan,
     plan,
+    with_clip,
 )
 from trainer.simulation.run import SimulationConfig
 from trainer.simulation.server import ServerProcess
@@ -98,3 +99,39 @@ def test_the_served_schemas_are_the_types(tmp_path):
     body = document["paths"]["/v1/admin/rounds"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/RoundConfig"}
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ({"clip_quantile": 0.5, "upload_scheme": "sealed-x25519-v1"}, "needs upload_scheme"),
+    ({"clip_quantile": 0.5, "dp_mode": "distributed", "noise_multiplier": 1.0},
+     "needs dp_mode 'central'"),
+    ({"clip_quantile": 1.0}, r"clip_quantile must be in \(0, 1\)"),
+    ({"clip_lr": 0.2}, "only apply with clip_quantile"),
+    ({"clip_quantile": 0.5, "noise_multiplier": 4.0, "clip_count_stddev": 1.5},
+     "must exceed noise_multiplier / 2"),
+], ids=["sealed", "distributed", "quantile-1", "lr-alone", "count-noise-too-small"])
+def test_adaptive_clipping_settings_that_cannot_run_are_refused(config, says):
+    with pytest.raises(ApiError, match=says) as refused:
+        plan(config)
+    assert (refused.value.code, refused.value.status) == ("bad_round_config", 400)
+
+
+def test_an_adaptive_round_takes_the_previous_estimate_as_its_clip_and_tells_devices():
+    opened = plan({"clip_quantile": 0.5, "clip_norm": 0.3, "noise_multiplier": 1.0,
+                   "target_clients": 100})
+    ready = replace(opened, derived=replace(
+        opened.derived, model_version=1, expected_shapes={"out.bias": [4]},
+        selection="csprng"))
+    first = with_clip(ready, None)
+    assert first.stored()["clip_norm"] == 0.3 and "first estimate" in first.stored()[
+        "clip_basis"]
+    later = with_clip(ready, ("round-4", 0.2125))
+    stored = later.stored()
+    assert stored["clip_norm"] == 0.2125 and "round-4" in stored["clip_basis"]
+    task = RoundPlan.from_stored(stored).task("round-5", 2e9)
+    assert task == RoundTask.from_json(task.to_json())
+    # Devices clip to the estimate and append their bit: one value more than the tensors.
+    assert task.clip_norm == 0.2125
+    assert task.secagg["clip_bit"] is True and task.secagg["vector_length"] == 5
+    fixed = replace(opened, config=replace(opened.config, clip_quantile=None))
+    assert with_clip(fixed, ("round-4", 0.2125)) is fixed

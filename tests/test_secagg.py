@@ -410,3 +410,25 @@ def test_reveals_are_checked_against_what_the_device_may_say():
         secagg.parse_reveal({"b": {"a": b64(bytes(10))}, "c": {}}, {"a"}, set())
     with pytest.raises(secagg.SecAggError):
         secagg.parse_reveal({"b": {}}, set(), set())
+
+
+def test_an_adaptive_rounds_input_ends_with_the_devices_centred_clip_bit():
+    """Adaptive clipping: the input is the flattened update (sorted names) and C (b - 1/2),
+    b = 1 when the norm before clipping was within C; rounds with a fixed clip send the
+    update alone."""
+    from device_sdk.model_update import ModelUpdate
+    from device_sdk.uploads import flatten_update, secagg_vector
+
+    delta = {"b": np.full(2, 0.1, np.float32), "a": np.full(3, -0.1, np.float32)}
+    within = ModelUpdate(1, delta, 5, clip_norm=0.4, norm=0.2236, norm_before_clip=0.2236)
+    clipped = ModelUpdate(1, delta, 5, clip_norm=0.4, norm=0.4, norm_before_clip=2.5)
+    flat = flatten_update(within)
+    assert flat.tolist() == pytest.approx([-0.1] * 3 + [0.1] * 2)
+    assert secagg_vector(within, clip_bit=False).tolist() == flat.tolist()
+    assert secagg_vector(within, clip_bit=True).tolist() == [*flat.tolist(), 0.2]
+    assert secagg_vector(clipped, clip_bit=True).tolist() == [*flat.tolist(), -0.2]
+    params = secagg.TaskParams(scale=1024.0, vector_length=6, min_clients=3, clip_bit=True)
+    assert secagg.TaskParams.from_json(params.to_json()) == params
+    assert "clip_bit" not in secagg.TaskParams(1024.0, 5, 3).to_json()
+    with pytest.raises(secagg.SecAggError, match="bad clip_bit"):
+        secagg.TaskParams.from_json({**params.to_json(), "clip_bit": 1})

@@ -7,12 +7,14 @@ import pytest
 
 from sync_server.privacy import BudgetExceeded, LedgerEntry, PrivacyLedger
 from sync_server.strategies import (
+    AdaptiveClip,
     ClientUpdate,
     DPFedAvg,
     FedAdam,
     FedAvg,
     FedAvgM,
     build,
+    value_noise_multiplier,
 )
 
 SHAPES = {"a": (3, 2), "b": (4,)}
@@ -118,3 +120,48 @@ def test_ledger_matches_opacus_and_the_budget_stops_rounds():
             restored.check(entry)
             restored.record(entry)
     assert 5 < len(restored.entries) < 10_000 and restored.epsilon() <= 2.0
+
+
+def test_adaptive_clippings_count_noise_and_the_updates_are_one_gaussian_mechanism():
+    """Andrew et al. 2021: the update noised at z_v (sensitivity C) and the centred bits'
+    count noised at sigma (sensitivity 1/2) release as much as one Gaussian mechanism at
+    the round's z; dp_accounting's RDP of the composed pair says the same."""
+    import dp_accounting
+
+    z, sigma = 1.037, 20.0
+    z_v = value_noise_multiplier(z, sigma)
+    assert z < z_v < z * 1.001  # a cohort's twentieth as the count's std costs little
+    assert (z_v ** -2 + (2 * sigma) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+    orders = [1.5, 2.0, 8.0, 64.0]
+    pair = dp_accounting.rdp.RdpAccountant(orders)
+    pair.compose(dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_v),
+                                                dp_accounting.GaussianDpEvent(2 * sigma)]))
+    single = dp_accounting.rdp.RdpAccountant(orders)
+    single.compose(dp_accounting.GaussianDpEvent(z))
+    assert pair.get_epsilon(1e-5) == pytest.approx(single.get_epsilon(1e-5), rel=1e-9)
+    with pytest.raises(ValueError, match="must exceed noise_multiplier / 2"):
+        value_noise_multiplier(1.0, 0.5)
+    dp = build({"strategy": "fedavgm", "noise_multiplier": z, "clip_norm": 0.3,
+                "expected_clients": 400, "clip_quantile": 0.5})
+    assert dp.noise_multiplier == pytest.approx(z_v)  # the default sigma: 400 / 20
+
+
+def test_the_adaptive_clip_moves_towards_the_quantile_geometrically():
+    clip = AdaptiveClip(quantile=0.5, lr=0.2, count_stddev=1.0)
+    n = 40
+    # All within the clip (each sent +1/2): it shrinks; none within: it grows; at the
+    # quantile it stays.
+    assert clip.next_clip(0.3, n / 2, n)["clip_norm_next"] == pytest.approx(
+        0.3 * math.exp(-0.2 * 0.5))
+    assert clip.next_clip(0.3, -n / 2, n)["clip_norm_next"] == pytest.approx(
+        0.3 * math.exp(0.2 * 0.5))
+    assert clip.next_clip(0.3, 0.0, n) == {"clip_norm": 0.3, "clip_below_fraction": 0.5,
+                                           "clip_norm_next": 0.3}
+    # The count's noise: std count_stddev on the sum, so count_stddev / n on the fraction.
+    rng = np.random.default_rng(0)
+    fractions = [clip.next_clip(0.3, 0.0, n, rng)["clip_below_fraction"]
+                 for _ in range(4000)]
+    assert np.std(fractions) == pytest.approx(1.0 / n, rel=0.05)
+    assert AdaptiveClip.from_config({"target_clients": 400}) is None
+    assert AdaptiveClip.from_config({"clip_quantile": 0.7, "target_clients": 400}) == \
+        AdaptiveClip(0.7, 0.2, 20.0)

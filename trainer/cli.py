@@ -350,7 +350,13 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                    "item tables); default: the architecture's")
     g.add_argument("--clip-norm", type=float, default=0.3,
                    help="per-device update clip C (typical unclipped norms are printed in the "
-                   "report: update_norm_median)")
+                   "report: update_norm_median); with --clip-quantile, the first round's")
+    g.add_argument("--clip-quantile", type=float, metavar="Q",
+                   help="adaptive clipping (Andrew et al. 2021): each round's clip moves "
+                   "towards the Q-th quantile of the devices' update norms, estimated from "
+                   "their noised under-the-clip count (default: a fixed --clip-norm)")
+    g.add_argument("--clip-lr", type=float,
+                   help="adaptive clipping's geometric step (default 0.2)")
     g.add_argument("--local-epochs", type=int, default=1)
     g.add_argument("--local-lr", type=float, default=0.3)
     g.add_argument("--local-batch-size", type=int, default=32)
@@ -410,7 +416,8 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
         server_lr_decay=args.server_lr_decay,
         target_epsilon=None if noise else target,
-        delta=args.delta, clip_norm=args.clip_norm, trainable=_trainable(args),
+        delta=args.delta, clip_norm=args.clip_norm, clip_quantile=args.clip_quantile,
+        clip_lr=args.clip_lr, trainable=_trainable(args),
         local_epochs=args.local_epochs,
         learning_rate=args.local_lr, batch_size=args.local_batch_size,
         max_examples=args.local_max_examples,

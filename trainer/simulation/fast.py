@@ -58,7 +58,7 @@ from device_sdk.event_log import Event
 from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_seed
 from device_sdk.recommender import HistoryPolicy, history_ids, history_steps
 from device_sdk.sessions import session_window
-from device_sdk.uploads import flatten_update
+from device_sdk.uploads import secagg_vector
 from trainer.simulation.devices import DeviceStream, ShardWorker, peak_rss_mb
 
 K = 10
@@ -152,8 +152,9 @@ class FastDeviceWorker(ShardWorker):
                 update = self._trainer.train(events, config, base_version=version,
                                              seed=round_seed(f"{self.seed}/{user}", round_id))
                 rng = CryptoRandom.from_seed(quantize_seed(self.seed, round_id, user))
-                np.add(self._ring, secagg.ring_input(flatten_update(update), secagg_params,
-                                                     rng), out=self._ring)
+                vector = secagg_vector(update, clip_bit=secagg_params.clip_bit)
+                np.add(self._ring, secagg.ring_input(vector, secagg_params, rng),
+                       out=self._ring)
                 self._clients += 1
                 result.update(examples=update.num_examples,
                               update_norm=update.norm_before_clip)
@@ -236,6 +237,7 @@ class FastRounds:
         self.opened = 0  # rounds the server would have opened (its round ids count them)
         self.strategy_state: dict[tuple[str, bool], dict[str, np.ndarray]] = {}
         self.ledger: Any = None
+        self.previous_clip: tuple[str, float] | None = None  # adaptive clipping's estimate
         self.epsilon = 0.0  # spent so far (sim.records lags: the newest round is evaluating)
 
     # -- evaluation -------------------------------------------------------------------------
@@ -365,7 +367,7 @@ class FastRounds:
         plan = replace(plan, derived=replace(
             plan.derived, model_version=version, trainable=trainable, selection="seeded",
             expected_shapes={n: list(self.weights[n].shape) for n in names}))
-        return plan.stored()
+        return round_config.with_clip(plan, self.previous_clip).stored()
 
     def _stage_failure(self, server: dict[str, Any], sampled: list[str],
                        gone: dict[str, str]) -> tuple[list[str], str | None]:
@@ -410,6 +412,7 @@ class FastRounds:
             return record
         drop, late = draw_fates(sim.rng, eligible, config)  # as full mode draws them
         server = self._round_config(n, len(eligible), version, r)
+        record.clip_norm = float(server["clip_norm"])
         self.opened += 1
         round_id = record.round_id = f"round-{self.opened}"
         q = float(server["sampling_rate"])
@@ -434,7 +437,8 @@ class FastRounds:
                 "max_examples": server["max_examples"],
                 "trainable": server["trainable"]}
         params = secure_aggregation.task_params(server)
-        params = {k: params[k] for k in ("scale", "vector_length", "min_clients", "noise_std")}
+        params = {k: params[k] for k in ("scale", "vector_length", "min_clients", "noise_std",
+                                         "clip_bit") if k in params}
         results = sim._run_op(
             "round", sampled,
             {"round_id": round_id, "version": version, "weights": str(weights_path),
@@ -491,6 +495,8 @@ class FastRounds:
             record.epsilon = self.epsilon = self.ledger.record(entry)
         self.strategy_state[(server["strategy"], dp)] = {
             k: np.asarray(v) for k, v in strategy.state().items()}
+        if "clip_norm_next" in result.measurements:  # the server's _previous_clip
+            self.previous_clip = (round_id, float(result.measurements["clip_norm_next"]))
         self.weights = {k: np.asarray(v, np.float32) for k, v in result.weights.items()}
         record.state, record.version = "published", version + 1
         record.completed, record.dropped = clients, record.sampled - clients

@@ -71,7 +71,9 @@ class SimulationConfig:
     # this (``calibrate``); the config then carries the z it found.
     target_epsilon: float | None = None
     delta: float | None = None  # default: the power of ten at or below 1 / (10 x devices)
-    clip_norm: float = _SERVER.clip_norm
+    clip_norm: float = _SERVER.clip_norm  # with clip_quantile: the first round's clip
+    clip_quantile: float | None = None  # adaptive clipping's target quantile; None: fixed
+    clip_lr: float | None = None  # its geometric step; None: the server's default
     strategy: str = _SERVER.strategy
     server_lr: float = 1.0
     # Cosine decay of the server lr over the planned rounds, from server_lr at round 1 to
@@ -132,6 +134,9 @@ class SimulationConfig:
                 config[key] = getattr(self, key)
         if self.noise_multiplier is not None:
             config.update(noise_multiplier=self.noise_multiplier, delta=delta)
+        for key in ("clip_quantile", "clip_lr"):
+            if getattr(self, key) is not None:
+                config[key] = getattr(self, key)
         if self.upload_scheme == secagg.SCHEME:
             config.update(dp_mode=self.dp_mode, secagg_stage_timeout_s=stage_timeout_s,
                           secagg_poll_s=0.2)
@@ -218,6 +223,7 @@ class RoundRecord:
     device_seconds_median: float | None = None
     examples_median: float | None = None
     update_norm_median: float | None = None  # before clipping to clip_norm
+    clip_norm: float | None = None  # the round's (adaptive clipping moves it)
     wall_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -482,6 +488,7 @@ class Simulation:
         opened = self._admin_json("POST", "/v1/admin/rounds", json=config.round_config(
             n, len(eligible), version, self.delta, deadline_s, stage_timeout_s, r=r))
         round_id = record.round_id = opened["round_id"]
+        record.clip_norm = float(opened["config"]["clip_norm"])
         phases: dict[str, float] = {}
         traffic: dict[str, list[int]] = {u: [0, 0] for u in eligible}
 
