@@ -274,7 +274,9 @@ class DPFedAvg:
 
 DEFAULT_CLIP_LR = 0.2  # Andrew et al. 2021's eta_C for the geometric update
 # The count noise's default std, as a fraction of the expected cohort (TFF's default for
-# ``DifferentiallyPrivateFactory.gaussian_adaptive``: clients_per_round / 20).
+# ``DifferentiallyPrivateFactory.gaussian_adaptive``: clients_per_round / 20), and at least
+# the round's noise multiplier, so a small cohort still leaves the update most of the noise
+# budget (z_v <= 1.155 z) instead of being refused.
 DEFAULT_COUNT_STDDEV_FRACTION = 0.05
 
 
@@ -311,11 +313,12 @@ class AdaptiveClip:
             return None
         lr = config.get("clip_lr")
         stddev = config.get("clip_count_stddev")
-        cohort = config.get("expected_clients") or config["target_clients"]
+        if stddev is None:
+            cohort = config.get("expected_clients") or config["target_clients"]
+            stddev = max(DEFAULT_COUNT_STDDEV_FRACTION * int(cohort),
+                         float(config.get("noise_multiplier") or 0.0))
         return cls(float(config["clip_quantile"]),
-                   DEFAULT_CLIP_LR if lr is None else float(lr),
-                   DEFAULT_COUNT_STDDEV_FRACTION * int(cohort) if stddev is None
-                   else float(stddev))
+                   DEFAULT_CLIP_LR if lr is None else float(lr), float(stddev))
 
     def next_clip(self, clip_norm: float, centred_below: float, expected_clients: int,
                   rng: Any = None) -> dict[str, float]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.cli import RECIPE_STRATEGY, STRATEGY_DEFAULTS, main
+from trainer.cli import RECIPE_CLIP_QUANTILE, RECIPE_STRATEGY, STRATEGY_DEFAULTS, main
 
 
 @pytest.mark.slow
@@ -26,6 +26,7 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
         assert config["strategy"] == RECIPE_STRATEGY[dp]
         for key, value in STRATEGY_DEFAULTS[RECIPE_STRATEGY[dp]].items():
             assert config[key] == value
+        assert config["clip_quantile"] == (RECIPE_CLIP_QUANTILE if dp else None)
     assert 0 < data["central"]["hr@10"] <= 1
     for label, records in data["runs"].items():
         assert [r["round"] for r in records] == [0, 1, 2, 3]

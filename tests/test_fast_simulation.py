@@ -470,8 +470,10 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
     import model_zoo
     from sync_server import round_config
     from trainer.cli import (
+        RECIPE_CLIP_QUANTILE,
         RECIPE_STRATEGY,
         STRATEGY_DEFAULTS,
+        _clip_quantile,
         _recipe,
         _trainable,
         build_parser,
@@ -492,6 +494,15 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
         strategy = RECIPE_STRATEGY[dp]
         assert _recipe(args(), dp) == {"strategy": strategy, **STRATEGY_DEFAULTS[strategy]}
     assert RECIPE_STRATEGY[False] != RECIPE_STRATEGY[True]
+    # With DP the clip adapts where the protocol carries the bits; a flag or 'off' wins.
+    assert _clip_quantile(args(), True) == RECIPE_CLIP_QUANTILE
+    assert _clip_quantile(args(), False) is None
+    assert _clip_quantile(args("--clip-quantile", "off"), True) is None
+    assert _clip_quantile(args("--clip-quantile", "0.7"), False) == 0.7
+    assert _clip_quantile(args("--upload-scheme", "sealed-x25519-v1"), True) is None
+    assert _clip_quantile(args("--dp-mode", "distributed"), True) is None
+    with pytest.raises(SystemExit):
+        args("--clip-quantile", "1.5")
     # Flags win; a setting the strategy does not read is not sent.
     assert _recipe(args("--strategy", "fedadam", "--tau", "0.02", "--momentum", "0.9"),
                    True) == {**STRATEGY_DEFAULTS["fedadam"], "strategy": "fedadam",

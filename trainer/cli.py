@@ -351,10 +351,11 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--clip-norm", type=float, default=0.3,
                    help="per-device update clip C (typical unclipped norms are printed in the "
                    "report: update_norm_median); with --clip-quantile, the first round's")
-    g.add_argument("--clip-quantile", type=float, metavar="Q",
+    g.add_argument("--clip-quantile", type=_quantile, metavar="Q",
                    help="adaptive clipping (Andrew et al. 2021): each round's clip moves "
                    "towards the Q-th quantile of the devices' update norms, estimated from "
-                   "their noised under-the-clip count (default: a fixed --clip-norm)")
+                   "their noised under-the-clip count; 'off': a fixed --clip-norm (default: "
+                   f"{RECIPE_CLIP_QUANTILE} with DP over SecAgg+ with central noise, else off)")
     g.add_argument("--clip-lr", type=float,
                    help="adaptive clipping's geometric step (default 0.2)")
     g.add_argument("--local-epochs", type=int, default=1)
@@ -393,6 +394,34 @@ STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+# With DP the clip adapts towards the median update norm (Andrew et al. 2021) where the
+# protocol carries it (SecAgg+, central noise): on the demo's shop it gave +0.011 HR@10 on
+# each of three simulation seeds, on Online Retail +0.010 line HR@10 at epsilon 8 (README).
+RECIPE_CLIP_QUANTILE = 0.5
+
+
+def _quantile(text: str) -> float | str:
+    """--clip-quantile: a number in (0, 1), or 'off'."""
+    if text == "off":
+        return text
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a quantile in (0, 1) or 'off', got {text}")
+    return value
+
+
+def _clip_quantile(args: argparse.Namespace, dp: bool) -> float | None:
+    """The run's clip_quantile: the flag's, else the recipe's (adaptive with DP where the
+    upload carries the bits: SecAgg+ with central noise; fixed otherwise)."""
+    from device_sdk import secagg
+
+    given = getattr(args, "clip_quantile", None)
+    if given is not None:
+        return None if given == "off" else given
+    carried = args.upload_scheme == secagg.SCHEME and args.dp_mode == "central"
+    return RECIPE_CLIP_QUANTILE if dp and carried else None
+
+
 def _recipe(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
     """strategy, server_lr and the strategy's own settings for one run: the flags given,
     else the recipe's (RECIPE_STRATEGY, STRATEGY_DEFAULTS)."""
@@ -416,7 +445,8 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
         server_lr_decay=args.server_lr_decay,
         target_epsilon=None if noise else target,
-        delta=args.delta, clip_norm=args.clip_norm, clip_quantile=args.clip_quantile,
+        delta=args.delta, clip_norm=args.clip_norm,
+        clip_quantile=_clip_quantile(args, bool(noise) or target is not None),
         clip_lr=args.clip_lr, trainable=_trainable(args),
         local_epochs=args.local_epochs,
         learning_rate=args.local_lr, batch_size=args.local_batch_size,
