@@ -201,8 +201,8 @@ def _check_number(config: Mapping[str, Any], key: str) -> None:
 
 def _check_adaptive_clip(config: Mapping[str, Any]) -> None:
     """Adaptive clipping's settings: the devices' bits travel inside the SecAgg+ vector, and
-    their count is noised by the server (central DP), so it needs both; the count's noise
-    must leave some for the update (``strategies.value_noise_multiplier``)."""
+    their count is noised by the server (central DP), so it needs both. Whether the count's
+    noise leaves some for the update is the strategy's check (``plan`` builds it)."""
     for key in CLIP_KEYS:
         _check_number(config, key)
     if config["clip_quantile"] is None:
@@ -218,13 +218,6 @@ def _check_adaptive_clip(config: Mapping[str, Any]) -> None:
                   "their sum")
     if config["dp_mode"] != "central":
         raise bad("clip_quantile needs dp_mode 'central': the server noises the bits' count")
-    adaptive = strategies.AdaptiveClip.from_config(config)
-    if config["noise_multiplier"] is not None and adaptive is not None:
-        try:
-            strategies.value_noise_multiplier(float(config["noise_multiplier"]),
-                                              adaptive.count_stddev)
-        except ValueError as exc:
-            raise bad(str(exc)) from None
 
 
 def with_clip(plan: RoundPlan, previous: tuple[str, float] | None) -> RoundPlan:
