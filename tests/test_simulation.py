@@ -271,4 +271,13 @@ def test_one_seed_decides_the_public_slice_the_starting_model_and_the_rounds(fle
     for k in base:
         assert np.abs(w0[k].astype(np.float64) - w1[k]).max() <= bound0 + bound1 + 1e-6, k
     assert moved > 10 * (bound0 + bound1)  # the round really moved the model
+    # A rerun into the first run's directory starts over on a fresh server: it publishes
+    # version 2 again, within the same bound of the first run's.
+    records, interrupted = simulate_one(population, bundle, tmp_path / "run0", config,
+                                        progress=False)
+    assert not interrupted and [r.state for r in records[1:]] == ["published"]
+    assert (records[0].hr10, records[0].ndcg10, records[0].online_hr10) == start[0]
+    w2, bound2 = _published(tmp_path / "run0", 2)
+    for k in base:
+        assert np.abs(w2[k].astype(np.float64) - w0[k]).max() <= bound0 + bound2 + 1e-6, k
 

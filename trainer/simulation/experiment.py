@@ -9,6 +9,7 @@ pretrained model and how close it comes to central training at the epsilon reach
 from __future__ import annotations
 
 import secrets
+import shutil
 import signal
 import threading
 import time
@@ -137,6 +138,10 @@ def simulate_one(population: Population, base_bundle: Path, root: Path,
         raise ValueError(f"unknown simulation mode {config.mode!r}: full or fast")
     server: Any
     if server_url is None:
+        # Fresh means fresh: a rerun into the same directory starts a new server and fleet
+        # (the old database would refuse the base model, version 1, as not newer).
+        for stale in ("server", "devices", "evaluator"):
+            shutil.rmtree(root / stale, ignore_errors=True)
         token = secrets.token_urlsafe(24)
         # The seed decides the server's selection coins and DP noise too (reproducible runs;
         # a simulation protects nobody's data, so a predictable stream costs nothing here).
