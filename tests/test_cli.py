@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from trainer.cli import RECIPE_CLIP_QUANTILE, RECIPE_STRATEGY, STRATEGY_DEFAULTS, main
+from trainer.cli import (
+    DP_STRATEGY_DEFAULTS,
+    RECIPE_CLIP_QUANTILE,
+    RECIPE_STRATEGY,
+    STRATEGY_DEFAULTS,
+    main,
+)
 
 
 @pytest.mark.slow
@@ -23,8 +29,11 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
     # Each run got the recipe for it: the server optimizer is chosen by DP or not.
     for label, dp in (("federated", False), ("federated+DP", True)):
         config = data["meta"][f"config[{label}]"]
-        assert config["strategy"] == RECIPE_STRATEGY[dp]
-        for key, value in STRATEGY_DEFAULTS[RECIPE_STRATEGY[dp]].items():
+        strategy = RECIPE_STRATEGY[dp]
+        assert config["strategy"] == strategy
+        settings = {**STRATEGY_DEFAULTS[strategy],
+                    **(DP_STRATEGY_DEFAULTS.get(strategy, {}) if dp else {})}
+        for key, value in settings.items():
             assert config[key] == value
         assert config["clip_quantile"] == (RECIPE_CLIP_QUANTILE if dp else None)
     assert 0 < data["central"]["hr@10"] <= 1

@@ -470,6 +470,7 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
     import model_zoo
     from sync_server import round_config
     from trainer.cli import (
+        DP_STRATEGY_DEFAULTS,
         RECIPE_CLIP_QUANTILE,
         RECIPE_STRATEGY,
         STRATEGY_DEFAULTS,
@@ -489,11 +490,22 @@ def test_the_simulators_round_config_carries_the_optimizers_settings_and_the_sub
         model_zoo.get("dual_encoder").config(n_items=2).param_shapes()))
     with pytest.raises(ValueError, match="'mlp.1' matches no parameter"):
         _trainable(args("--model", "dual_encoder", "--trainable", "mlp.1"))
-    # No strategy flag: the recipe's strategy for the run (with DP or not), its settings.
+    # No strategy flag: the recipe's strategy for the run (with DP or not), its settings,
+    # with DP its DP settings over them; a flag wins over both.
     for dp in (False, True):
         strategy = RECIPE_STRATEGY[dp]
-        assert _recipe(args(), dp) == {"strategy": strategy, **STRATEGY_DEFAULTS[strategy]}
-    assert RECIPE_STRATEGY[False] != RECIPE_STRATEGY[True]
+        dp_settings = DP_STRATEGY_DEFAULTS.get(strategy, {}) if dp else {}
+        assert _recipe(args(), dp) == {
+            "strategy": strategy, **STRATEGY_DEFAULTS[strategy], **dp_settings}
+    assert _recipe(args(), True) != _recipe(args(), False)
+    assert _recipe(args("--tau", "0.5"), True)["tau"] == 0.5
+    assert _recipe(args("--strategy", "fedavgm"), True) == {
+        "strategy": "fedavgm", **STRATEGY_DEFAULTS["fedavgm"],
+        **DP_STRATEGY_DEFAULTS.get("fedavgm", {})}
+    # demo's --dp-strategy picks the DP run's optimizer alone, over --strategy.
+    demo = build_parser().parse_args(["demo", "--strategy", "fedavg", "--dp-strategy", "fedavgm"])
+    assert _recipe(demo, True)["strategy"] == "fedavgm"
+    assert _recipe(demo, False) == {"strategy": "fedavg", **STRATEGY_DEFAULTS["fedavg"]}
     # With DP the clip adapts where the protocol carries the bits; a flag or 'off' wins.
     assert _clip_quantile(args(), True) == RECIPE_CLIP_QUANTILE
     assert _clip_quantile(args(), False) is None

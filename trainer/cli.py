@@ -334,7 +334,7 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                 for key in ("server_lr", "momentum", "tau")}
     g.add_argument("--strategy", choices=tuple(STRATEGY_DEFAULTS),
                    help=f"server optimizer (default: {RECIPE_STRATEGY[False]} without DP, "
-                   f"{RECIPE_STRATEGY[True]} with DP)")
+                   f"{RECIPE_STRATEGY[True]} with DP, each with its own settings)")
     g.add_argument("--server-lr", type=float, help=f"default: {defaults['server_lr']}")
     g.add_argument("--server-lr-decay", type=float, metavar="F",
                    help="cosine decay of the server lr over the planned rounds to F x "
@@ -343,7 +343,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--beta1", type=float, help="fedadam (default 0.9)")
     g.add_argument("--beta2", type=float, help="fedadam (default 0.99)")
     g.add_argument("--tau", type=float, help=f"fedadam's adaptivity floor (default: "
-                   f"{defaults['tau']}; under DP about the noise's z x clip / cohort)")
+                   f"{defaults['tau']}; with DP "
+                   f"{DP_STRATEGY_DEFAULTS['fedadam']['tau']:g}, well above the noise's "
+                   "std on the mean, z x clip / cohort)")
     g.add_argument("--trainable", metavar="NAMES",
                    help="the tensors rounds federate, comma-separated: parameter names or "
                    "their dotted prefixes, or 'all' (dual encoder: 'mlp,out.bias' freezes both "
@@ -383,15 +385,18 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
 
 
 # The federated recipe demo, simulate and sweep default to, from the sweeps on the demo's
-# fleet (README, "The recipe search"): FedAdam without DP; with DP, FedAdam turns the
-# noise into full steps and FedAvgM does best. A strategy's settings default to the best
-# found for it; flags override each.
-RECIPE_STRATEGY = {False: "fedadam", True: "fedavgm"}  # by "with DP"
+# fleet (README, "The recipe search" and "The demo"): FedAdam with and without DP. Without
+# DP its tau is 1e-3; with DP a tau of 1e-3 turns the noise into full steps, and one well
+# above the noise's std on the mean keeps FedAdam's momentum and its step for the few
+# coordinates whose updates outgrow tau (DP_STRATEGY_DEFAULTS). A strategy's settings
+# default to the best found for it; flags override each.
+RECIPE_STRATEGY = {False: "fedadam", True: "fedadam"}  # by "with DP"
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
     "fedavg": {"server_lr": 1.0},
     "fedavgm": {"server_lr": 0.5, "momentum": 0.5},
     "fedadam": {"server_lr": 0.1, "tau": 1e-3},
 }
+DP_STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {"fedadam": {"tau": 2e-2}}
 
 
 # With DP the clip adapts towards the median update norm (Andrew et al. 2021) where the
@@ -423,12 +428,15 @@ def _clip_quantile(args: argparse.Namespace, dp: bool) -> float | None:
 
 
 def _recipe(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
-    """strategy, server_lr and the strategy's own settings for one run: the flags given,
-    else the recipe's (RECIPE_STRATEGY, STRATEGY_DEFAULTS)."""
+    """strategy, server_lr and the strategy's own settings for one run: the flags given
+    (demo's --dp-strategy for its DP run), else the recipe's (RECIPE_STRATEGY,
+    STRATEGY_DEFAULTS, with DP DP_STRATEGY_DEFAULTS)."""
     from sync_server import strategies
 
-    strategy = getattr(args, "strategy", None) or RECIPE_STRATEGY[dp]
-    recipe: dict[str, Any] = {"strategy": strategy, **STRATEGY_DEFAULTS[strategy]}
+    chosen = getattr(args, "dp_strategy", None) if dp else None  # demo's, for its DP run
+    strategy = chosen or getattr(args, "strategy", None) or RECIPE_STRATEGY[dp]
+    recipe: dict[str, Any] = {"strategy": strategy, **STRATEGY_DEFAULTS[strategy],
+                              **(DP_STRATEGY_DEFAULTS.get(strategy, {}) if dp else {})}
     for key in strategies.OPTIONS[strategy]:
         if getattr(args, key, None) is not None:
             recipe[key] = getattr(args, key)
@@ -635,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _train_args(p)
     _sim_args(p, rounds=48, clients=32)
+    p.add_argument("--dp-strategy", choices=tuple(STRATEGY_DEFAULTS),
+                   help="the DP run's server optimizer, with its settings for DP; wins over "
+                   "--strategy for that run (default: --strategy, else the recipe's)")
     p.add_argument("--no-progress", action="store_true")
     # The DP run's noise unless --noise-multiplier or --target-epsilon says otherwise.
     p.set_defaults(epochs=15, dim=32, hidden=64, default_noise=0.6)
