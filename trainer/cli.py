@@ -344,8 +344,8 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--beta2", type=float, help="fedadam (default 0.99)")
     g.add_argument("--tau", type=float, help=f"fedadam's adaptivity floor (default: "
                    f"{defaults['tau']}; with DP "
-                   f"{DP_STRATEGY_DEFAULTS['fedadam']['tau']:g}, well above the noise's "
-                   "std on the mean, z x clip / cohort)")
+                   f"{DP_STRATEGY_DEFAULTS['fedadam']['tau']:g}, about twice the noise's "
+                   "std on the mean, z x clip / cohort, on the demo's shop)")
     g.add_argument("--trainable", metavar="NAMES",
                    help="the tensors rounds federate, comma-separated: parameter names or "
                    "their dotted prefixes, or 'all' (dual encoder: 'mlp,out.bias' freezes both "
@@ -386,9 +386,10 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
 
 # The federated recipe demo, simulate and sweep default to, from the sweeps on the demo's
 # fleet (README, "The recipe search" and "The demo"): FedAdam with and without DP. Without
-# DP its tau is 1e-3; with DP a tau of 1e-3 turns the noise into full steps, and one well
-# above the noise's std on the mean keeps FedAdam's momentum and its step for the few
-# coordinates whose updates outgrow tau (DP_STRATEGY_DEFAULTS). A strategy's settings
+# DP its tau is 1e-3; with DP a tau at or below the noise's std on the mean turns the noise
+# into full steps, and one about twice that std keeps FedAdam's momentum and its step for
+# the few coordinates whose updates outgrow tau (DP_STRATEGY_DEFAULTS: 2e-2 for the
+# demo's z 0.6 and cohort of 32). A strategy's settings
 # default to the best found for it; flags override each.
 RECIPE_STRATEGY = {False: "fedadam", True: "fedadam"}  # by "with DP"
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
