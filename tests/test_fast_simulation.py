@@ -385,6 +385,17 @@ def test_a_grid_may_not_vary_what_every_run_shares(tmp_path):
     assert base == {} and len(runs) == 4 and len({json.dumps(r) for r in runs}) == 4
 
 
+def test_every_grid_in_bench_loads_as_written():
+    """The README's sweep commands name the grids in bench/: each loads, with its runs."""
+    from trainer.simulation.sweep import load_grid
+
+    grids = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.toml"))
+    assert grids
+    for path in grids:
+        base, runs = load_grid(path)
+        assert runs, path
+
+
 def test_run_tables_name_recipes_and_combine_with_the_grid(tmp_path):
     """Each [[run]] is one recipe, crossed with every [grid] combination; a recipe that
     sets what every run shares, what the grid varies, a list, or repeats a run is refused
