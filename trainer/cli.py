@@ -389,8 +389,8 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
 # DP its tau is 1e-3; with DP a tau at or below the noise's std on the mean turns the noise
 # into full steps, and one about twice that std keeps FedAdam's momentum and its step for
 # the few coordinates whose updates outgrow tau (DP_STRATEGY_DEFAULTS: 2e-2 for the
-# demo's z 0.6 and cohort of 32). A strategy's settings
-# default to the best found for it; flags override each.
+# demo's z 0.6 and cohort of 32). A strategy's settings default to the best found for it;
+# flags override each.
 RECIPE_STRATEGY = {False: "fedadam", True: "fedadam"}  # by "with DP"
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
     "fedavg": {"server_lr": 1.0},
