@@ -565,6 +565,31 @@ def test_a_server_lr_decay_gives_each_round_its_own_cosine_step():
             replace(config, server_lr_decay=bad)
 
 
+def test_a_server_lr_warmup_ramps_each_rounds_step_up_to_the_schedule():
+    """--server-lr-warmup W: round r < W runs at r / W of the scheduled lr (the decay's
+    when there is one), round W on at the schedule itself; each round's stored config
+    carries it. A negative W is refused."""
+    from sync_server import round_config
+    from trainer.cli import _sim_config, build_parser
+
+    def lrs(*flags):
+        args = build_parser().parse_args(["simulate", "--strategy", "fedavgm", "--server-lr",
+                                          "0.8", "--rounds", "6", *flags])
+        config = _sim_config(args, "federated", None)
+        return config, [round_config.plan(config.round_config(
+            32, 1900, r, 1e-5, 60.0, 30.0, r=r)).stored()["server_lr"] for r in range(1, 8)]
+
+    config, warm = lrs("--server-lr-warmup", "4")
+    assert warm[:3] == pytest.approx([0.2, 0.4, 0.6]) and warm[3:] == pytest.approx([0.8] * 4)
+    _, decayed = lrs("--server-lr-decay", "0.5")
+    _, both = lrs("--server-lr-decay", "0.5", "--server-lr-warmup", "3")
+    assert both == pytest.approx([lr * min(1, r / 3) for r, lr in enumerate(decayed, 1)])
+    assert both[1] < decayed[1] and both[4] == decayed[4]
+    assert lrs()[1] == pytest.approx([0.8] * 7)
+    with pytest.raises(ValueError, match=r"server_lr_warmup .* >= 0, got -1"):
+        replace(config, server_lr_warmup=-1)
+
+
 @pytest.fixture(scope="module")
 def session_fleet(tmp_path_factory):
     from tests.support.fleet import pretrained_session_fleet

@@ -339,6 +339,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--server-lr-decay", type=float, metavar="F",
                    help="cosine decay of the server lr over the planned rounds to F x "
                    "--server-lr at the last round, F in (0, 1] (default: constant)")
+    g.add_argument("--server-lr-warmup", type=int, default=0, metavar="W",
+                   help="round r < W runs at r / W of the server lr (linear warmup; "
+                   "default 0: none)")
     g.add_argument("--momentum", type=float, help=f"default: {defaults['momentum']}")
     g.add_argument("--beta1", type=float, help="fedadam (default 0.9)")
     g.add_argument("--beta2", type=float, help="fedadam (default 0.99)")
@@ -452,7 +455,7 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
 
     return SimulationConfig(**_recipe(args, bool(noise) or target is not None),
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
-        server_lr_decay=args.server_lr_decay,
+        server_lr_decay=args.server_lr_decay, server_lr_warmup=args.server_lr_warmup,
         target_epsilon=None if noise else target,
         delta=args.delta, clip_norm=args.clip_norm,
         clip_quantile=_clip_quantile(args, bool(noise) or target is not None),

@@ -79,6 +79,11 @@ class SimulationConfig:
     # Cosine decay of the server lr over the planned rounds, from server_lr at round 1 to
     # this fraction of it at the last (each round's config carries its own); None: constant.
     server_lr_decay: float | None = None
+    # Linear warmup of the server lr: round r < W runs at r / W of the scheduled lr (a
+    # server optimizer's first rounds take its largest steps: FedAdam's moments start at
+    # zero without bias correction, so its step starts near lr x sign; FedAvgM's momentum
+    # carries early noise); 0: none.
+    server_lr_warmup: int = 0
     momentum: float | None = None  # fedavgm; None: the strategy's default
     beta1: float | None = None  # fedadam's beta1, beta2, tau; None: the strategy's defaults
     beta2: float | None = None
@@ -107,15 +112,21 @@ class SimulationConfig:
         if self.server_lr_decay is not None and not 0 < self.server_lr_decay <= 1:
             raise ValueError(f"server_lr_decay is a fraction of server_lr in (0, 1], got "
                              f"{self.server_lr_decay}")
+        if self.server_lr_warmup < 0:
+            raise ValueError(f"server_lr_warmup is a number of rounds >= 0, got "
+                             f"{self.server_lr_warmup}")
 
     def server_lr_at(self, r: int) -> float:
         """Round r's server lr (1-based): ``server_lr``, or its cosine decay to
-        ``server_lr_decay`` x ``server_lr`` at round ``rounds`` (held after it)."""
+        ``server_lr_decay`` x ``server_lr`` at round ``rounds`` (held after it), times
+        min(1, r / ``server_lr_warmup``) with a warmup."""
+        ramp = min(1.0, r / self.server_lr_warmup) if self.server_lr_warmup else 1.0
         floor = self.server_lr_decay
         if floor is None:
-            return self.server_lr
+            return self.server_lr * ramp
         progress = min(max(r - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
-        return self.server_lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+        return ramp * self.server_lr * (
+            floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
 
     def round_config(self, n: int, population: int, version: int, delta: float,
                      deadline_s: float, stage_timeout_s: float, *, r: int) -> dict[str, Any]:

@@ -53,8 +53,8 @@ from device_sdk.files import atomic_write
 # Flags a grid may vary: those of one simulation. Data, model and round-count flags shape
 # the fleet, its clock and the starting model every run shares: [base] only.
 GRID_FLAGS = ("noise_multiplier", "target_epsilon", "delta", "clip_norm", "clip_quantile",
-              "clip_lr", "strategy",
-              "server_lr", "server_lr_decay", "momentum", "beta1", "beta2", "tau", "trainable",
+              "clip_lr", "strategy", "server_lr", "server_lr_decay", "server_lr_warmup",
+              "momentum", "beta1", "beta2", "tau", "trainable",
               "local_epochs", "local_lr", "local_batch_size", "local_max_examples",
               "dp_mode", "device_dropout", "stragglers", "clients_per_round", "seed",
               "workers", "export_every")
