@@ -79,10 +79,10 @@ class SimulationConfig:
     # Cosine decay of the server lr over the planned rounds, from server_lr at round 1 to
     # this fraction of it at the last (each round's config carries its own); None: constant.
     server_lr_decay: float | None = None
-    # Linear warmup of the server lr: round r < W runs at r / W of the scheduled lr (a
-    # server optimizer's first rounds take its largest steps: FedAdam's moments start at
-    # zero without bias correction, so its step starts near lr x sign; FedAvgM's momentum
-    # carries early noise); 0: none.
+    # Linear warmup of the server lr: round r < W runs at r / W of the scheduled lr; 0:
+    # none. (A server optimizer's early rounds take its largest steps: FedAdam without
+    # bias correction about 2 x lr a coordinate over rounds 5-30. On Online Retail it did
+    # not remove the early dip: README, "What the early dip is not".)
     server_lr_warmup: int = 0
     momentum: float | None = None  # fedavgm; None: the strategy's default
     beta1: float | None = None  # fedadam's beta1, beta2, tau; None: the strategy's defaults
