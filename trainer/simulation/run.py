@@ -120,13 +120,14 @@ class SimulationConfig:
         """Round r's server lr (1-based): ``server_lr``, or its cosine decay to
         ``server_lr_decay`` x ``server_lr`` at round ``rounds`` (held after it), times
         min(1, r / ``server_lr_warmup``) with a warmup."""
-        ramp = min(1.0, r / self.server_lr_warmup) if self.server_lr_warmup else 1.0
+        lr = self.server_lr
         floor = self.server_lr_decay
-        if floor is None:
-            return self.server_lr * ramp
-        progress = min(max(r - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
-        return ramp * self.server_lr * (
-            floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+        if floor is not None:
+            progress = min(max(r - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
+            lr *= floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+        if self.server_lr_warmup:
+            lr *= min(1.0, r / self.server_lr_warmup)
+        return lr
 
     def round_config(self, n: int, population: int, version: int, delta: float,
                      deadline_s: float, stage_timeout_s: float, *, r: int) -> dict[str, Any]:
