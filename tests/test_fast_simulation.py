@@ -590,6 +590,32 @@ def test_a_server_lr_warmup_ramps_each_rounds_step_up_to_the_schedule():
         replace(config, server_lr_warmup=-1)
 
 
+def test_a_proximal_mu_reaches_the_task_every_device_is_given():
+    """--proximal-mu MU (FedProx): the round's stored config and the task each selected
+    device is given carry it (the device's trainer applies it:
+    tests/test_local_trainer.py::test_fedprox_keeps_the_update_closer_to_the_base); the
+    default is 0, plain local SGD. A negative MU is refused before any round."""
+    from sync_server import round_config
+    from trainer.cli import _sim_config, build_parser
+
+    def config(*flags):
+        return _sim_config(build_parser().parse_args(["simulate", *flags]), "federated", None)
+
+    def task(sim):
+        opened = round_config.plan(sim.round_config(32, 1900, 1, 1e-5, 60.0, 30.0, r=1))
+        ready = replace(opened, derived=replace(  # what the server derives as it opens
+            opened.derived, model_version=1, expected_shapes={"out.bias": [4]}))
+        assert ready.stored()["proximal_mu"] == sim.proximal_mu
+        return ready.task("r1", 60.0)
+
+    prox = config("--proximal-mu", "2.5")
+    assert task(prox).proximal_mu == 2.5
+    assert task(config()).proximal_mu == 0.0
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"proximal_mu .* >= 0, got"):
+            replace(prox, proximal_mu=bad)
+
+
 @pytest.fixture(scope="module")
 def session_fleet(tmp_path_factory):
     from tests.support.fleet import pretrained_session_fleet

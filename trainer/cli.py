@@ -366,6 +366,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--local-epochs", type=int, default=1)
     g.add_argument("--local-lr", type=float, default=0.3)
     g.add_argument("--local-batch-size", type=int, default=32)
+    g.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
+                   help="FedProx: each device's local loss gains MU / 2 ||w - w_round||^2, "
+                   "pulling its steps back towards the round's model (default 0: plain SGD)")
     g.add_argument("--local-max-examples", type=int, default=1000,
                    help="a device trains on at most its most recent N next-item examples")
     g.add_argument("--upload-scheme", default=secagg.SCHEME, choices=(secagg.SCHEME, SEALED_SCHEME))
@@ -462,7 +465,7 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
         clip_lr=args.clip_lr, trainable=_trainable(args),
         local_epochs=args.local_epochs,
         learning_rate=args.local_lr, batch_size=args.local_batch_size,
-        max_examples=args.local_max_examples,
+        proximal_mu=args.proximal_mu, max_examples=args.local_max_examples,
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
         stragglers=args.stragglers, deadline_s=args.deadline,
         stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,

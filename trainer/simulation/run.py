@@ -92,6 +92,9 @@ class SimulationConfig:
     local_epochs: int = _SERVER.local_epochs
     learning_rate: float = _SERVER.learning_rate
     batch_size: int = _SERVER.batch_size
+    # FedProx (Li et al. 2020): each device's local objective gains mu / 2 ||w - w_round||^2;
+    # it travels in the round's task (device_sdk.local_trainer). 0: plain local SGD.
+    proximal_mu: float = _SERVER.proximal_mu
     max_examples: int = _SERVER.max_examples
     upload_scheme: str = _SERVER.upload_scheme
     dp_mode: str = _SERVER.dp_mode
@@ -115,6 +118,9 @@ class SimulationConfig:
         if self.server_lr_warmup < 0:
             raise ValueError(f"server_lr_warmup is a number of rounds >= 0, got "
                              f"{self.server_lr_warmup}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu is FedProx's weight, a number >= 0, got "
+                             f"{self.proximal_mu}")
 
     def server_lr_at(self, r: int) -> float:
         """Round r's server lr (1-based): ``server_lr``, or its cosine decay to

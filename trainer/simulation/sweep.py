@@ -55,7 +55,7 @@ from device_sdk.files import atomic_write
 GRID_FLAGS = ("noise_multiplier", "target_epsilon", "delta", "clip_norm", "clip_quantile",
               "clip_lr", "strategy", "server_lr", "server_lr_decay", "server_lr_warmup",
               "momentum", "beta1", "beta2", "tau", "trainable",
-              "local_epochs", "local_lr", "local_batch_size", "local_max_examples",
+              "local_epochs", "local_lr", "local_batch_size", "proximal_mu", "local_max_examples",
               "dp_mode", "device_dropout", "stragglers", "clients_per_round", "seed",
               "workers", "export_every")
 FIELDS = ["run", "params", "rounds", "published", "device_updates", "epsilon", "delta",
