@@ -147,3 +147,38 @@ def test_calibration_floors_the_noise_and_refuses_what_it_cannot_do():
         calibrate_noise([], 4.0, 1e-5)
     with pytest.raises(ValueError, match="must be positive"):
         calibrate_noise([0.1], 0.0, 1e-5)
+
+
+def test_the_dp_ftrl_comparison_accounts_its_trees_and_counts_their_nodes():
+    """bench/dp_ftrl_noise.py (DP-FTRL against the shipped DP-FedAvg, README): its epochs
+    cover the rounds with each device at most once in each; a one-round tree is the plain
+    Gaussian mechanism under the same accountant; the z it finds is the smallest within
+    the budget; a round's prefix sums one node per set bit of its step in the epoch, on top
+    of each finished epoch's total."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "dp_ftrl_noise.py"
+    spec = importlib.util.spec_from_file_location("dp_ftrl_noise", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    epochs = bench.ftrl_epochs(3912, 400, 100)
+    assert epochs == [9] * 11 + [1]
+    assert bench.ftrl_epochs(800, 400, 4) == [2, 2]
+    with pytest.raises(ValueError, match="no epoch"):
+        bench.ftrl_epochs(300, 400, 10)
+    # 9 = 0b1001: two nodes; 12 = a finished epoch (2) then 3 = 0b11 (2).
+    assert [bench.ftrl_nodes(epochs, t) for t in (1, 8, 9, 12, 100)] == [1, 1, 2, 4, 23]
+
+    gaussian = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+    gaussian.compose(dp_accounting.GaussianDpEvent(3.0))
+    assert bench.ftrl_epsilon(3.0, [1], 1e-5) == pytest.approx(gaussian.get_epsilon(1e-5))
+    # More rounds in a tree, or more trees, cost more at the same z.
+    one = bench.ftrl_epsilon(3.0, [9], 1e-5)
+    assert gaussian.get_epsilon(1e-5) < one < bench.ftrl_epsilon(3.0, [9, 9], 1e-5)
+
+    z = bench.ftrl_z(epochs, 8.0, 1e-5)
+    assert bench.ftrl_epsilon(z, epochs, 1e-5) <= 8.0 < bench.ftrl_epsilon(0.99 * z, epochs,
+                                                                           1e-5)
