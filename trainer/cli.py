@@ -544,7 +544,7 @@ def _simulation_model(args: argparse.Namespace) -> ModelSpec:
 
 
 def _experiment(args: argparse.Namespace, configs: list, central: bool,
-                side_by_side: bool = False) -> dict:
+                side_by_side: bool = False, export_central: bool = False) -> dict:
     from trainer.simulation.experiment import run_experiment
 
     model = _simulation_model(args)
@@ -552,6 +552,7 @@ def _experiment(args: argparse.Namespace, configs: list, central: bool,
     index, result = run_experiment(
         _data_spec(args), model, out, configs, rounds=args.rounds,
         public_fraction=args.public_fraction, warmup=args.warmup, central=central,
+        export_central=export_central,
         base_bundle=Path(args.base_bundle) if getattr(args, "base_bundle", None) else None,
         server_url=args.server, admin_token=args.admin_token,
         progress=not args.no_progress, side_by_side=side_by_side)
@@ -578,7 +579,8 @@ def _round_noise(args: argparse.Namespace) -> tuple[float | None, float | None]:
 def cmd_simulate(args: argparse.Namespace) -> dict:
     noise, target = _round_noise(args)
     label = "federated+DP" if noise or target else "federated"
-    return _experiment(args, [_sim_config(args, label, noise, target)], central=args.central)
+    return _experiment(args, [_sim_config(args, label, noise, target)], central=args.central,
+                       export_central=args.central)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
@@ -668,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-bundle", metavar="DIR",
                    help="start from this exported bundle (same data) instead of pretraining")
     p.add_argument("--central", action="store_true",
-                   help="also train the central reference model on everyone's data")
+                   help="also train the central reference model on everyone's data and "
+                   "export it (OUT/central/bundle: a --base-bundle to start rounds from)")
     p.add_argument("--no-progress", action="store_true")
 
     p = add("sweep", "fast simulations over a grid (or a random sample) of simulation flags "

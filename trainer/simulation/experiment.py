@@ -225,12 +225,15 @@ class RemoteServer:
 def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
                    configs: list[SimulationConfig], *, rounds: int,
                    public_fraction: float, warmup: float, central: bool,
+                   export_central: bool = False,
                    base_bundle: Path | None = None, server_url: str | None = None,
                    admin_token: str | None = None, progress: bool = True,
                    side_by_side: bool = False,
                    log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """Build the fleet, pretrain (unless ``base_bundle``), run each config, write the report.
-    Returns (index.html, rounds.json content)."""
+    With ``central`` and ``export_central`` the central model is exported too (int8, as
+    the start is: OUT/central/bundle), a start rounds can begin from. Returns (index.html,
+    rounds.json content)."""
     from trainer.simulation.report import summary, write_report
 
     started = time.perf_counter()
@@ -260,6 +263,9 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
                 central_result = central_metrics(ref, population)
                 log(f"central model: HR@10 {central_result['hr@10']:.4f} on the devices' "
                     "held-out events")
+                if export_central:
+                    bundle = export_base(ref, population, out / "central")
+                    log(f"central model exported: {bundle} (a --base-bundle)")
         except KeyboardInterrupt:
             log("interrupted before the first round; no report")
             raise
