@@ -282,7 +282,6 @@ def test_one_seed_decides_the_public_slice_the_starting_model_and_the_rounds(fle
         assert np.abs(w2[k].astype(np.float64) - w0[k]).max() <= bound0 + bound2 + 1e-6, k
 
 
-
 def test_simulate_central_exports_the_central_model_and_rounds_can_start_from_it(tmp_path):
     """`simulate --central` exports the central model as it exports the start (int8 bundle,
     OUT/central/bundle): its manifest says it was trained on every user's data, and a run
