@@ -4,7 +4,8 @@ A ``Strategy`` turns one round's client deltas into new global weights:
 
 - ``FedAvg``  weighted mean of the deltas, applied with a server learning rate;
 - ``FedAvgM`` the same with server momentum (Hsu et al. 2019);
-- ``FedAdam`` the mean delta as a pseudo-gradient for a server Adam (Reddi et al. 2021).
+- ``FedAdam`` the mean delta as a pseudo-gradient for a server Adam (Reddi et al. 2021);
+- ``FedYogi`` the same with Yogi's additive second moment (Reddi et al. 2021).
 
 ``DPFedAvg`` wraps any of them (central DP, McMahan et al. 2018; Flower's
 DifferentialPrivacyClientSideFixedClipping is the model) and owns the clip norm C: its
@@ -204,6 +205,25 @@ class FedAdam(_ServerOptimizer):
         self._v = {k[2:]: np.asarray(v, np.float64) for k, v in state.items() if k[:2] == "v/"}
 
 
+class FedYogi(FedAdam):
+    """Yogi on the pseudo-gradient (Reddi et al. 2021, Algorithm 2): FedAdam's step with
+    v <- v - (1 - b2) d^2 sign(v - d^2). v moves by at most (1 - b2) d^2 a round, and towards
+    d^2 from either side, so a coordinate whose updates stop for a while keeps its
+    denominator instead of decaying to tau (Adam's v shrinks geometrically there, and the
+    next update of that coordinate is a near-full lr step)."""
+
+    name = "fedyogi"
+
+    def step(self, mean: Weights) -> Weights:
+        out = {}
+        for k, d in mean.items():
+            self._m[k] = self.beta1 * self._m.get(k, 0.0) + (1 - self.beta1) * d
+            v, d2 = self._v.get(k, 0.0), d * d
+            self._v[k] = v - (1 - self.beta2) * d2 * np.sign(v - d2)
+            out[k] = self.server_lr * self._m[k] / (np.sqrt(self._v[k]) + self.tau)
+        return out
+
+
 class DPFedAvg:
     """Central DP around a server optimizer; see the module docstring.
 
@@ -335,16 +355,17 @@ class AdaptiveClip:
 
 
 SERVER_OPTIMIZERS: dict[str, type[_ServerOptimizer]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi)
 }
 # The round-config keys each server optimizer reads (absent: its defaults above).
 OPTIONS: dict[str, tuple[str, ...]] = {
     "fedavg": ("server_lr",), "fedavgm": ("server_lr", "momentum"),
-    "fedadam": ("server_lr", "beta1", "beta2", "tau")}
+    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
+    "fedyogi": ("server_lr", "beta1", "beta2", "tau")}
 
 
 def build(config: Mapping[str, Any], rng: Any = None) -> Strategy:
-    """A strategy from a round config: ``strategy`` (fedavg | fedavgm | fedadam), its
+    """A strategy from a round config: ``strategy`` (fedavg | fedavgm | fedadam | fedyogi), its
     ``server_lr`` / ``momentum`` / ``beta1`` / ``beta2`` / ``tau``, and, when
     ``noise_multiplier`` is set, the DP wrapper with ``clip_norm`` and ``expected_clients``
     (its update noise the share ``value_noise_multiplier`` leaves when the round adapts

@@ -169,10 +169,14 @@ def _both_modes(fleet, tmp_path, config):
         assert not interrupted
         out[mode] = (root, records)
     out["population"] = population
+    out["base"] = load_bundle(Path(bundle)).weights()
     return out
 
 
-def _check_parity(runs, config):
+def _check_parity(runs, config, *, linear=True):
+    """``linear``: the strategy's step is server_lr x the mean, so the quantization's bound
+    on the mean bounds the weights; an adaptive step (FedAdam, FedYogi) divides by the
+    moments, and only the served lists are compared."""
     (full_root, full), (fast_root, fast) = runs["full"], runs["fast"]
     assert [r.round for r in fast] == [r.round for r in full] == list(range(ROUNDS + 1))
     bound = 0.0
@@ -197,12 +201,22 @@ def _check_parity(runs, config):
     a = _final_weights(full_root, version, "full")
     b = _final_weights(fast_root, version, "fast")
     assert sorted(a) == sorted(b)
+    assert any(not np.array_equal(a[k], runs["base"][k]) for k in a)  # the rounds moved it
+    if linear:
+        _check_weight_bound(a, b, bound)
+    _check_served_lists(runs, full_root, fast_root, full, fast, version)
+
+
+def _check_weight_bound(a, b, bound):
     worst = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
     # Each later round trains from weights that differ by the earlier rounds' rounding, so
     # the differences carry on (twice the direct bound covers that), plus one float32
     # rounding of the published weights per round.
     ulp = max(float(np.max(np.spacing(np.abs(a[k])))) for k in a)
     assert worst <= 2 * bound + ROUNDS * ulp, (worst, bound, ulp)
+
+
+def _check_served_lists(runs, full_root, fast_root, full, fast, version):
     # The int8 models devices would serve: weights this close quantize alike but for
     # coordinates sitting on a rounding edge, so the top-10 lists agree for all but a few
     # held-out users (at most 1 %), and HR@10 differs by no more than those users can move.
@@ -231,6 +245,14 @@ def test_parity_holds_with_central_dp_noise(fleet, tmp_path):
                      momentum=0.5)
     runs = _both_modes(fleet, tmp_path, config)
     _check_parity(runs, config)
+
+
+def test_parity_holds_under_fedyogi(fleet, tmp_path):
+    """The real server builds FedYogi from the round config and carries its moments from
+    round to round; fast mode runs the same strategy on its ring sum."""
+    config = replace(CONFIG, strategy="fedyogi", server_lr=0.05, tau=1e-3)
+    runs = _both_modes(fleet, tmp_path, config)
+    _check_parity(runs, config, linear=False)
 
 
 def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):

@@ -13,6 +13,7 @@ from sync_server.strategies import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedYogi,
     build,
     value_noise_multiplier,
 )
@@ -60,6 +61,33 @@ def test_fedadam_first_step_is_lr_times_sign_like(rng):
         np.testing.assert_allclose(w[k] - 1, 0.1 * np.sign(updates[0].delta[k]), atol=1e-4)
 
 
+def test_fedyogi_keeps_the_denominator_of_a_coordinate_whose_updates_stop(rng):
+    """Yogi's v moves by at most (1 - b2) d^2 towards d^2; Adam's decays by b2 when d = 0.
+    The first step from zero moments is Adam's; after a silent round Yogi's v is unchanged
+    where Adam's has shrunk, and a round with a smaller update lowers it by (1 - b2) d^2."""
+    first = _update(rng, 1)
+    zero = ClientUpdate({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}, 1)
+    small = ClientUpdate({k: (0.05 * v).astype(np.float32) for k, v in first.delta.items()}, 1)
+    yogi, adam = FedYogi(server_lr=0.1, tau=1e-9), FedAdam(server_lr=0.1, tau=1e-9)
+    w_yogi = yogi.aggregate(_weights(), [first]).weights
+    w_adam = adam.aggregate(_weights(), [first]).weights
+    for k in SHAPES:
+        np.testing.assert_allclose(w_yogi[k], w_adam[k], rtol=1e-6)
+    v1 = {k: v.copy() for k, v in yogi.state().items() if k.startswith("v/")}
+    yogi.aggregate(w_yogi, [zero])
+    adam.aggregate(w_adam, [zero])
+    for k in SHAPES:
+        np.testing.assert_allclose(yogi.state()[f"v/{k}"], v1[f"v/{k}"])
+        np.testing.assert_allclose(adam.state()[f"v/{k}"], 0.99 * v1[f"v/{k}"])
+    resumed = FedYogi(server_lr=0.1, tau=1e-9)
+    resumed.load_state(yogi.state())
+    resumed.aggregate(w_yogi, [small])
+    for k in SHAPES:  # d^2 < v: v <- v - (1 - b2) d^2
+        d2 = small.delta[k].astype(np.float64) ** 2
+        np.testing.assert_allclose(resumed.state()[f"v/{k}"], v1[f"v/{k}"] - 0.01 * d2,
+                                   rtol=1e-9)
+
+
 def test_dp_noise_has_the_promised_std_and_sum(rng):
     clients, clip, z = 4, 0.5, 2.0
     updates = [_update(rng, 10, norm=clip) for _ in range(clients)]
@@ -96,6 +124,8 @@ def test_build_from_a_round_config():
     dp = build({"strategy": "fedadam", "noise_multiplier": 1.1, "clip_norm": 0.3,
                 "expected_clients": 20})
     assert isinstance(dp, DPFedAvg) and isinstance(dp.inner, FedAdam)
+    yogi = build({"strategy": "fedyogi", "server_lr": 0.05, "tau": 1e-2})
+    assert isinstance(yogi, FedYogi) and (yogi.server_lr, yogi.tau) == (0.05, 1e-2)
     with pytest.raises(ValueError, match="unknown strategy"):
         build({"strategy": "fedsgd"})
 

@@ -343,9 +343,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                    help="round r < W runs at r / W of the server lr (linear warmup; "
                    "default 0: none)")
     g.add_argument("--momentum", type=float, help=f"default: {defaults['momentum']}")
-    g.add_argument("--beta1", type=float, help="fedadam (default 0.9)")
-    g.add_argument("--beta2", type=float, help="fedadam (default 0.99)")
-    g.add_argument("--tau", type=float, help=f"fedadam's adaptivity floor (default: "
+    g.add_argument("--beta1", type=float, help="fedadam / fedyogi (default 0.9)")
+    g.add_argument("--beta2", type=float, help="fedadam / fedyogi (default 0.99)")
+    g.add_argument("--tau", type=float, help=f"fedadam's / fedyogi's adaptivity floor (default: "
                    f"{defaults['tau']}; with DP "
                    f"{DP_STRATEGY_DEFAULTS['fedadam']['tau']:g}, about twice the noise's "
                    "std on the mean, z x clip / cohort, on the demo's shop)")
@@ -402,8 +402,10 @@ STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
     "fedavg": {"server_lr": 1.0},
     "fedavgm": {"server_lr": 0.5, "momentum": 0.5},
     "fedadam": {"server_lr": 0.1, "tau": 1e-3},
+    "fedyogi": {"server_lr": 0.1, "tau": 1e-3},  # FedAdam's, not searched separately
 }
-DP_STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {"fedadam": {"tau": 2e-2}}
+DP_STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {"fedadam": {"tau": 2e-2},
+                                                     "fedyogi": {"tau": 2e-2}}
 
 
 # With DP the clip adapts towards the median update norm (Andrew et al. 2021) where the

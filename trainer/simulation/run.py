@@ -85,7 +85,7 @@ class SimulationConfig:
     # not remove the early dip: README, "What the early dip is not".)
     server_lr_warmup: int = 0
     momentum: float | None = None  # fedavgm; None: the strategy's default
-    beta1: float | None = None  # fedadam's beta1, beta2, tau; None: the strategy's defaults
+    beta1: float | None = None  # fedadam's / fedyogi's; None: the strategy's defaults
     beta2: float | None = None
     tau: float | None = None
     trainable: tuple[str, ...] | None = None  # federated tensors; None: the architecture's
