@@ -192,9 +192,13 @@ class FedAdam(_ServerOptimizer):
         out = {}
         for k, d in mean.items():
             self._m[k] = self.beta1 * self._m.get(k, 0.0) + (1 - self.beta1) * d
-            self._v[k] = self.beta2 * self._v.get(k, 0.0) + (1 - self.beta2) * d * d
+            self._v[k] = self.second_moment(self._v.get(k, 0.0), d)
             out[k] = self.server_lr * self._m[k] / (np.sqrt(self._v[k]) + self.tau)
         return out
+
+    def second_moment(self, v: Any, d: np.ndarray) -> np.ndarray:
+        """Adam's: v <- b2 v + (1 - b2) d^2."""
+        return self.beta2 * v + (1 - self.beta2) * d * d
 
     def state(self) -> dict[str, np.ndarray]:
         return {**{f"m/{k}": v for k, v in self._m.items()},
@@ -214,14 +218,9 @@ class FedYogi(FedAdam):
 
     name = "fedyogi"
 
-    def step(self, mean: Weights) -> Weights:
-        out = {}
-        for k, d in mean.items():
-            self._m[k] = self.beta1 * self._m.get(k, 0.0) + (1 - self.beta1) * d
-            v, d2 = self._v.get(k, 0.0), d * d
-            self._v[k] = v - (1 - self.beta2) * d2 * np.sign(v - d2)
-            out[k] = self.server_lr * self._m[k] / (np.sqrt(self._v[k]) + self.tau)
-        return out
+    def second_moment(self, v: Any, d: np.ndarray) -> np.ndarray:
+        d2 = d * d
+        return v - (1 - self.beta2) * d2 * np.sign(v - d2)
 
 
 class DPFedAvg:
