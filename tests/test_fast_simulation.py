@@ -612,6 +612,84 @@ def test_a_server_lr_warmup_ramps_each_rounds_step_up_to_the_schedule():
         replace(config, server_lr_warmup=-1)
 
 
+def test_a_local_lr_schedule_steps_the_lr_each_rounds_devices_train_at(fleet, tmp_path):
+    """--local-lr-from R:LR[,R:LR...]: from round R on each round's stored config and the
+    task its devices are given carry LR (before the first step --local-lr), and the devices
+    do train at it: the same cohort from the same model moves a hundredth as far. Bad steps
+    are refused with the reason, from the flag, a sweep grid's text or the config."""
+    import argparse
+
+    from sync_server import round_config
+    from trainer.cli import _local_lr_schedule, _sim_config, build_parser
+
+    def config(*flags):
+        return _sim_config(build_parser().parse_args(["simulate", *flags]), "federated", None)
+
+    def task(sim, r):
+        opened = round_config.plan(sim.round_config(32, 1900, 1, 1e-5, 60.0, 30.0, r=r))
+        ready = replace(opened, derived=replace(
+            opened.derived, model_version=1, expected_shapes={"out.bias": [4]}))
+        assert ready.stored()["learning_rate"] == sim.local_lr_at(r)
+        return ready.task(f"r{r}", 60.0)
+
+    stepped = config("--local-lr", "0.3", "--local-lr-from", "2:0.03, 4:0.003")
+    assert stepped.local_lr_schedule == ((2, 0.03), (4, 0.003))
+    assert [task(stepped, r).learning_rate for r in range(1, 6)] == pytest.approx(
+        [0.3, 0.03, 0.03, 0.003, 0.003])
+    assert {task(config("--local-lr", "0.3"), r).learning_rate for r in (1, 4)} == {0.3}
+    # A sweep grid gives the flag's text; the same steps come out.
+    grid = argparse.Namespace(local_lr_from="2:0.03,4:0.003")
+    assert _local_lr_schedule(grid) == stepped.local_lr_schedule
+    for text in ("2-0.03", "two:0.1", "2:"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["simulate", "--local-lr-from", text])
+        with pytest.raises(ValueError, match="ROUND:LR"):
+            _local_lr_schedule(argparse.Namespace(local_lr_from=text))
+    for steps, reason in ((((1, 0.1),), "increase from 2"), (((3, 0.1), (2, 0.1)), "increase"),
+                          (((2, 0.1), (2, 0.2)), "increase"), (((2, 0.0),), "> 0"),
+                          (((2, float("nan")),), "> 0")):
+        with pytest.raises(ValueError, match=reason):
+            replace(stepped, local_lr_schedule=steps)
+
+    population, bundle = fleet
+    norms = {}
+    for name, steps in (("constant", ()), ("stepped", ((2, 0.003),))):
+        sim = replace(CONFIG, mode="fast", dropout=0.0, local_lr_schedule=steps)
+        records, interrupted = simulate_one(population, bundle, tmp_path / name, sim,
+                                            progress=False)
+        assert not interrupted and [r.state for r in records[1:]] == ["published"] * ROUNDS
+        norms[name] = [r.update_norm_median for r in records[1:]]
+    # Round 1 at --local-lr in both; round 2 from the same model and cohort at 1/100 of it.
+    assert norms["stepped"][0] == norms["constant"][0] > 0
+    assert 0 < norms["stepped"][1] < 0.05 * norms["constant"][1]
+
+
+def test_a_clock_of_fewer_rounds_holds_its_last_step_for_the_rounds_after_it():
+    """--clock-rounds N: the devices' clock runs through their events in N rounds; rounds
+    after N train at its last step (and the privacy plan counts them at that step's
+    eligible fleet). N must be in [1, --rounds]."""
+    from tests.support.fleet import fleet_population
+    from trainer.cli import _clock_rounds, build_parser
+    from trainer.simulation.run import eligible_users, round_time
+
+    def args(*flags):
+        return build_parser().parse_args(["simulate", "--rounds", "6", *flags])
+
+    assert _clock_rounds(args()) == 6 and _clock_rounds(args("--clock-rounds", "2")) == 2
+    for bad in ("0", "7"):
+        with pytest.raises(ValueError, match=r"--clock-rounds must be in \[1, --rounds 6\]"):
+            _clock_rounds(args("--clock-rounds", bad))
+    population = fleet_population()  # a clock of ROUNDS steps
+    times = [round_time(population, r) for r in range(1, ROUNDS + 3)]
+    assert times[:ROUNDS] == [int(t) for t in population.clock]
+    assert times[ROUNDS:] == [times[ROUNDS - 1]] * 2 and times[0] < times[ROUNDS - 1]
+    rates = planned_rates(population, replace(CONFIG, rounds=ROUNDS + 2))
+    users = sorted(population.devices)
+    last = len(eligible_users(population, users, times[-1]))
+    assert len(rates) == ROUNDS + 2
+    assert rates[ROUNDS:] == [min(1.0, CONFIG.clients_per_round / last)] * 2
+
+
 def test_a_proximal_mu_reaches_the_task_every_device_is_given():
     """--proximal-mu MU (FedProx): the round's stored config and the task each selected
     device is given carry it (the device's trainer applies it:

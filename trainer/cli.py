@@ -322,6 +322,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                    help="share of users whose data pretrains the starting model centrally")
     g.add_argument("--warmup", type=float, default=0.5,
                    help="share of the devices' events already logged at round 1")
+    g.add_argument("--clock-rounds", type=int, metavar="N",
+                   help="the devices' clock reaches their last events at round N and "
+                   "stays there (later rounds train on every event); default: --rounds")
     g.add_argument("--device-dropout", type=float, default=0.05,
                    help="chance that a sampled device stops answering at a random stage")
     g.add_argument("--stragglers", type=float, default=0.0,
@@ -365,6 +368,10 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                    help="adaptive clipping's geometric step (default 0.2)")
     g.add_argument("--local-epochs", type=int, default=1)
     g.add_argument("--local-lr", type=float, default=0.3)
+    g.add_argument("--local-lr-from", type=_lr_steps, metavar="R:LR[,R:LR...]",
+                   help="steps of the local lr: from round R on the devices train at LR "
+                   "(e.g. 121:0.001; the server optimizer's state carries on); default: "
+                   "--local-lr throughout")
     g.add_argument("--local-batch-size", type=int, default=32)
     g.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
                    help="FedProx: each device's local loss gains MU / 2 ||w - w_round||^2, "
@@ -424,6 +431,38 @@ def _quantile(text: str) -> float | str:
     return value
 
 
+def _lr_steps(text: str) -> tuple[tuple[int, float], ...]:
+    """--local-lr-from: 'R:LR' steps, comma-separated."""
+    steps = []
+    for part in text.split(","):
+        round_, _, lr = part.strip().partition(":")  # no ":" leaves lr empty: refused
+        try:
+            steps.append((int(round_), float(lr)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"steps of the form ROUND:LR (e.g. 121:0.001), got {part.strip()!r}") from None
+    return tuple(steps)
+
+
+def _local_lr_schedule(args: argparse.Namespace) -> tuple[tuple[int, float], ...]:
+    """--local-lr-from's steps (a sweep grid gives the flag's text)."""
+    given = getattr(args, "local_lr_from", None)
+    if isinstance(given, str):
+        try:
+            return _lr_steps(given)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"local_lr_from: {exc}") from None
+    return tuple(given or ())
+
+
+def _clock_rounds(args: argparse.Namespace) -> int:
+    """The rounds the fleet's clock runs over: --clock-rounds, else --rounds."""
+    given = getattr(args, "clock_rounds", None)
+    if given is not None and not 1 <= given <= args.rounds:
+        raise ValueError(f"--clock-rounds must be in [1, --rounds {args.rounds}], got {given}")
+    return given or args.rounds
+
+
 def _clip_quantile(args: argparse.Namespace, dp: bool) -> float | None:
     """The run's clip_quantile: the flag's, else the recipe's (adaptive with DP where the
     upload carries the bits: SecAgg+ with central noise; fixed otherwise)."""
@@ -466,7 +505,8 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
         clip_quantile=_clip_quantile(args, bool(noise) or target is not None),
         clip_lr=args.clip_lr, trainable=_trainable(args),
         local_epochs=args.local_epochs,
-        learning_rate=args.local_lr, batch_size=args.local_batch_size,
+        learning_rate=args.local_lr, local_lr_schedule=_local_lr_schedule(args),
+        batch_size=args.local_batch_size,
         proximal_mu=args.proximal_mu, max_examples=args.local_max_examples,
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,
         stragglers=args.stragglers, deadline_s=args.deadline,
@@ -552,7 +592,7 @@ def _experiment(args: argparse.Namespace, configs: list, central: bool,
     model = _simulation_model(args)
     out = Path(args.out or Path(args.run) / "report")
     index, result = run_experiment(
-        _data_spec(args), model, out, configs, rounds=args.rounds,
+        _data_spec(args), model, out, configs, rounds=_clock_rounds(args),
         public_fraction=args.public_fraction, warmup=args.warmup, central=central,
         export_central=export_central,
         base_bundle=Path(args.base_bundle) if getattr(args, "base_bundle", None) else None,

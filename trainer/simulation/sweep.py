@@ -55,7 +55,8 @@ from device_sdk.files import atomic_write
 GRID_FLAGS = ("noise_multiplier", "target_epsilon", "delta", "clip_norm", "clip_quantile",
               "clip_lr", "strategy", "server_lr", "server_lr_decay", "server_lr_warmup",
               "momentum", "beta1", "beta2", "tau", "trainable",
-              "local_epochs", "local_lr", "local_batch_size", "proximal_mu", "local_max_examples",
+              "local_epochs", "local_lr", "local_lr_from", "local_batch_size", "proximal_mu",
+              "local_max_examples",
               "dp_mode", "device_dropout", "stragglers", "clients_per_round", "seed",
               "workers", "export_every")
 FIELDS = ["run", "params", "rounds", "published", "device_updates", "epsilon", "delta",
@@ -298,7 +299,7 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
               log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]], bool]:
     """Every run of GRID.toml (``args_for(flags)``: the simulate namespace for [base] +
     flags); returns (index.html, the rows of the finished runs, interrupted)."""
-    from trainer.cli import _data_spec, _sim_config, _simulation_model
+    from trainer.cli import _clock_rounds, _data_spec, _sim_config, _simulation_model
     from trainer.simulation.experiment import (
         _Interrupt,
         build_fleet,
@@ -311,7 +312,8 @@ def run_sweep(grid_path: str | Path, args_for: Callable[[dict[str, Any]], argpar
     base, combos = load_grid(grid_path)
     args = args_for(base)
     population, model = build_fleet(_data_spec(args), _simulation_model(args),
-                                    rounds=args.rounds, public_fraction=args.public_fraction,
+                                    rounds=_clock_rounds(args),
+                                    public_fraction=args.public_fraction,
                                     warmup=args.warmup)
     out.mkdir(parents=True, exist_ok=True)
     if getattr(args, "base_bundle", None):
