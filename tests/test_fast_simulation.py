@@ -589,8 +589,9 @@ def test_a_server_lr_decay_gives_each_round_its_own_cosine_step():
 
 def test_a_server_lr_warmup_ramps_each_rounds_step_up_to_the_schedule():
     """--server-lr-warmup W: round r < W runs at r / W of the scheduled lr (the decay's
-    when there is one), round W on at the schedule itself; each round's stored config
-    carries it. A negative W is refused."""
+    when there is one, the --server-lr-from step's), round W on at the schedule itself;
+    each round's stored config carries it. A negative W or a step at round 1 is
+    refused."""
     from sync_server import round_config
     from trainer.cli import _sim_config, build_parser
 
@@ -610,6 +611,13 @@ def test_a_server_lr_warmup_ramps_each_rounds_step_up_to_the_schedule():
     assert lrs()[1] == pytest.approx([0.8] * 7)
     with pytest.raises(ValueError, match=r"server_lr_warmup .* >= 0, got -1"):
         replace(config, server_lr_warmup=-1)
+    # --server-lr-from R:LR steps the lr the warmup (and a decay) multiply.
+    _, stepped = lrs("--server-lr-from", "3:0.4,6:0.1")
+    assert stepped == pytest.approx([0.8, 0.8, 0.4, 0.4, 0.4, 0.1, 0.1])
+    _, warm_stepped = lrs("--server-lr-from", "3:0.4", "--server-lr-warmup", "4")
+    assert warm_stepped == pytest.approx([0.2, 0.4, 0.3, 0.4, 0.4, 0.4, 0.4])
+    with pytest.raises(ValueError, match="server_lr_schedule's rounds must increase"):
+        replace(config, server_lr_schedule=((1, 0.1),))
 
 
 def test_a_local_lr_schedule_steps_the_lr_each_rounds_devices_train_at(fleet, tmp_path):
@@ -620,7 +628,7 @@ def test_a_local_lr_schedule_steps_the_lr_each_rounds_devices_train_at(fleet, tm
     import argparse
 
     from sync_server import round_config
-    from trainer.cli import _local_lr_schedule, _sim_config, build_parser
+    from trainer.cli import _schedule, _sim_config, build_parser
 
     def config(*flags):
         return _sim_config(build_parser().parse_args(["simulate", *flags]), "federated", None)
@@ -639,12 +647,12 @@ def test_a_local_lr_schedule_steps_the_lr_each_rounds_devices_train_at(fleet, tm
     assert {task(config("--local-lr", "0.3"), r).learning_rate for r in (1, 4)} == {0.3}
     # A sweep grid gives the flag's text; the same steps come out.
     grid = argparse.Namespace(local_lr_from="2:0.03,4:0.003")
-    assert _local_lr_schedule(grid) == stepped.local_lr_schedule
+    assert _schedule(grid, "local_lr_from") == stepped.local_lr_schedule
     for text in ("2-0.03", "two:0.1", "2:"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["simulate", "--local-lr-from", text])
         with pytest.raises(ValueError, match="ROUND:LR"):
-            _local_lr_schedule(argparse.Namespace(local_lr_from=text))
+            _schedule(argparse.Namespace(local_lr_from=text), "local_lr_from")
     for steps, reason in ((((1, 0.1),), "increase from 2"), (((3, 0.1), (2, 0.1)), "increase"),
                           (((2, 0.1), (2, 0.2)), "increase"), (((2, 0.0),), "> 0"),
                           (((2, float("nan")),), "> 0")):

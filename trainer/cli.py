@@ -342,6 +342,10 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--server-lr-decay", type=float, metavar="F",
                    help="cosine decay of the server lr over the planned rounds to F x "
                    "--server-lr at the last round, F in (0, 1] (default: constant)")
+    g.add_argument("--server-lr-from", type=_lr_steps, metavar="R:LR[,R:LR...]",
+                   help="steps of the server lr: from round R on the server steps at LR "
+                   "(before a decay or warmup; e.g. 241:0.03); default: --server-lr "
+                   "throughout")
     g.add_argument("--server-lr-warmup", type=int, default=0, metavar="W",
                    help="round r < W runs at r / W of the server lr (linear warmup; "
                    "default 0: none)")
@@ -444,14 +448,15 @@ def _lr_steps(text: str) -> tuple[tuple[int, float], ...]:
     return tuple(steps)
 
 
-def _local_lr_schedule(args: argparse.Namespace) -> tuple[tuple[int, float], ...]:
-    """--local-lr-from's steps (a sweep grid gives the flag's text)."""
-    given = getattr(args, "local_lr_from", None)
+def _schedule(args: argparse.Namespace, flag: str) -> tuple[tuple[int, float], ...]:
+    """--local-lr-from's or --server-lr-from's steps (a sweep grid gives the flag's
+    text)."""
+    given = getattr(args, flag, None)
     if isinstance(given, str):
         try:
             return _lr_steps(given)
         except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"local_lr_from: {exc}") from None
+            raise ValueError(f"{flag}: {exc}") from None
     return tuple(given or ())
 
 
@@ -500,12 +505,13 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
     return SimulationConfig(**_recipe(args, bool(noise) or target is not None),
         rounds=args.rounds, clients_per_round=args.clients_per_round, noise_multiplier=noise,
         server_lr_decay=args.server_lr_decay, server_lr_warmup=args.server_lr_warmup,
+        server_lr_schedule=_schedule(args, "server_lr_from"),
         target_epsilon=None if noise else target,
         delta=args.delta, clip_norm=args.clip_norm,
         clip_quantile=_clip_quantile(args, bool(noise) or target is not None),
         clip_lr=args.clip_lr, trainable=_trainable(args),
         local_epochs=args.local_epochs,
-        learning_rate=args.local_lr, local_lr_schedule=_local_lr_schedule(args),
+        learning_rate=args.local_lr, local_lr_schedule=_schedule(args, "local_lr_from"),
         batch_size=args.local_batch_size,
         proximal_mu=args.proximal_mu, max_examples=args.local_max_examples,
         upload_scheme=args.upload_scheme, dp_mode=args.dp_mode, dropout=args.device_dropout,

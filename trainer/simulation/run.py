@@ -97,6 +97,8 @@ class SimulationConfig:
     # 12-step recipe's rounds took line HR@10 from 75% to 91% of central (README, "Two
     # phases").
     local_lr_schedule: tuple[tuple[int, float], ...] = ()
+    # The same steps for the server lr (before a decay or warmup applies to it).
+    server_lr_schedule: tuple[tuple[int, float], ...] = ()
     batch_size: int = _SERVER.batch_size
     # FedProx (Li et al. 2020): each device's local objective gains mu / 2 ||w - w_round||^2;
     # it travels in the round's task (device_sdk.local_trainer). 0: plain local SGD.
@@ -127,30 +129,19 @@ class SimulationConfig:
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"proximal_mu is FedProx's weight, a number >= 0, got "
                              f"{self.proximal_mu}")
-        self.local_lr_schedule = tuple((int(r), float(lr)) for r, lr in self.local_lr_schedule)
-        starts = [r for r, _ in self.local_lr_schedule]
-        if any(r < 2 for r in starts) or starts != sorted(set(starts)):
-            raise ValueError(f"local_lr_schedule's rounds must increase from 2 on (round 1 "
-                             f"runs at learning_rate), got {starts}")
-        for r, lr in self.local_lr_schedule:
-            if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(f"local_lr_schedule: round {r}'s local lr must be > 0, got "
-                                 f"{lr}")
+        self.local_lr_schedule = _steps("local_lr_schedule", self.local_lr_schedule)
+        self.server_lr_schedule = _steps("server_lr_schedule", self.server_lr_schedule)
 
     def local_lr_at(self, r: int) -> float:
         """Round r's local lr (1-based): that of the last ``local_lr_schedule`` step at or
         before r, else ``learning_rate``."""
-        lr = self.learning_rate
-        for start, value in self.local_lr_schedule:
-            if r >= start:
-                lr = value
-        return lr
+        return _step_at(self.local_lr_schedule, r, self.learning_rate)
 
     def server_lr_at(self, r: int) -> float:
-        """Round r's server lr (1-based): ``server_lr``, or its cosine decay to
-        ``server_lr_decay`` x ``server_lr`` at round ``rounds`` (held after it), times
-        min(1, r / ``server_lr_warmup``) with a warmup."""
-        lr = self.server_lr
+        """Round r's server lr (1-based): ``server_lr`` (or the last ``server_lr_schedule``
+        step at or before r), or its cosine decay to ``server_lr_decay`` x that at round
+        ``rounds`` (held after it), times min(1, r / ``server_lr_warmup``) with a warmup."""
+        lr = _step_at(self.server_lr_schedule, r, self.server_lr)
         floor = self.server_lr_decay
         if floor is not None:
             progress = min(max(r - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
@@ -186,6 +177,29 @@ class SimulationConfig:
         else:
             config["min_clients"] = max(1, math.ceil(0.5 * n))
         return config
+
+
+def _steps(name: str, steps: Any) -> tuple[tuple[int, float], ...]:
+    """A schedule's ((round, lr), ...) steps, checked: rounds increasing from 2 on (round 1
+    runs at the constant), each lr finite and > 0. ValueError naming what is wrong."""
+    steps = tuple((int(r), float(lr)) for r, lr in steps)
+    starts = [r for r, _ in steps]
+    if any(r < 2 for r in starts) or starts != sorted(set(starts)):
+        raise ValueError(f"{name}'s rounds must increase from 2 on (round 1 runs at the "
+                         f"constant lr), got {starts}")
+    for r, lr in steps:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{name}: round {r}'s lr must be > 0, got {lr}")
+    return steps
+
+
+def _step_at(steps: tuple[tuple[int, float], ...], r: int, default: float) -> float:
+    """The lr of the last step at or before round r, else ``default``."""
+    lr = default
+    for start, value in steps:
+        if r >= start:
+            lr = value
+    return lr
 
 
 # A round needs this many eligible devices; with fewer the simulator skips it (no cost).

@@ -53,12 +53,11 @@ from device_sdk.files import atomic_write
 # Flags a grid may vary: those of one simulation. Data, model and round-count flags shape
 # the fleet, its clock and the starting model every run shares: [base] only.
 GRID_FLAGS = ("noise_multiplier", "target_epsilon", "delta", "clip_norm", "clip_quantile",
-              "clip_lr", "strategy", "server_lr", "server_lr_decay", "server_lr_warmup",
-              "momentum", "beta1", "beta2", "tau", "trainable",
+              "clip_lr", "strategy", "server_lr", "server_lr_from", "server_lr_decay",
+              "server_lr_warmup", "momentum", "beta1", "beta2", "tau", "trainable",
               "local_epochs", "local_lr", "local_lr_from", "local_batch_size", "proximal_mu",
-              "local_max_examples",
-              "dp_mode", "device_dropout", "stragglers", "clients_per_round", "seed",
-              "workers", "export_every")
+              "local_max_examples", "dp_mode", "device_dropout", "stragglers",
+              "clients_per_round", "seed", "workers", "export_every")
 FIELDS = ["run", "params", "rounds", "published", "device_updates", "epsilon", "delta",
           "final_hr10", "final_ndcg10", "final_basket_hr10", "final_basket_ndcg10",
           "best_hr10", "best_hr10_round", "best_ndcg10", "best_basket_hr10",
