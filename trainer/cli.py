@@ -436,7 +436,7 @@ def _quantile(text: str) -> float | str:
 
 
 def _lr_steps(text: str) -> tuple[tuple[int, float], ...]:
-    """--local-lr-from: 'R:LR' steps, comma-separated."""
+    """--local-lr-from's and --server-lr-from's text: 'R:LR' steps, comma-separated."""
     steps = []
     for part in text.split(","):
         round_, _, lr = part.strip().partition(":")  # no ":" leaves lr empty: refused

@@ -94,8 +94,8 @@ class SimulationConfig:
     # Steps of the devices' local lr: ((R, lr), ...) with R increasing, from round R on the
     # rounds' tasks carry lr (before the first R: learning_rate). The server optimizer's
     # state carries on across a step. On Online Retail a tenth of the local lr after the
-    # 12-step recipe's rounds took line HR@10 from 75% to 91% of central (README, "Two
-    # phases").
+    # 12-step recipe's rounds took line HR@10 from 73% to 88-89% of central (README, "Two
+    # phases", "The two phases as one run").
     local_lr_schedule: tuple[tuple[int, float], ...] = ()
     # The same steps for the server lr (before a decay or warmup applies to it).
     server_lr_schedule: tuple[tuple[int, float], ...] = ()
