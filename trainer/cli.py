@@ -323,8 +323,9 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
     g.add_argument("--warmup", type=float, default=0.5,
                    help="share of the devices' events already logged at round 1")
     g.add_argument("--clock-rounds", type=int, metavar="N",
-                   help="the devices' clock reaches their last events at round N and "
-                   "stays there (later rounds train on every event); default: --rounds")
+                   help="the devices' clock runs through their events in N rounds and "
+                   "holds its last step after them (the last round's of a clock of N: "
+                   "with --warmup 0.5 and N 120, 99.6%% of the events); default: --rounds")
     g.add_argument("--device-dropout", type=float, default=0.05,
                    help="chance that a sampled device stops answering at a random stage")
     g.add_argument("--stragglers", type=float, default=0.0,
