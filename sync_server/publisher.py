@@ -14,6 +14,7 @@ installed with the ``server`` extra alone then fails that round with an error na
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -24,7 +25,17 @@ from typing import Any
 import numpy as np
 
 import model_zoo
-from device_sdk.bundle import MODEL, WEIGHTS, load_bundle, make_golden, save_weights, write_bundle
+from device_sdk.bundle import (
+    MANIFEST,
+    MODEL,
+    WEIGHTS,
+    encode_manifest,
+    file_entry,
+    load_bundle,
+    make_golden,
+    save_weights,
+    write_bundle,
+)
 from device_sdk.topk_model import TopKModel
 from model_zoo.tensor_map import Unpatchable, patch_weights
 
@@ -33,26 +44,54 @@ log = logging.getLogger(__name__)
 FULL_EXPORT = "trainer.publish:export_weights"
 
 
-def patch_bundle(
-    weights: Mapping[str, np.ndarray], base_bundle_dir: Path, version: int,
-    provenance: Mapping[str, Any],
-) -> Path:
-    """A publisher (``sync_server.publishing.Publisher``) that patches the base's model file.
-    Raises ``Unpatchable`` when it cannot; ``patch_or_export`` then re-exports."""
-    base = load_bundle(base_bundle_dir)
-    arch = model_zoo.get(base.architecture)
-    if arch.serving_constants is None:
-        raise Unpatchable(f"architecture {base.architecture!r} declares no serving constants")
-    base_params = base.weights()
-    new_params = dict(base_params)
+def served_average(decay: float, served: Mapping[str, np.ndarray],
+                   weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The served model of a version under ``serve_ema`` (``sync_server.round_config``):
+    decay x the base version's served tensors + (1 - decay) x the new weights, tensor by
+    tensor (float64 math, float32 out). The server's publishing and the fast simulator
+    both call this."""
+    return {name: (decay * np.asarray(served[name], np.float64)
+                   + (1 - decay) * np.asarray(value, np.float64)).astype(np.float32)
+            for name, value in weights.items()}
+
+
+def _over(base_params: Mapping[str, np.ndarray],
+          weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The base's tensors with ``weights`` written over them; Unpatchable for a name or
+    shape the base's graph does not have."""
+    params = dict(base_params)
     for name, value in weights.items():
         value = np.asarray(value, np.float32)
         if name not in base_params or base_params[name].shape != value.shape:
             raise Unpatchable(f"parameter {name!r} {value.shape} is not in the base's graph "
                               f"({base_params.get(name, np.zeros(0)).shape})")
-        new_params[name] = value
+        params[name] = value
+    return params
+
+
+def patch_bundle(
+    weights: Mapping[str, np.ndarray], base_bundle_dir: Path, version: int,
+    provenance: Mapping[str, Any], *, served: Mapping[str, np.ndarray] | None = None,
+    base_served: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """A publisher (``sync_server.publishing.Publisher``) that patches the base's model file.
+    Raises ``Unpatchable`` when it cannot; ``patch_or_export`` then re-exports.
+
+    ``served``: the tensors the model file serves when they are not ``weights`` (a served
+    average); weights.npz still carries ``weights``. ``base_served``: those the base's model
+    file was written from when they were not its weights.npz (the patch finds the base's
+    tensors in the file by their values)."""
+    base = load_bundle(base_bundle_dir)
+    arch = model_zoo.get(base.architecture)
+    if arch.serving_constants is None:
+        raise Unpatchable(f"architecture {base.architecture!r} declares no serving constants")
+    base_params = base.weights()
+    new_params = _over(base_params, weights)
     model = patch_weights(base.read(MODEL), arch.serving_constants,
-                          arch.config_from_dict(base.config), base_params, new_params)
+                          arch.config_from_dict(base.config),
+                          base_params if base_served is None else _over(base_params,
+                                                                        base_served),
+                          new_params if served is None else _over(base_params, served))
     golden = base.manifest.get("golden") or {}
     histories = np.asarray(golden.get("histories", []), np.int32)
     files = {name: base.read(name) for name in base.manifest["files"]}
@@ -76,11 +115,14 @@ def patch_bundle(
 
 def patch_or_export(
     weights: Mapping[str, np.ndarray], base_bundle_dir: Path, version: int,
-    provenance: Mapping[str, Any],
+    provenance: Mapping[str, Any], *, served: Mapping[str, np.ndarray] | None = None,
+    base_served: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """``patch_bundle``, or the full export when the base cannot be patched."""
+    """``patch_bundle``, or the full export when the base cannot be patched (of ``served``
+    when given, with ``weights`` then written into the new bundle's weights.npz)."""
     try:
-        return patch_bundle(weights, base_bundle_dir, version, provenance)
+        return patch_bundle(weights, base_bundle_dir, version, provenance, served=served,
+                            base_served=base_served)
     except Unpatchable as exc:
         why = str(exc)
     module, _, name = FULL_EXPORT.partition(":")
@@ -93,4 +135,14 @@ def patch_or_export(
         ) from None
     log.info("publishing version %d by full export: %s", version, why,
              extra={"version": version, "publisher": "export"})
-    return export(weights, base_bundle_dir, version, provenance)
+    if served is None:
+        return export(weights, base_bundle_dir, version, provenance)
+    out = Path(export(served, base_bundle_dir, version, provenance))
+    params = {**load_bundle(base_bundle_dir).weights(),
+              **{k: np.asarray(v, np.float32) for k, v in weights.items()}}
+    data = save_weights(params)
+    (out / WEIGHTS).write_bytes(data)
+    manifest = json.loads((out / MANIFEST).read_bytes())
+    manifest["files"][WEIGHTS] = file_entry(data)
+    (out / MANIFEST).write_bytes(encode_manifest(manifest))
+    return out

@@ -16,11 +16,20 @@ new unsigned bundle directory; ``create_app(publisher=...)`` passes one, or the
 export) when it cannot; ``sync_server.registry:republish_weights`` replaces weights.npz
 only. Whatever the publisher wrote, the server sets the manifest's ``model_version``,
 ``parent_version``, ``provenance`` and ``privacy`` itself. The server never imports
-``trainer`` (export needs torch)."""
+``trainer`` (export needs torch).
+
+A served average (the round config's ``serve_ema``): the new version's model file serves
+the exponential moving average of the published weights (``publisher.served_average`` of
+the base version's served tensors and the round's result) while its weights.npz keeps the
+result, the point the next round's devices train from. The served tensors are kept in the
+publishing round's state blob (``SERVED`` keys, beside the optimizer state), so the next
+round finds its base's; a publisher is then called with ``served=`` and ``base_served=``
+(the default one takes them; one that does not fails such a round, naming why)."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -42,6 +51,7 @@ from sync_server.db import Database
 from sync_server.keys import ServerKeyPairs
 from sync_server.models import LedgerRow, ModelVersion, Round, utcnow
 from sync_server.privacy import DESCRIPTIONS, LedgerEntry, PrivacyLedger
+from sync_server.publisher import served_average
 from sync_server.registry import extract_version, highest_version, sign_and_store
 from sync_server.upload_schemes import RoundScheme
 
@@ -67,6 +77,9 @@ def ledger_entries(session: Any) -> list[LedgerEntry]:
     rows = session.scalars(select(LedgerRow).order_by(LedgerRow.id)).all()
     return [LedgerEntry(r.round_id, r.noise_multiplier, r.sampling_rate, r.steps, r.mode)
             for r in rows]
+
+
+SERVED = "served/"  # state-blob keys of a version's served tensors (serve_ema)
 
 
 def _state_bytes(state: Mapping[str, np.ndarray]) -> bytes:
@@ -118,9 +131,38 @@ class RoundPublishing:
             if prev.config["strategy"] == config["strategy"] and (
                 (prev.config["noise_multiplier"] is not None) == dp
             ):
-                strategy.load_state(_state_load(self.blobs.get(prev.strategy_state_sha256)))
+                state = _state_load(self.blobs.get(prev.strategy_state_sha256))
+                strategy.load_state({k: v for k, v in state.items()
+                                     if not k.startswith(SERVED)})
                 break
         return strategy
+
+    def _base_served(self, session: Any, version: int) -> dict[str, np.ndarray] | None:
+        """The tensors version ``version``'s model file serves when they are not its
+        weights.npz (a served average), from the state blob of the round that published
+        it; else None."""
+        digest = session.scalar(select(Round.strategy_state_sha256).where(
+            Round.published_version == version, Round.state == "published"))
+        if digest is None:
+            return None
+        served = {k[len(SERVED):]: v for k, v in _state_load(self.blobs.get(digest)).items()
+                  if k.startswith(SERVED)}
+        return served or None
+
+    def _publish_files(self, weights: dict[str, np.ndarray], base: Any, version: int,
+                       provenance: dict[str, Any], served: dict[str, np.ndarray] | None,
+                       base_served: dict[str, np.ndarray] | None) -> Path:
+        """The publisher's new bundle; with a served average (or a base that served one)
+        the publisher must take ``served=`` and ``base_served=``."""
+        if served is None and base_served is None:
+            return Path(self.publisher(weights, base.directory, version, provenance))
+        if "served" not in inspect.signature(self.publisher).parameters:
+            raise RuntimeError(
+                f"the publisher {getattr(self.publisher, '__name__', self.publisher)!r} takes "
+                "no served= tensors, which serve_ema (or a base version that served an "
+                "average) needs; use sync_server.publisher:patch_or_export")
+        return Path(self.publisher(weights, base.directory, version, provenance,
+                                   served=served, base_served=base_served))
 
     def publish(self, row: Round, claim: str, scheme: RoundScheme,
                 renew: Callable[[], None]) -> None:
@@ -135,6 +177,7 @@ class RoundPublishing:
                                     Round.strategy_state_sha256.is_not(None))
                 .order_by(Round.finished_at.desc())).all())
             entries = ledger_entries(session)
+            base_served = self._base_served(session, row.model_version)
         strategy = self._strategy(row, previous)
         dp = config["noise_multiplier"] is not None
         scratch = self.scratch()
@@ -164,9 +207,15 @@ class RoundPublishing:
                 "clip_norm": float(config["clip_norm"]),
                 "noise_multiplier": config["noise_multiplier"],
             }
+            decay = config.get("serve_ema")
+            served = None
+            if decay is not None:
+                served = served_average(decay, base_served or weights, result.weights)
+            if decay is not None or "serve_ema" in base_provenance:  # never inherited
+                provenance["serve_ema"] = None if decay is None else float(decay)
             renew()
-            new_dir = Path(self.publisher(result.weights, base.directory, version,
-                                          dict(provenance)))
+            new_dir = self._publish_files(result.weights, base, version, dict(provenance),
+                                          served, base_served)
             manifest = json.loads((new_dir / MANIFEST).read_bytes())
             manifest.update(
                 model_version=version,
@@ -184,7 +233,10 @@ class RoundPublishing:
             version_row = sign_and_store(new_dir, blobs=self.blobs, keys=self.keys)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        state_digest = self.blobs.put(_state_bytes(strategy.state()))
+        state = dict(strategy.state())
+        if served is not None:
+            state.update({SERVED + k: v for k, v in served.items()})
+        state_digest = self.blobs.put(_state_bytes(state))
         seconds = time.perf_counter() - started
         measurements = {**result.measurements, "updates": float(clients),
                         "aggregate_seconds": aggregate_s, "total_seconds": seconds}

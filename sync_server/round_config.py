@@ -83,12 +83,19 @@ class RoundConfig(TrainingParams):
                                             exclusive_maximum=True)
     clip_lr: float | None = _optional(minimum=0.0, exclusive=True)
     clip_count_stddev: float | None = _optional(minimum=0.0, exclusive=True)
+    # The served model (``sync_server.publishing``): the published version's model.tflite,
+    # what devices recommend with, is the exponential moving average of the published
+    # weights with this decay, s_v = d s_(v-1) + (1 - d) w_v; its weights.npz, what devices
+    # train from, stays the optimizer's iterate w_v. Post-processing: no privacy cost.
+    # None: the iterate serves.
+    serve_ema: float | None = _optional(minimum=0.0, exclusive=True, maximum=1.0,
+                                        exclusive_maximum=True)
 
     def to_json(self) -> dict[str, Any]:
         """The operator's half of the stored config."""
         obj = asdict(self)
         obj["trainable"] = None if self.trainable is None else list(self.trainable)
-        for key in (*STRATEGY_KEYS, *CLIP_KEYS):
+        for key in (*STRATEGY_KEYS, *CLIP_KEYS, "serve_ema"):
             if obj[key] is None:
                 del obj[key]
         return obj
@@ -276,6 +283,10 @@ def plan(obj: Mapping[str, Any]) -> RoundPlan:
         _check_number(config, key)
     upload_schemes.SCHEMES[config["upload_scheme"]].check_config(config)
     _check_adaptive_clip(config)
+    _check_number(config, "serve_ema")
+    if config["serve_ema"] is not None and not config["serve_ema"] < 1:
+        raise bad(f"serve_ema is the served average's decay, in (0, 1), got "
+                  f"{config['serve_ema']!r}")
     try:  # the device-facing half, checked exactly as a device will check it
         training = TrainingParams.params_from_json(config)
     except ProtocolError as exc:

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import select
 
 from device_sdk import secagg
 from device_sdk.bundle import load_bundle
@@ -34,7 +35,12 @@ from device_sdk.local_trainer import LocalTrainer, LocalTrainingConfig, round_se
 from device_sdk.protocol import b64, b64decode, device_id_for
 from device_sdk.recommender import HistoryPolicy
 from device_sdk.uploads import flatten_update
+from sync_server.blobs import BlobStore
+from sync_server.db import Database
+from sync_server.models import ModelVersion
 from sync_server.privacy import LedgerEntry, PrivacyLedger
+from sync_server.publisher import patch_bundle, served_average
+from sync_server.registry import extract_version
 from tests.support.fleet import ROUNDS, pretrained_fleet
 from trainer.simulation.experiment import simulate_one
 from trainer.simulation.fast import FastDeviceWorker, decode_ring, quantize_seed
@@ -274,6 +280,52 @@ def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):
                enumerate(planned_rates(runs["population"], config))]
     assert fast[-1].epsilon == pytest.approx(
         PrivacyLedger(fast[-1].delta, entries=planned, prefixes=None).epsilon(), rel=1e-9)
+
+
+def test_a_served_average_serves_the_ema_of_the_published_weights_in_both_modes(
+        fleet, tmp_path):
+    """With serve_ema the real server's published model file serves the exponential moving
+    average of the published weights, patched in place round after round (each version's
+    served tensors found in its round's state), while weights.npz, what the next round's
+    devices train from, carries the weights themselves; fast mode keeps the same average."""
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"serve_ema .* \(0, 1\), got"):
+            replace(CONFIG, serve_ema=bad)
+    config = replace(CONFIG, serve_ema=0.5)
+    runs = _both_modes(fleet, tmp_path, config)
+    _check_parity(runs, config)
+    full_root, full = runs["full"]
+    # Every version the real server published, from its own database and blob store.
+    db, blobs = Database(f"sqlite:///{full_root / 'server' / 'pocketrec.db'}"), BlobStore(
+        full_root / "server" / "blobs")
+    with db.session() as session:
+        rows = session.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()
+        stored = {r.version: blobs.get(r.blob_sha256) for r in rows}
+    assert sorted(stored) == list(range(1, full[-1].version + 1))
+    base_dir = Path(fleet[1])  # the start: its model file serves its weights
+    histories = runs["population"].test.history
+    served = None
+    for version, data in sorted(stored.items()):
+        bundle = extract_version(data, tmp_path / "versions" / str(version))
+        weights = bundle.weights()
+        if version == 1:
+            served = weights
+            continue
+        assert bundle.manifest["provenance"]["serve_ema"] == 0.5
+        # Patched in place (the base's served tensors found in its round's state), not
+        # re-exported: the full export would hide a lost served state.
+        assert bundle.manifest["quantization"]["written_by"] == "tensor_map"
+        served = served_average(0.5, served, weights)
+        assert any(not np.array_equal(served[k], weights[k]) for k in weights)
+        # The model file serves exactly the average: the same top-10 lists as a model file
+        # patched from it; the weights themselves serve other lists.
+        expected = load_bundle(patch_bundle(weights, base_dir, version, {}, served=served))
+        assert expected.weights().keys() == weights.keys()
+        assert all(np.array_equal(expected.weights()[k], weights[k]) for k in weights)
+        got = bundle.model().topk_many(histories)[0]
+        assert np.array_equal(got, expected.model().topk_many(histories)[0])
+        plain = load_bundle(patch_bundle(weights, base_dir, version, {}))
+        assert not np.array_equal(got, plain.model().topk_many(histories)[0])
 
 
 def test_a_target_epsilon_sets_the_noise_the_rounds_ledger_spends_it_to(fleet, tmp_path):

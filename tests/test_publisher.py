@@ -8,7 +8,7 @@ import model_zoo
 from device_sdk.bundle import MODEL, load_bundle, run_golden_check
 from model_zoo import tensor_map
 from model_zoo.tensor_map import FLOAT32, Unpatchable
-from sync_server.publisher import patch_bundle, patch_or_export
+from sync_server.publisher import patch_bundle, patch_or_export, served_average
 
 
 def round_weights(base, names, seed=3):
@@ -161,3 +161,38 @@ def test_a_base_file_the_map_cannot_read_falls_back_to_the_full_export(tiny_expo
     assert published.read(MODEL) == load_bundle(
         patch_bundle(weights, tiny_export.bundle_dir, 2, {})).read(MODEL)
     assert run_golden_check(published.model(), published.manifest["golden"]) == 1.0
+
+
+@pytest.mark.slow
+def test_a_served_average_is_what_the_model_file_serves_and_weights_npz_keeps_the_weights(
+        tiny_export):
+    """serve_ema: the model file serves the average, weights.npz keeps the round's weights
+    (what the next round's devices train from); the next version's patch finds the base's
+    slots by the base's served tensors, and the full export, where the patch cannot run,
+    writes the same two files."""
+    from device_sdk.bundle import WEIGHTS
+
+    start = tiny_export.bundle_dir
+    base = load_bundle(start)
+    weights = round_weights(base, base.weights())
+    served = served_average(0.5, base.weights(), weights)
+    first = load_bundle(patch_bundle(weights, start, 2, {}, served=served))
+    assert first.read(MODEL) == load_bundle(patch_bundle(served, start, 2, {})).read(MODEL)
+    assert first.read(MODEL) != load_bundle(patch_bundle(weights, start, 2, {})).read(MODEL)
+    assert all(np.array_equal(first.weights()[k], weights[k]) for k in weights)
+
+    later = round_weights(first, first.weights(), seed=4)
+    served_later = served_average(0.5, served, later)
+    with pytest.raises(Unpatchable):  # the base's file does not hold its weights.npz
+        patch_bundle(later, first.directory, 3, {}, served=served_later)
+    second = load_bundle(patch_bundle(later, first.directory, 3, {}, served=served_later,
+                                      base_served=served))
+    assert second.read(MODEL) == load_bundle(
+        patch_bundle(served_later, start, 3, {})).read(MODEL)
+    assert all(np.array_equal(second.weights()[k], later[k]) for k in later)
+
+    exported = load_bundle(patch_or_export(later, first.directory, 3, {}, served=served_later))
+    assert "written_by" not in exported.manifest["quantization"]  # the full export ran
+    assert exported.read(MODEL) == second.read(MODEL)
+    assert exported.read(WEIGHTS) == second.read(WEIGHTS)
+    assert run_golden_check(exported.model(), exported.manifest["golden"]) == 1.0

@@ -43,7 +43,7 @@ def test_an_empty_config_is_the_defaults_and_its_task_carries_them():
     opened = plan({})
     assert opened.config == RoundConfig()
     stored = opened.stored()
-    assert not set(STRATEGY_KEYS) & set(stored)  # stored only when sent
+    assert not {*STRATEGY_KEYS, "serve_ema"} & set(stored)  # stored only when sent
     assert {"min_clients", "sampling_rate", "delta", "selection"} <= set(stored)
     ready = replace(opened, derived=replace(
         opened.derived, model_version=3, expected_shapes={"out.bias": [4]},
@@ -99,6 +99,22 @@ def test_the_served_schemas_are_the_types(tmp_path):
     body = document["paths"]["/v1/admin/rounds"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/RoundConfig"}
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, "0.9", True, float("nan")])
+def test_a_served_average_decay_outside_0_1_is_bad_round_config(decay):
+    with pytest.raises(ApiError, match="serve_ema") as refused:
+        plan({"serve_ema": decay})
+    assert (refused.value.code, refused.value.status) == ("bad_round_config", 400)
+
+
+def test_a_served_average_decay_is_stored_and_read_back():
+    opened = plan({"serve_ema": 0.9})
+    assert opened.stored()["serve_ema"] == 0.9
+    assert RoundPlan.from_stored(opened.stored()).config.serve_ema == 0.9
+    ready = replace(opened, derived=replace(opened.derived, model_version=3,
+                                            expected_shapes={"out.bias": [4]}))
+    assert "serve_ema" not in ready.task("round-1", 2e9).to_json()  # a server matter
 
 
 @pytest.mark.parametrize(("config", "says"), [

@@ -357,6 +357,11 @@ def _sim_args(p: argparse.ArgumentParser, *, rounds: int, clients: int) -> None:
                    f"{defaults['tau']}; with DP "
                    f"{DP_STRATEGY_DEFAULTS['fedadam']['tau']:g}, about twice the noise's "
                    "std on the mean, z x clip / cohort, on the demo's shop)")
+    g.add_argument("--serve-ema", type=float, metavar="D",
+                   help="the served average: each published model file serves the "
+                   "exponential moving average of the published weights with decay D in "
+                   "(0, 1) (devices still train from the weights themselves; no privacy "
+                   "cost); default: the weights serve")
     g.add_argument("--trainable", metavar="NAMES",
                    help="the tensors rounds federate, comma-separated: parameter names or "
                    "their dotted prefixes, or 'all' (dual encoder: 'mlp,out.bias' freezes both "
@@ -510,7 +515,7 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
         target_epsilon=None if noise else target,
         delta=args.delta, clip_norm=args.clip_norm,
         clip_quantile=_clip_quantile(args, bool(noise) or target is not None),
-        clip_lr=args.clip_lr, trainable=_trainable(args),
+        clip_lr=args.clip_lr, serve_ema=args.serve_ema, trainable=_trainable(args),
         local_epochs=args.local_epochs,
         learning_rate=args.local_lr, local_lr_schedule=_schedule(args, "local_lr_from"),
         batch_size=args.local_batch_size,

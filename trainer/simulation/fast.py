@@ -31,7 +31,9 @@ Evaluation: every round on the float weights (the numpy twin, batched) on the he
 devices, both protocols for basket data; every ``export_every`` rounds and after the last
 one the server's own publisher (``sync_server.publisher.patch_or_export``) writes the
 int8 LiteRT bundle and the LiteRT interpreter evaluates it, so the report's last row is
-what devices would serve. Online HR@10 is measured with the float twin through the device's
+what devices would serve (with a served average, ``serve_ema``: the model file serves the
+average, evaluated likewise, and weights.npz keeps the weights devices train from). Online
+HR@10 is measured with the float twin of the served tensors through the device's
 history policy and filters (for a model that marks sessions, as of the user's next event, as
 full mode's devices are asked). Same seed, same results, bit for bit.
 
@@ -79,6 +81,11 @@ class _RoundBundle:
         return self._items
 
 
+def _read(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
 def quantize_seed(seed: int, round_id: str, user: str) -> str:
     """The seed of a fast-mode device's stochastic rounding (full mode's come from the OS)."""
     return f"{seed}/quantize/{round_id}/{user}"
@@ -115,22 +122,25 @@ class FastDeviceWorker(ShardWorker):
     def stats(self) -> dict[str, Any]:
         return {"devices": len(self.streams), "max_rss_mb": peak_rss_mb()}
 
-    def _load(self, version: int, weights_path: str) -> None:
+    def _load(self, version: int, weights_path: str, served_path: str | None) -> None:
+        """Version ``version``: devices train from its weights and recommend with its served
+        tensors (a served average's, when ``served_path`` is given)."""
         if version == self._version:
             return
-        with np.load(weights_path, allow_pickle=False) as npz:
-            weights = {k: npz[k] for k in npz.files}
+        weights = _read(weights_path)
         self._trainer = LocalTrainer(_RoundBundle(self.base, weights), self.policy)
-        self._twin = self._trainer.arch.numpy_model(self._trainer.config, weights)
+        served = weights if served_path is None else {**weights, **_read(served_path)}
+        self._twin = self._trainer.arch.numpy_model(self._trainer.config, served)
         self._version = version
 
     def round(self, users: list[str], round_id: str, version: int, weights: str, now: int,
               task: dict[str, Any], params: dict[str, Any],
-              train: dict[str, bool] | None = None) -> list[dict[str, Any]]:
+              train: dict[str, bool] | None = None,
+              served: str | None = None) -> list[dict[str, Any]]:
         """Each of ``users`` checked in (its coin came up): recommend with the served model
         (online hit), and those in ``train`` train, clip and add their quantized update to
         this worker's ring sum for the round."""
-        self._load(version, weights)
+        self._load(version, weights, served)
         config = LocalTrainingConfig(**{**task, "trainable": tuple(task["trainable"]) if
                                            task["trainable"] else None})
         secagg_params = secagg.TaskParams.from_json(params)
@@ -231,6 +241,9 @@ class FastRounds:
         self.arch = model_zoo.get(self.base.architecture)
         self.model_config = self.arch.config_from_dict(self.base.config)
         self.weights = {k: np.asarray(v, np.float32) for k, v in self.base.weights().items()}
+        # The served average's tensors (the round config's serve_ema), as the server keeps
+        # them beside each version it publishes; None: the weights serve.
+        self.served: dict[str, np.ndarray] | None = None
         self.coin_seed = f"simulation/{self.config.seed}"  # the server's DETERMINISTIC_SEED
         self.work = sim.root / "fast"
         self.work.mkdir(parents=True, exist_ok=True)
@@ -252,15 +265,16 @@ class FastRounds:
 
         return offline_metrics(topk, self.sim.population)
 
-    def export(self, weights: dict[str, np.ndarray], version: int) -> dict[str, float]:
-        """The server's publisher writes the int8 LiteRT bundle of ``weights``; the LiteRT
-        interpreter evaluates it (what devices would serve). The newest stays in
-        ``fast/bundle``."""
+    def export(self, weights: dict[str, np.ndarray], served: dict[str, np.ndarray] | None,
+               version: int) -> dict[str, float]:
+        """The server's publisher writes the int8 LiteRT bundle of ``weights`` (its model
+        file serving ``served`` when given); the LiteRT interpreter evaluates it (what
+        devices would serve). The newest stays in ``fast/bundle``."""
         from sync_server.publisher import patch_or_export
         from trainer.simulation.run import offline_metrics
 
         new_dir = Path(patch_or_export(weights, self.base_dir, version,
-                                       {"simulation": "fast"}))
+                                       {"simulation": "fast"}, served=served))
         target = self.work / "bundle"
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(str(new_dir), target)
@@ -274,18 +288,20 @@ class FastRounds:
         model = self.base.model()
         return offline_metrics(lambda h: model.topk_many(h)[0], self.sim.population)
 
-    def _evaluate(self, record: Any, weights: dict[str, np.ndarray], version: int,
-                  export: bool) -> None:
-        """Float metrics of a round that published ``weights``; with ``export`` the int8
-        metrics of the newest published model too."""
+    def _evaluate(self, record: Any, weights: dict[str, np.ndarray],
+                  served: dict[str, np.ndarray] | None, version: int, export: bool) -> None:
+        """Float metrics of the model a round published (``served`` over ``weights``: what
+        its model file serves); with ``export`` the int8 metrics of the newest published
+        model too."""
         t0 = time.perf_counter()
         if record.state == "published":
-            metrics = self.float_metrics(weights)
+            metrics = self.float_metrics(weights if served is None else {**weights, **served})
             record.float_hr10, record.float_ndcg10 = metrics["hr@10"], metrics["ndcg@10"]
             record.float_basket_hr10 = metrics.get("basket_hr@10")
             record.float_basket_ndcg10 = metrics.get("basket_ndcg@10")
         if export:
-            int8 = self.export(weights, version) if version > 1 else self._base_metrics()
+            int8 = (self.export(weights, served, version) if version > 1
+                    else self._base_metrics())
             record.hr10, record.ndcg10 = int8["hr@10"], int8["ndcg@10"]
             record.basket_hr10 = int8.get("basket_hr@10")
             record.basket_ndcg10 = int8.get("basket_ndcg@10")
@@ -324,8 +340,8 @@ class FastRounds:
             version = 1
             start = RoundRecord(0, config.label, sim._clock(0), state="published",
                                 version=version, delta=sim.delta)
-            pending = (evaluator.submit(self._evaluate, start, self.weights, version, True),
-                       start)
+            pending = (evaluator.submit(self._evaluate, start, self.weights, None, version,
+                                        True), start)
             for r in range(1, config.rounds + 1):
                 sim._check_stop()
                 started = time.perf_counter()
@@ -337,8 +353,8 @@ class FastRounds:
                 # and after the last: what devices would serve.
                 export = r == config.rounds or bool(
                     config.export_every and r % config.export_every == 0)
-                future = evaluator.submit(self._evaluate, record, self.weights, version,
-                                          export)
+                future = evaluator.submit(self._evaluate, record, self.weights, self.served,
+                                          version, export)
                 finish(*pending)
                 pending = (future, record)
             finish(*pending)
@@ -398,6 +414,7 @@ class FastRounds:
     def run_round(self, r: int, version: int) -> Any:
         from sync_server import secure_aggregation, strategies
         from sync_server.privacy import LedgerEntry, PrivacyLedger
+        from sync_server.publisher import served_average
         from sync_server.selection import coin
         from trainer.simulation.run import MIN_DEVICES, RoundRecord, draw_fates, eligible_users
 
@@ -426,10 +443,13 @@ class FastRounds:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
         weights_path = self.work / f"weights-v{version}.npz"
+        served_path = self.work / f"served-v{version}.npz"
         if not weights_path.exists():
             np.savez(weights_path, **self.weights)
-            for old in self.work.glob("weights-v*.npz"):
-                if old != weights_path:
+            if self.served is not None:
+                np.savez(served_path, **self.served)
+            for old in [*self.work.glob("weights-v*.npz"), *self.work.glob("served-v*.npz")]:
+                if old not in (weights_path, served_path):
                     old.unlink()
         task = {"local_epochs": server["local_epochs"],
                 "learning_rate": server["learning_rate"], "batch_size": server["batch_size"],
@@ -442,7 +462,8 @@ class FastRounds:
         results = sim._run_op(
             "round", sampled,
             {"round_id": round_id, "version": version, "weights": str(weights_path),
-             "now": now, "task": task, "params": params},
+             "now": now, "task": task, "params": params,
+             "served": None if self.served is None else str(served_path)},
             desc=f"round {r}: devices", per_user={"train": {u: True for u in contributors}})
         ring = np.zeros(int(params["vector_length"]), dtype=np.uint32)
         clients = 0
@@ -497,7 +518,11 @@ class FastRounds:
             k: np.asarray(v) for k, v in strategy.state().items()}
         if "clip_norm_next" in result.measurements:  # the server's _previous_clip
             self.previous_clip = (round_id, float(result.measurements["clip_norm_next"]))
-        self.weights = {k: np.asarray(v, np.float32) for k, v in result.weights.items()}
+        weights = {k: np.asarray(v, np.float32) for k, v in result.weights.items()}
+        decay = server.get("serve_ema")  # the server's publishing: the served average
+        self.served = None if decay is None else served_average(
+            decay, self.served or self.weights, weights)
+        self.weights = weights
         record.state, record.version = "published", version + 1
         record.completed, record.dropped = clients, record.sampled - clients
         phases["aggregate"] = time.perf_counter() - t0

@@ -88,6 +88,10 @@ class SimulationConfig:
     beta1: float | None = None  # fedadam's / fedyogi's; None: the strategy's defaults
     beta2: float | None = None
     tau: float | None = None
+    # The served average (sync_server.round_config's serve_ema): each published model
+    # serves the EMA of the published weights with this decay while devices train from the
+    # weights themselves; None: the weights serve.
+    serve_ema: float | None = None
     trainable: tuple[str, ...] | None = None  # federated tensors; None: the architecture's
     local_epochs: int = _SERVER.local_epochs
     learning_rate: float = _SERVER.learning_rate
@@ -126,6 +130,9 @@ class SimulationConfig:
         if self.server_lr_warmup < 0:
             raise ValueError(f"server_lr_warmup is a number of rounds >= 0, got "
                              f"{self.server_lr_warmup}")
+        if self.serve_ema is not None and not 0 < self.serve_ema < 1:
+            raise ValueError(f"serve_ema is the served average's decay, in (0, 1), got "
+                             f"{self.serve_ema}")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"proximal_mu is FedProx's weight, a number >= 0, got "
                              f"{self.proximal_mu}")
@@ -168,7 +175,7 @@ class SimulationConfig:
                 config[key] = getattr(self, key)
         if self.noise_multiplier is not None:
             config.update(noise_multiplier=self.noise_multiplier, delta=delta)
-        for key in ("clip_quantile", "clip_lr"):
+        for key in ("clip_quantile", "clip_lr", "serve_ema"):
             if getattr(self, key) is not None:
                 config[key] = getattr(self, key)
         if self.upload_scheme == secagg.SCHEME:

@@ -54,7 +54,7 @@ from device_sdk.files import atomic_write
 # the fleet, its clock and the starting model every run shares: [base] only.
 GRID_FLAGS = ("noise_multiplier", "target_epsilon", "delta", "clip_norm", "clip_quantile",
               "clip_lr", "strategy", "server_lr", "server_lr_from", "server_lr_decay",
-              "server_lr_warmup", "momentum", "beta1", "beta2", "tau", "trainable",
+              "server_lr_warmup", "momentum", "beta1", "beta2", "tau", "serve_ema", "trainable",
               "local_epochs", "local_lr", "local_lr_from", "local_batch_size", "proximal_mu",
               "local_max_examples", "dp_mode", "device_dropout", "stragglers",
               "clients_per_round", "seed", "workers", "export_every")
