@@ -44,6 +44,7 @@ from sync_server.registry import extract_version
 from tests.support.fleet import ROUNDS, pretrained_fleet
 from trainer.simulation.experiment import simulate_one
 from trainer.simulation.fast import FastDeviceWorker, decode_ring, quantize_seed
+from trainer.simulation.report import write_report
 from trainer.simulation.run import SimulationConfig, planned_rates
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,6 +281,36 @@ def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):
                enumerate(planned_rates(runs["population"], config))]
     assert fast[-1].epsilon == pytest.approx(
         PrivacyLedger(fast[-1].delta, entries=planned, prefixes=None).epsilon(), rel=1e-9)
+
+
+def test_the_fidelity_script_finds_the_two_modes_alike_and_names_a_round_that_parts(
+        fleet, tmp_path):
+    """bench/fidelity.py, the README's full-against-fast comparison, on the reports of a DP
+    run with adaptive clipping in both modes: every round alike (cohort, survivors, epsilon,
+    clip), HR@10 within the quantization's reach; a round whose cohort differs is named and
+    fails the script."""
+    config = replace(CONFIG, noise_multiplier=0.8, strategy="fedavgm", server_lr=0.5,
+                     momentum=0.5, clip_quantile=0.5, clip_lr=0.5)
+    runs = _both_modes(fleet, tmp_path, config)
+    reports = {mode: write_report(tmp_path / f"report-{mode}", {config.label: runs[mode][1]}
+                                  ).parent for mode in ("full", "fast")}
+    script = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+
+    def compare(fast_report: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(reports["full"]),
+                               str(fast_report)], capture_output=True, text=True, timeout=120)
+
+    alike = compare(reports["fast"])
+    assert alike.returncode == 0, alike.stdout + alike.stderr
+    assert f"alike in {ROUNDS + 1} of {ROUNDS + 1} rounds" in alike.stdout
+    assert alike.stdout.count("| yes |") >= 3  # rounds 0, 1 and the last at least
+    parted = [replace(r, sampled=r.sampled + 1) if r.round == 2 else r
+              for r in runs["fast"][1]]
+    other = write_report(tmp_path / "report-parted", {config.label: parted}).parent
+    differs = compare(other)
+    assert differs.returncode == 1, differs.stdout + differs.stderr
+    assert "| 2 |" in differs.stdout and "NO: sampled" in differs.stdout
+    assert f"alike in {ROUNDS} of {ROUNDS + 1} rounds" in differs.stdout
 
 
 def test_a_served_average_serves_the_ema_of_the_published_weights_in_both_modes(
