@@ -286,8 +286,8 @@ def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):
 def test_the_fidelity_script_finds_the_two_modes_alike_and_names_a_round_that_parts(
         fleet, tmp_path):
     """bench/fidelity.py, the README's full-against-fast comparison, on the reports of a DP
-    run with adaptive clipping in both modes: every round alike (cohort, survivors, epsilon,
-    clip), HR@10 within the quantization's reach; a round whose cohort differs is named and
+    run with adaptive clipping in both modes: every round alike (cohort, survivors, epsilon;
+    the clip within the quantization's reach); a round whose cohort differs is named and
     fails the script."""
     config = replace(CONFIG, noise_multiplier=0.8, strategy="fedavgm", server_lr=0.5,
                      momentum=0.5, clip_quantile=0.5, clip_lr=0.5)
@@ -302,7 +302,8 @@ def test_the_fidelity_script_finds_the_two_modes_alike_and_names_a_round_that_pa
 
     alike = compare(reports["fast"])
     assert alike.returncode == 0, alike.stdout + alike.stderr
-    assert f"alike in {ROUNDS + 1} of {ROUNDS + 1} rounds" in alike.stdout
+    assert f"and epsilon alike in {ROUNDS + 1} of {ROUNDS + 1} rounds" in alike.stdout
+    assert f"clip within 1e-06 relative in {ROUNDS + 1} of {ROUNDS + 1} rounds" in alike.stdout
     assert alike.stdout.count("| yes |") >= 3  # rounds 0, 1 and the last at least
     parted = [replace(r, sampled=r.sampled + 1) if r.round == 2 else r
               for r in runs["fast"][1]]
@@ -310,7 +311,7 @@ def test_the_fidelity_script_finds_the_two_modes_alike_and_names_a_round_that_pa
     differs = compare(other)
     assert differs.returncode == 1, differs.stdout + differs.stderr
     assert "| 2 |" in differs.stdout and "NO: sampled" in differs.stdout
-    assert f"alike in {ROUNDS} of {ROUNDS + 1} rounds" in differs.stdout
+    assert f"and epsilon alike in {ROUNDS} of {ROUNDS + 1} rounds" in differs.stdout
 
 
 def test_a_served_average_serves_the_ema_of_the_published_weights_in_both_modes(
