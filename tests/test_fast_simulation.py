@@ -262,14 +262,22 @@ def test_parity_holds_under_fedyogi(fleet, tmp_path):
     _check_parity(runs, config, linear=False)
 
 
-def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):
+# A DP run with adaptive clipping: the parity test and bench/fidelity.py's test read it.
+ADAPTIVE = replace(CONFIG, noise_multiplier=0.8, strategy="fedavgm", server_lr=0.5,
+                   momentum=0.5, clip_quantile=0.5, clip_lr=0.5)
+
+
+@pytest.fixture(scope="module")
+def adaptive_runs(fleet, tmp_path_factory):
+    return _both_modes(fleet, tmp_path_factory.mktemp("adaptive"), ADAPTIVE)
+
+
+def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(adaptive_runs):
     """Devices append their under-the-clip bit to the SecAgg+ vector, the real server
     unmasks the sum, noises the count and gives the next round the new clip; fast mode runs
     the same code on its ring sum. The clip moves, the same way in both, and the ledger
     charges the round's z (the update and the count together)."""
-    config = replace(CONFIG, noise_multiplier=0.8, strategy="fedavgm", server_lr=0.5,
-                     momentum=0.5, clip_quantile=0.5, clip_lr=0.5)
-    runs = _both_modes(fleet, tmp_path, config)
+    config, runs = ADAPTIVE, adaptive_runs
     _check_parity(runs, config)
     fast = runs["fast"][1]
     clips = [r.clip_norm for r in fast[1:]]
@@ -284,17 +292,15 @@ def test_adaptive_clipping_moves_the_clip_alike_in_both_modes(fleet, tmp_path):
 
 
 def test_the_fidelity_script_finds_the_two_modes_alike_and_names_a_round_that_parts(
-        fleet, tmp_path):
+        adaptive_runs, tmp_path):
     """bench/fidelity.py, the README's full-against-fast comparison, on the reports of a DP
     run with adaptive clipping in both modes: every round alike (cohort, survivors, epsilon;
     the clip within the quantization's reach); a round whose cohort differs is named and
     fails the script."""
-    config = replace(CONFIG, noise_multiplier=0.8, strategy="fedavgm", server_lr=0.5,
-                     momentum=0.5, clip_quantile=0.5, clip_lr=0.5)
-    runs = _both_modes(fleet, tmp_path, config)
+    config, runs = ADAPTIVE, adaptive_runs
     reports = {mode: write_report(tmp_path / f"report-{mode}", {config.label: runs[mode][1]}
                                   ).parent for mode in ("full", "fast")}
-    script = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+    script = REPO / "bench" / "fidelity.py"
 
     def compare(fast_report: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(script), str(reports["full"]),
