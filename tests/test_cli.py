@@ -5,10 +5,13 @@ import json
 import pytest
 
 from trainer.cli import (
+    DEMO_RECIPES,
     DP_STRATEGY_DEFAULTS,
     RECIPE_CLIP_QUANTILE,
     RECIPE_STRATEGY,
     STRATEGY_DEFAULTS,
+    build_parser,
+    demo_runs,
     main,
 )
 
@@ -51,6 +54,91 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
         assert (report / name).stat().st_size > 0
     assert "federated+DP" in html and "central" in html
     assert "federated+DP: HR@10" in out and "federated: HR@10" in out
+
+
+def _demo(*flags):
+    args = build_parser().parse_args(["demo", *flags])
+    return args, *demo_runs(args)
+
+
+def test_the_demo_runs_the_shops_recipe_on_the_shop_and_the_retail_one_on_data():
+    simulate = vars(build_parser().parse_args(["simulate"]))
+    args, name, runs = _demo()
+    assert name == "shop" and args.epochs == DEMO_RECIPES["shop"]["fleet"]["epochs"]
+    args, name, runs = _demo("--data", "retail.csv.gz")
+    assert name == "retail" and args.epochs == DEMO_RECIPES["retail"]["fleet"]["epochs"]
+    assert _demo("--data", "retail.csv.gz", "--recipe", "shop")[1] == "shop"
+    for recipe in DEMO_RECIPES:
+        args, _, runs = _demo("--recipe", recipe)
+        for label, run in runs.items():
+            settings = DEMO_RECIPES[recipe][label]
+            for key, value in settings.items():
+                assert getattr(run, key) == value, (recipe, label, key)
+            # What the recipe leaves out is simulate's default.
+            for key in ("local_lr", "local_epochs", "local_max_examples", "clip_norm"):
+                if key not in settings:
+                    assert getattr(run, key) == simulate[key], (recipe, label, key)
+
+
+def test_flags_given_to_the_demo_win_over_its_recipe():
+    recipe = DEMO_RECIPES["retail"]
+    args, _, runs = _demo("--data", "r.csv", "--local-lr", "0.05", "--epochs", "3",
+                          "--clients-per-round", "50")
+    assert args.epochs == 3
+    for label, run in runs.items():
+        assert run.local_lr == 0.05 and run.clients_per_round == 50
+        assert run.rounds == recipe[label]["rounds"]  # the rest stays the recipe's
+        assert run.local_max_examples == recipe[label]["local_max_examples"]
+    # --rounds replaces the recipe's clock with a clock of those rounds.
+    _, _, runs = _demo("--data", "r.csv", "--rounds", "10")
+    assert runs["federated"].rounds == 10 and runs["federated"].clock_rounds is None
+    # --strategy replaces the server optimizer of both runs, --dp-strategy the DP run's.
+    _, _, runs = _demo("--data", "r.csv", "--strategy", "fedavg")
+    for run in runs.values():
+        assert run.strategy == "fedavg" and run.server_lr is None and run.momentum is None
+    _, _, runs = _demo("--data", "r.csv", "--dp-strategy", "fedadam")
+    assert runs["federated+DP"].momentum is None and runs["federated+DP"].server_lr is None
+    assert runs["federated"].strategy == recipe["federated"]["strategy"]
+    assert runs["federated"].tau == recipe["federated"]["tau"]
+    # A noise flag replaces the recipe's target epsilon.
+    _, _, runs = _demo("--data", "r.csv", "--noise-multiplier", "0.7")
+    assert runs["federated+DP"].target_epsilon is None
+    assert runs["federated+DP"].noise_multiplier == 0.7
+    _, _, runs = _demo("--noise-multiplier", "0.7")
+    assert runs["federated+DP"].noise_multiplier == 0.7
+
+
+@pytest.mark.slow
+def test_the_retail_recipe_demo_gives_each_run_its_own_settings_in_fast_mode(tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = DEMO_RECIPES["retail"]
+    code = main(["demo", "--recipe", "retail", "--mode", "fast", "--run", str(run),
+                 "--synthetic-users", "300", "--synthetic-items", "150", "--epochs", "2",
+                 "--dim", "16", "--hidden", "32", "--max-len", "20", "--rounds", "3",
+                 "--clients-per-round", "24", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "recipe retail:" in out
+    data = json.loads((run / "report" / "rounds.json").read_text())
+    for label in ("federated", "federated+DP"):
+        config = data["meta"][f"config[{label}]"]
+        settings = {"federated+DP": {"strategy", "server_lr", "momentum", "clip_norm",
+                                     "clip_quantile", "target_epsilon"},
+                    "federated": {"strategy", "server_lr", "tau", "local_epochs",
+                                  "clip_norm", "serve_ema"}}[label]
+        for key in settings:
+            assert config[key] == recipe[label][key], (label, key)
+        assert config["learning_rate"] == recipe[label]["local_lr"]
+        assert config["max_examples"] == recipe[label]["local_max_examples"]
+        records = data["runs"][label]
+        assert [r["state"] for r in records[1:]] == ["published"] * 3
+    dp = data["meta"]["config[federated+DP]"]
+    assert dp["noise_multiplier"] > 0 and len(dp["trainable"]) < len(
+        data["meta"]["config[federated]"]["trainable"])
+    assert 0 < data["runs"]["federated+DP"][-1]["epsilon"] <= recipe["federated+DP"][
+        "target_epsilon"]
+    assert data["meta"]["config[federated]"]["batch_size"] == recipe["federated"][
+        "local_batch_size"]
 
 
 @pytest.mark.slow

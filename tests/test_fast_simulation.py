@@ -788,6 +788,51 @@ def test_a_clock_of_fewer_rounds_holds_its_last_step_for_the_rounds_after_it():
     assert rates[ROUNDS:] == [min(1.0, CONFIG.clients_per_round / last)] * 2
 
 
+def test_a_run_on_a_clock_of_its_own_replays_the_fleet_as_a_fleet_built_on_that_clock(
+        fleet, tmp_path):
+    """A config's clock_rounds (the demo's Online Retail recipe: 360 rounds on a clock of 120
+    beside 100 rounds on a clock of 100): that run's devices and its privacy plan follow the
+    clock ``build_population`` would have set for that many rounds; the fleet's other run
+    keeps the fleet's clock."""
+    from tests.support.fleet import MODEL, SPEC, fleet_population
+    from trainer.simulation.experiment import run_experiment
+    from trainer.simulation.population import build_population
+
+    population = fleet_population()
+    assert population.with_clock(ROUNDS) is population
+    built = build_population(SPEC, 20, rounds=5, public_fraction=0.15, seed=3)
+    assert np.array_equal(population.with_clock(5).clock, built.clock)
+    assert population.with_clock(5).devices is population.devices
+    with pytest.raises(ValueError, match=r"clock_rounds must be in \[1, rounds 3\]"):
+        replace(CONFIG, clock_rounds=4)
+
+    _, bundle = fleet
+    own = replace(CONFIG, mode="fast", rounds=4, clock_rounds=2, label="own clock")
+    shared = replace(CONFIG, mode="fast", rounds=4, label="fleet clock", noise_multiplier=0.8)
+    _, result = run_experiment(SPEC, MODEL, tmp_path, [own, shared], rounds=4,
+                               public_fraction=0.15, warmup=0.5, central=False,
+                               base_bundle=bundle, progress=False, log=lambda _: None)
+
+    def stamps(clock, rounds):
+        return [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(clock[min(r, len(clock))
+                                                                       - 1])))
+                for r in range(1, rounds + 1)]
+
+    four = build_population(SPEC, 20, rounds=4, public_fraction=0.15, seed=3)
+    two = four.with_clock(2)
+    assert np.array_equal(two.clock, build_population(
+        SPEC, 20, rounds=2, public_fraction=0.15, seed=3).clock)
+    for config, fleet_clock in ((own, two.clock), (shared, four.clock)):
+        records = result["runs"][config.label]
+        assert [r.clock for r in records[1:]] == stamps(fleet_clock, 4)
+        assert [r.state for r in records[1:]] == ["published"] * 4
+    # The own clock's last step (three quarters of the events) is the fleet clock's round
+    # 3, and the run holds it for rounds 3 and 4.
+    own_records = result["runs"]["own clock"]
+    assert own_records[3].clock == own_records[4].clock == stamps(four.clock, 4)[2]
+    assert own_records[2].clock != result["runs"]["fleet clock"][2].clock
+
+
 def test_a_proximal_mu_reaches_the_task_every_device_is_given():
     """--proximal-mu MU (FedProx): the round's stored config and the task each selected
     device is given carry it (the device's trainer applies it:

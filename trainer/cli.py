@@ -431,6 +431,80 @@ DP_STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {"fedadam": {"tau": 2e-2},
 RECIPE_CLIP_QUANTILE = 0.5
 
 
+# The recipes `pocketrec demo` runs (--recipe; default: "shop" on the embedded shop,
+# "retail" with --data): the public start's pretraining ("fleet"), then each run's own
+# settings, the best the sweeps found on that data (README: "The recipe search" for the
+# shop, issue 18's table for Online Retail). A flag given on the command line wins over
+# the recipe's setting; --strategy (--dp-strategy for the DP run) replaces the recipe's
+# server optimizer with that strategy's defaults, --rounds its clock, --noise-multiplier
+# or --target-epsilon its noise. What the recipes leave out is `simulate`'s default.
+DEMO_RECIPES: dict[str, dict[str, Any]] = {
+    "shop": {
+        "about": "the best found on the embedded shop; about 10 minutes in full mode",
+        "fleet": {"epochs": 15},
+        "federated+DP": {"rounds": 48, "clients_per_round": 32, "default_noise": 0.6},
+        "federated": {"rounds": 48, "clients_per_round": 32},
+    },
+    "retail": {
+        "about": "the best found on Online Retail (README, issue 18's table); about "
+                 "an hour in fast mode on two cores, many hours in full mode",
+        "fleet": {"epochs": 20},
+        # Adaptive clip from 0.3, FedAvgM 1.0 / 0.9, one local step at lr 0.2 on the last
+        # block, the output table and the repeat head, 100 rounds of 400, epsilon 8.
+        "federated+DP": {"rounds": 100, "clients_per_round": 400, "target_epsilon": 8.0,
+                         "strategy": "fedavgm", "server_lr": 1.0, "momentum": 0.9,
+                         "local_lr": 0.2, "local_max_examples": 200, "clip_norm": 0.3,
+                         "clip_quantile": 0.5, "trainable": "blocks.1,ln_final,out,repeat"},
+        # FedAdam 0.1, about 12 local steps (three epochs of batch 8) at local lr 0.01, a
+        # tenth of it from round 121 and 0.0003 from round 241, every tensor, 360 rounds of
+        # 100 on a clock of 120, the model file serving the EMA 0.9 of the weights.
+        "federated": {"rounds": 360, "clock_rounds": 120, "clients_per_round": 100,
+                      "strategy": "fedadam", "server_lr": 0.1, "tau": 1e-3,
+                      "local_lr": 0.01, "local_lr_from": "121:0.001,241:0.0003",
+                      "local_batch_size": 8, "local_epochs": 3, "local_max_examples": 200,
+                      "clip_norm": 1.0, "trainable": "all", "serve_ema": 0.9},
+    },
+}
+# The flags a recipe may set that have a value when not given (demo leaves them unset, so
+# that the recipe, or else `simulate`'s default, fills them in).
+DEMO_RECIPE_FLAGS = ("epochs", "rounds", "clients_per_round", "local_lr", "local_epochs",
+                     "local_batch_size", "local_max_examples", "clip_norm")
+SERVER_OPTIMIZER = ("strategy", "server_lr", "momentum", "tau", "beta1", "beta2")
+
+
+def demo_runs(args: argparse.Namespace) -> tuple[str, dict[str, argparse.Namespace]]:
+    """The demo's recipe name and each run's flags ("federated+DP", "federated"): the
+    flags given, else the recipe's (``DEMO_RECIPES``), else `simulate`'s defaults. Sets the
+    recipe's fleet settings (pretraining) on ``args`` itself."""
+    name = args.recipe or ("retail" if args.data else "shop")
+    recipe = DEMO_RECIPES[name]
+    fallback = vars(build_parser().parse_args(["simulate"]))
+    for key, value in recipe["fleet"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    runs = {}
+    for label in ("federated+DP", "federated"):
+        settings = dict(recipe[label])
+        named = [args.strategy, args.dp_strategy if label == "federated+DP" else None]
+        if any(named):
+            for key in SERVER_OPTIMIZER:
+                settings.pop(key, None)
+        if args.rounds is not None:
+            settings.pop("clock_rounds", None)
+        if args.noise_multiplier is not None or args.target_epsilon is not None:
+            settings.pop("target_epsilon", None)
+            settings.pop("default_noise", None)
+        run = argparse.Namespace(**vars(args))
+        for key, value in settings.items():
+            if getattr(args, key, None) is None:
+                setattr(run, key, value)
+        for key in DEMO_RECIPE_FLAGS:
+            if getattr(run, key) is None:
+                setattr(run, key, fallback[key])
+        runs[label] = run
+    return name, runs
+
+
 def _quantile(text: str) -> float | str:
     """--clip-quantile: a number in (0, 1), or 'off'."""
     if text == "off":
@@ -524,7 +598,7 @@ def _sim_config(args: argparse.Namespace, label: str, noise: float | None,
         stragglers=args.stragglers, deadline_s=args.deadline,
         stage_timeout_s=args.stage_timeout, workers=args.workers, backend=args.backend,
         ray_address=args.ray_address, seed=args.seed, label=label, mode=args.mode,
-        export_every=args.export_every)
+        export_every=args.export_every, clock_rounds=_clock_rounds(args))
 
 
 def _trainable(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -604,7 +678,7 @@ def _experiment(args: argparse.Namespace, configs: list, central: bool,
     model = _simulation_model(args)
     out = Path(args.out or Path(args.run) / "report")
     index, result = run_experiment(
-        _data_spec(args), model, out, configs, rounds=_clock_rounds(args),
+        _data_spec(args), model, out, configs, rounds=configs[0].clock_rounds,
         public_fraction=args.public_fraction, warmup=args.warmup, central=central,
         export_central=export_central,
         base_bundle=Path(args.base_bundle) if getattr(args, "base_bundle", None) else None,
@@ -643,14 +717,46 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     from dataclasses import replace
 
     started = time.perf_counter()
+    name, runs = demo_runs(args)
     # The two runs go side by side, each with its own server and half the workers.
     workers = max(1, args.workers // 2)
-    noise, target = _round_noise(args)
-    configs = [replace(_sim_config(args, "federated+DP", noise, target), workers=workers),
-               replace(_sim_config(args, "federated", None), workers=workers)]
+    noise, target = _round_noise(runs["federated+DP"])
+    configs = [replace(_sim_config(runs["federated+DP"], "federated+DP", noise, target),
+                       workers=workers),
+               replace(_sim_config(runs["federated"], "federated", None), workers=workers)]
+    print(f"recipe {name}: {DEMO_RECIPES[name]['about']} (flags override it; --recipe "
+          f"{'shop' if name == 'retail' else 'retail'} for the other)")
+    for config in configs:
+        print(f"  {config.label}: {_describe(config)}")
     result = _experiment(args, configs, central=True, side_by_side=args.server is None)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return result
+
+
+def _describe(config) -> str:
+    """One line of a run's recipe, as the demo prints it."""
+    parts = [f"{config.rounds} rounds of {config.clients_per_round}"
+             + (f" (clock {config.clock_rounds})" if config.clock_rounds != config.rounds
+                else ""),
+             f"{config.strategy} {config.server_lr:g}"
+             + "".join(f" {k} {getattr(config, k):g}" for k in ("momentum", "tau")
+                       if getattr(config, k) is not None),
+             f"{config.local_epochs} local epoch(s) of batch {config.batch_size} at lr "
+             f"{config.learning_rate:g}"
+             + "".join(f", {lr:g} from round {r}" for r, lr in config.local_lr_schedule),
+             f"clip {config.clip_norm:g}" + (f" adapting to the {config.clip_quantile:g} "
+                                            "quantile" if config.clip_quantile else "")]
+    if config.trainable is not None:
+        parts.append(f"{len(config.trainable)} federated tensors")
+    if config.serve_ema is not None:
+        parts.append(f"serving the EMA {config.serve_ema:g} of the weights")
+    if config.target_epsilon is not None:
+        parts.append(f"noise for epsilon {config.target_epsilon:g}")
+    elif config.noise_multiplier:
+        parts.append(f"noise multiplier {config.noise_multiplier:g}")
+    else:
+        parts.append("no DP")
+    return ", ".join(parts)
 
 
 def cmd_sweep(args: argparse.Namespace) -> list[dict]:
@@ -709,9 +815,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-strategy", choices=tuple(STRATEGY_DEFAULTS),
                    help="the DP run's server optimizer, with its settings for DP; wins over "
                    "--strategy for that run (default: --strategy, else the recipe's)")
+    p.add_argument("--recipe", choices=tuple(DEMO_RECIPES),
+                   help="the two runs' settings: " + "; ".join(
+                       f"{k}: {v['about']}" for k, v in DEMO_RECIPES.items())
+                   + " (default: shop without --data, retail with it; flags override it)")
     p.add_argument("--no-progress", action="store_true")
-    # The DP run's noise unless --noise-multiplier or --target-epsilon says otherwise.
-    p.set_defaults(epochs=15, dim=32, hidden=64, default_noise=0.6)
+    # Unset flags come from the recipe (demo_runs).
+    p.set_defaults(dim=32, hidden=64, **{key: None for key in DEMO_RECIPE_FLAGS})
     p.add_argument("--base-bundle", metavar="DIR",
                    help="start from this exported bundle (same data) instead of pretraining")
 

@@ -274,8 +274,11 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
     stop = threading.Event()
     outcome: dict[str, bool] = {}
     written = {"next": 0.0}  # when the report may be rewritten next (perf_counter)
+    # A run whose recipe paces the clock differently gets the same fleet on its own clock.
+    fleets = {c.label: population if c.clock_rounds is None else
+              population.with_clock(c.clock_rounds) for c in configs}
     for config in configs:
-        if calibrate(population, config):
+        if calibrate(fleets[config.label], config):
             log(f"[{config.label}] noise multiplier {config.noise_multiplier:g}: the smallest "
                 f"whose epsilon over the {config.rounds} planned rounds is at most "
                 f"{config.target_epsilon:g}")
@@ -299,7 +302,7 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
         resources: dict[str, Any] = {}
         try:
             _, outcome[label] = simulate_one(
-                population, base_bundle, out / label.replace("+", "_").replace(" ", "_"),
+                fleets[label], base_bundle, out / label.replace("+", "_").replace(" ", "_"),
                 config, server_url=server_url, admin_token=admin_token, progress=progress,
                 on_round=on_round, stop=stop, bar_offset=3 * index, resources=resources)
         except BaseException:

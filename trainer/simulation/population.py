@@ -55,6 +55,17 @@ class Population:
                        with_sessions(self.basket, separator, gap),
                        stats={**self.stats, "session_gap": gap})
 
+    def with_clock(self, rounds: int) -> Population:
+        """The same fleet with its clock spread over ``rounds`` rounds instead (a run whose
+        recipe paces the devices' events differently from the fleet's other runs: the
+        demo's two runs on Online Retail). The same clock ``build_population`` would set."""
+        if len(self.clock) == rounds:
+            return self
+        times = np.sort(np.concatenate([d.times for d in self.devices.values()]))
+        clock = round_clock(times, self.stats["warmup"], rounds)
+        return replace(self, clock=clock, stats={
+            **self.stats, "clock_start": pd.Timestamp(int(clock[0]), unit="s").isoformat()})
+
     @property
     def ranked_items(self) -> int:
         """The id range models rank, padding included (the separator is never ranked)."""
@@ -83,6 +94,15 @@ def _restrict(split: LeaveLastOut, keep: set[str]) -> LeaveLastOut:
         basket=_rows(split.basket, keep), holdout=split.holdout,
         train_times=None if times is None else {u: t for u, t in times.items() if u in keep},
         basket_valid=_rows(split.basket_valid, keep))
+
+
+def round_clock(times: np.ndarray, warmup: float, rounds: int) -> np.ndarray:
+    """The time ("now") at the start of each of ``rounds`` rounds: after ``warmup`` of the
+    devices' events (``times``, sorted), then an equal share of the rest a round."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    clock = np.quantile(times, warmup + (1 - warmup) * np.arange(rounds) / rounds)
+    return np.floor(clock).astype(np.int64)
 
 
 def build_population(
@@ -119,8 +139,7 @@ def build_population(
         devices[user] = DeviceStream(user, part["item"].tolist(), part["event"].tolist(),
                                      part["timestamp"].to_numpy(np.int64))
     times = np.sort(np.concatenate([d.times for d in devices.values()]))
-    clock = np.quantile(times, warmup + (1 - warmup) * np.arange(rounds) / rounds)
-    clock = np.floor(clock).astype(np.int64)
+    clock = round_clock(times, warmup, rounds)
 
     pretrain = _restrict(split, set(public))
     set_popular(vocab, pretrain)  # what the starting model's bundle falls back to

@@ -122,8 +122,14 @@ class SimulationConfig:
     label: str = "federated"
     mode: str = "full"  # "fast": trainer.simulation.fast (no transport, same learning)
     export_every: int = 0  # fast mode: int8 export + evaluation every N rounds (and last)
+    # The rounds the devices' clock runs through for this run (``Population.with_clock``;
+    # it holds its last step after them); None: the fleet's clock (``run_experiment``'s).
+    clock_rounds: int | None = None
 
     def __post_init__(self) -> None:
+        if self.clock_rounds is not None and not 1 <= self.clock_rounds <= self.rounds:
+            raise ValueError(f"clock_rounds must be in [1, rounds {self.rounds}], got "
+                             f"{self.clock_rounds}")
         if self.server_lr_decay is not None and not 0 < self.server_lr_decay <= 1:
             raise ValueError(f"server_lr_decay is a fraction of server_lr in (0, 1], got "
                              f"{self.server_lr_decay}")
