@@ -447,7 +447,7 @@ DEMO_RECIPES: dict[str, dict[str, Any]] = {
     },
     "retail": {
         "about": "the best found on Online Retail (README, issue 18's table); about "
-                 "an hour in fast mode on two cores, many hours in full mode",
+                 "45 minutes in fast mode on two cores, hours in full mode",
         "fleet": {"epochs": 20},
         # Adaptive clip from 0.3, FedAvgM 1.0 / 0.9, one local step at lr 0.2 on the last
         # block, the output table and the repeat head, 100 rounds of 400, epsilon 8.
