@@ -106,6 +106,13 @@ def test_flags_given_to_the_demo_win_over_its_recipe():
     assert runs["federated+DP"].noise_multiplier == 0.7
     _, _, runs = _demo("--noise-multiplier", "0.7")
     assert runs["federated+DP"].noise_multiplier == 0.7
+    # The recipe's federated tensors are its model's: another model needs its own.
+    with pytest.raises(ValueError, match="--recipe retail federates tensors of repeat_sasrec, "
+                       "not of dual_encoder: give --trainable, or --recipe shop"):
+        _demo("--data", "r.csv", "--model", "dual_encoder")
+    _, _, runs = _demo("--data", "r.csv", "--model", "dual_encoder", "--trainable", "all")
+    assert runs["federated+DP"].trainable == "all"
+    assert _demo("--data", "r.csv", "--model", "dual_encoder", "--recipe", "shop")[1] == "shop"
 
 
 @pytest.mark.slow

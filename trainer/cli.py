@@ -449,6 +449,7 @@ DEMO_RECIPES: dict[str, dict[str, Any]] = {
         "about": "the best found on Online Retail (README, issue 18's table); about "
                  "45 minutes in fast mode on two cores, hours in full mode",
         "fleet": {"epochs": 20},
+        "model": SIMULATION_MODEL,  # the tensors its runs federate are this model's
         # Adaptive clip from 0.3, FedAvgM 1.0 / 0.9, one local step at lr 0.2 on the last
         # block, the output table and the repeat head, 100 rounds of 400, epsilon 8.
         "federated+DP": {"rounds": 100, "clients_per_round": 400, "target_epsilon": 8.0,
@@ -482,6 +483,11 @@ def demo_runs(args: argparse.Namespace) -> tuple[str, dict[str, argparse.Namespa
     for key, value in recipe["fleet"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if recipe.get("model") and args.trainable is None:
+        model = _simulation_model(argparse.Namespace(**vars(args))).arch
+        if model != recipe["model"]:
+            raise ValueError(f"--recipe {name} federates tensors of {recipe['model']}, not of "
+                             f"{model}: give --trainable, or --recipe shop")
     runs = {}
     for label in ("federated+DP", "federated"):
         settings = dict(recipe[label])
