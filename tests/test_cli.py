@@ -18,7 +18,7 @@ from trainer.cli import (
 
 @pytest.mark.slow
 def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
-        tmp_path, capsys):
+        tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     code = main(["demo", "--run", str(run), "--synthetic-users", "300", "--synthetic-items",
                  "150", "--epochs", "2", "--dim", "16", "--hidden", "32", "--max-len", "20",
@@ -54,6 +54,34 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
         assert (report / name).stat().st_size > 0
     assert "federated+DP" in html and "central" in html
     assert "federated+DP: HR@10" in out and "federated: HR@10" in out
+    # bench/demo_seeds.py --read turns this report into its tables and issue 18's ratios.
+    seeds = _bench_module("demo_seeds")
+    seed, row = seeds.read(run)
+    assert seed == data["meta"]["config[federated]"]["seed"]
+    summary = {r["run"]: r for r in data["summary"]}
+    start, central = summary["federated"]["start_hr10"], data["central"]["hr@10"]
+    shares = seeds.ratios(row)
+    assert shares["federated / central"] == pytest.approx(
+        summary["federated"]["final_hr10"] / central)
+    closed = (summary["federated+DP"]["final_hr10"] - start) / (central - start)
+    assert shares["federated+DP: share of the gap closed"] == pytest.approx(
+        closed if central > start else float("nan"), nan_ok=True)
+    monkeypatch.setattr("sys.argv", ["demo_seeds.py", "--read", str(run)])
+    capsys.readouterr()
+    assert seeds.main() == 0
+    printed = capsys.readouterr().out
+    assert f"| {seed} | {shares['federated / central']:.4f} | " in printed
+
+
+def _bench_module(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _demo(*flags):
