@@ -63,9 +63,9 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
     shares = seeds.ratios(row)
     assert shares["federated / central"] == pytest.approx(
         summary["federated"]["final_hr10"] / central)
-    closed = (summary["federated+DP"]["final_hr10"] - start) / (central - start)
-    assert shares["federated+DP: share of the gap closed"] == pytest.approx(
-        closed if central > start else float("nan"), nan_ok=True)
+    closed = ((summary["federated+DP"]["final_hr10"] - start) / (central - start)
+              if central > start else float("nan"))
+    assert shares["federated+DP: share of the gap closed"] == pytest.approx(closed, nan_ok=True)
     monkeypatch.setattr("sys.argv", ["demo_seeds.py", "--read", str(run)])
     capsys.readouterr()
     assert seeds.main() == 0
