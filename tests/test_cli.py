@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.support.paths import bench_module
 from trainer.cli import (
     DEMO_RECIPES,
     DP_STRATEGY_DEFAULTS,
@@ -55,7 +56,7 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
     assert "federated+DP" in html and "central" in html
     assert "federated+DP: HR@10" in out and "federated: HR@10" in out
     # bench/demo_seeds.py --read turns this report into its tables and issue 18's ratios.
-    seeds = _bench_module("demo_seeds")
+    seeds = bench_module("demo_seeds")
     seed, row = seeds.read(run)
     assert seed == data["meta"]["config[federated]"]["seed"]
     summary = {r["run"]: r for r in data["summary"]}
@@ -71,17 +72,6 @@ def test_demo_runs_federated_rounds_with_and_without_dp_and_writes_the_report(
     assert seeds.main() == 0
     printed = capsys.readouterr().out
     assert f"| {seed} | {shares['federated / central']:.4f} | " in printed
-
-
-def _bench_module(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _demo(*flags):

@@ -155,13 +155,9 @@ def test_the_dp_ftrl_comparison_accounts_its_trees_and_counts_their_nodes():
     Gaussian mechanism under the same accountant; the z it finds is the smallest within
     the budget; a round's prefix sums one node per set bit of its step in the epoch, on top
     of each finished epoch's total."""
-    import importlib.util
-    from pathlib import Path
+    from tests.support.paths import bench_module
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "dp_ftrl_noise.py"
-    spec = importlib.util.spec_from_file_location("dp_ftrl_noise", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("dp_ftrl_noise")
 
     epochs = bench.ftrl_epochs(3912, 400, 100)
     assert epochs == [9] * 11 + [1]
