@@ -3,6 +3,8 @@ recorded (PLD, the default, and RDP), its RDP agrees with opacus' RDP (an indepe
 implementation) within 1e-3 relative, PLD is the tighter of the two, and the budget stops
 rounds. The reference computations compose every step one at a time, as recorded."""
 
+import math
+
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
@@ -178,3 +180,36 @@ def test_the_dp_ftrl_comparison_accounts_its_trees_and_counts_their_nodes():
     z = bench.ftrl_z(epochs, 8.0, 1e-5)
     assert bench.ftrl_epsilon(z, epochs, 1e-5) <= 8.0 < bench.ftrl_epsilon(0.99 * z, epochs,
                                                                            1e-5)
+
+
+def test_the_cohort_grid_calibrates_as_the_server_does_and_sets_noise_against_signal(capsys):
+    """bench/dp_cohorts.py (README, "What epsilon 8 buys on this fleet"): a row's z is the
+    server's own calibration for those rounds (its ledger within the target, a little less
+    noise over it), the noise against the signal is z / (n sqrt T), and the last column is
+    each row's over the reference's."""
+    from tests.support.paths import bench_module
+
+    bench = bench_module("dp_cohorts")
+    z, ratio = bench.calibrated(1000, 100, 20, 4.0, 1e-5)
+    assert z == calibrate_noise([0.1] * 20, 4.0, 1e-5)
+
+    def spent(noise: float) -> float:
+        entries = [LedgerEntry(f"round-{i}", noise, 0.1) for i in range(20)]
+        return PrivacyLedger(1e-5, entries=entries, prefixes=None).epsilon()
+
+    assert spent(z) <= 4.0 < spent(0.98 * z)
+    assert ratio == pytest.approx(z / (100 * math.sqrt(20)))
+
+    bench.main(["--devices", "1000", "--epsilon", "4", "--cohorts", "100", "200",
+                "--rounds", "20", "--reference", "100", "20"])
+    rows = {int(line.split("|")[1]): line.split("|")[1:-1]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+            and line.split("|")[1].strip().isdigit()}
+    assert sorted(rows) == [100, 200]
+    assert float(rows[100][3]) == pytest.approx(z, abs=5e-4)
+    assert float(rows[100][-1]) == 1.0
+    z200, ratio200 = bench.calibrated(1000, 200, 20, 4.0, 1e-5)
+    assert float(rows[200][-1]) == pytest.approx(ratio200 / ratio, abs=5e-3)
+    assert rows[200][5].strip() == "4,000"  # device updates
+    with pytest.raises(SystemExit):
+        bench.main(["--devices", "100", "--cohorts", "200"])
