@@ -946,3 +946,45 @@ def test_a_base_bundle_decides_the_model_the_fleet_is_built_for(fleet, session_f
     # Flags that agree with the bundle are fine.
     assert model(session_fleet[1], "--model", "repeat_sasrec", "--session-gap", "1800"
                  ).options["session_gap"] == 1800
+
+
+def test_the_unseen_users_check_leaves_half_the_held_out_devices_out_of_central_training():
+    """bench/central_unseen.py (README, "What central training's lead is made of"): the
+    central split without half A of the held-out devices has none of A's rows (training,
+    validation, test, baskets) and every other user's unchanged; the three models it trains
+    are the start and the two central models, and their scores on the two halves add up to
+    the whole's."""
+    from tests.support.fleet import MODEL, fleet_population
+    from tests.support.paths import bench_module
+    from trainer.simulation.experiment import central_metrics
+
+    bench = bench_module("central_unseen")
+    population = fleet_population()
+    central = population.central
+    held = sorted(population.test.users)
+    a = set(held[::2])
+    cut = bench.without(central, a)
+    assert set(cut.train) == set(central.train) - a and a <= set(central.train)
+    for name in ("valid", "test", "basket", "basket_valid"):
+        before, after = getattr(central, name), getattr(cut, name)
+        if before is None:
+            assert after is None
+            continue
+        assert after.users == [u for u in before.users if u not in a]
+        for i, user in enumerate(after.users):
+            j = before.users.index(user)
+            assert np.array_equal(after.history[i], before.history[j])
+    assert all(np.array_equal(cut.train[u], central.train[u]) for u in cut.train)
+
+    rows = bench.measure(population, MODEL, a)
+    assert [r[2].meta["data"]["slice"] for r in rows] == ["pretrain", "central", "central"]
+    # Same seed and settings: only the data differ between the two central models.
+    assert any(not np.array_equal(rows[1][2].params[k], rows[2][2].params[k])
+               for k in rows[1][2].params)
+    (_, full_scores, full, _) = rows[1]
+    whole = central_metrics(full, population)["hr@10"]
+    b = len(held) - len(a)
+    assert (full_scores["A line"] * len(a) + full_scores["B line"] * b) / len(held) == \
+        pytest.approx(whole, abs=1e-9)
+    for _, scores, _, _ in rows:
+        assert all(0.0 <= scores[f"{half} line"] <= 1.0 for half in "AB")
