@@ -926,8 +926,9 @@ def test_parity_holds_for_the_session_aware_repeat_family(session_fleet, tmp_pat
 
 
 def test_a_base_bundle_decides_the_model_the_fleet_is_built_for(fleet, session_fleet):
-    """--base-bundle: the fleet is built for the bundle's model (architecture and
-    separators), whatever the simulator's default is; a flag against it is refused."""
+    """--base-bundle: the fleet is built for the bundle's model (architecture, separators and
+    shape, so that the central reference is trained at the size the rounds train), whatever
+    the simulator's default is; a flag against it is refused."""
     from trainer.cli import _simulation_model, build_parser
 
     def model(bundle, *flags):
@@ -946,6 +947,18 @@ def test_a_base_bundle_decides_the_model_the_fleet_is_built_for(fleet, session_f
     # Flags that agree with the bundle are fine.
     assert model(session_fleet[1], "--model", "repeat_sasrec", "--session-gap", "1800"
                  ).options["session_gap"] == 1800
+    # The shape is the bundle's, not simulate's defaults (dim 64, hidden 128, max_len 50,
+    # two blocks), nor the demo's (dim 32, hidden 64).
+    from tests.support.fleet import SESSION_MODEL
+
+    shape = {k: SESSION_MODEL.options[k] for k in ("dim", "hidden", "max_len", "blocks")}
+    assert {k: spec.options[k] for k in shape} == shape
+    demo = _simulation_model(build_parser().parse_args(
+        ["demo", "--base-bundle", str(session_fleet[1])]))
+    assert {k: demo.options[k] for k in shape} == shape
+    with pytest.raises(ValueError, match="with dim 16; --dim 24 contradicts it"):
+        model(session_fleet[1], "--dim", "24")
+    assert model(session_fleet[1], "--dim", "16").options["dim"] == 16
 
 
 def test_the_unseen_users_check_leaves_half_the_held_out_devices_out_of_central_training():

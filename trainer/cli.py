@@ -107,13 +107,27 @@ def _data_spec(args: argparse.Namespace):
                     holdout=args.holdout)
 
 
+# The model flags that set its shape (and its config's fields of the same names).
+MODEL_SHAPE = ("dim", "hidden", "max_len", "recency_decay", "blocks", "heads", "dropout",
+               "federated_blocks", "top_k")
+
+
+def _flag_default(args: argparse.Namespace, key: str) -> Any:
+    """What ``key`` is when the command line leaves it out (None without a command)."""
+    command = getattr(args, "command", None)
+    if command is None:
+        return None
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command].get_default(key)
+
+
 def _model_options(args: argparse.Namespace, arch) -> dict:
     """The model flags this architecture's config has; unset optional flags keep its defaults,
     and a flag it does not have is refused rather than silently ignored."""
     known = {f.name for f in fields(arch.config_cls)}
     options = {}
-    for name in ("dim", "hidden", "max_len", "recency_decay", "blocks", "heads", "dropout",
-                 "federated_blocks", "top_k"):
+    for name in MODEL_SHAPE:
         value = getattr(args, name)
         if value is None:
             continue
@@ -637,8 +651,10 @@ def _trainable(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 def _simulation_model(args: argparse.Namespace) -> ModelSpec:
     """The ModelSpec that demo, simulate and sweep pretrain (``SIMULATION_MODEL`` unless
-    --model names another). With --base-bundle, the bundle's architecture and session
-    separator (the fleet must see histories as that model does)."""
+    --model names another). With --base-bundle, the bundle's architecture, session separator
+    (the fleet must see histories as that model does) and shape (``MODEL_SHAPE``: the central
+    reference is trained at the size the rounds train, and the report names that model); a
+    flag set against the bundle is refused, one at its default value gives way."""
     import model_zoo
     from trainer.simulation.experiment import ModelSpec
 
@@ -650,9 +666,10 @@ def _simulation_model(args: argparse.Namespace) -> ModelSpec:
         held: dict = {"arch": name}
         if "session_gap" in config:
             held["session_gap"] = int(config["session_gap"]) if config.get("session_id") else 0
+        held.update({key: config[key] for key in MODEL_SHAPE if key in config})
         for key, value in held.items():
             given = getattr(args, key, None)
-            if given is not None and given != value:
+            if given is not None and given != value and given != _flag_default(args, key):
                 flag = "--model" if key == "arch" else f"--{key.replace('_', '-')}"
                 raise ValueError(f"--base-bundle holds a {name} model with {key} {value}; "
                                  f"{flag} {given} contradicts it (drop the flag)")
