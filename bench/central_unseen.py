@@ -51,14 +51,18 @@ def subset(rows: Any, keep: set[str]) -> Any:
 
 
 def without(split: Any, drop: set[str]) -> Any:
-    """A LeaveLastOut with every trace of the users in ``drop`` removed."""
-    kept = set(split.train) - drop
+    """A LeaveLastOut with every trace of the users in ``drop`` removed (and nothing else)."""
+
+    def others(rows: Any) -> Any:
+        return None if rows is None else subset(rows, set(rows.users) - drop)
+
     times = split.train_times
     return replace(
-        split, train={u: s for u, s in split.train.items() if u in kept},
-        train_times=None if times is None else {u: t for u, t in times.items() if u in kept},
-        valid=subset(split.valid, kept), test=subset(split.test, kept),
-        basket=subset(split.basket, kept), basket_valid=subset(split.basket_valid, kept))
+        split, train={u: s for u, s in split.train.items() if u not in drop},
+        train_times=None if times is None else {u: t for u, t in times.items()
+                                                if u not in drop},
+        valid=others(split.valid), test=others(split.test), basket=others(split.basket),
+        basket_valid=others(split.basket_valid))
 
 
 def evaluate(ckpt: Any, population: Any, halves: dict[str, set[str]]) -> dict[str, float]:
