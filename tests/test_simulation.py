@@ -287,6 +287,8 @@ def test_simulate_central_exports_the_central_model_and_rounds_can_start_from_it
     OUT/central/bundle): its manifest says it was trained on every user's data, and a run
     with it as --base-bundle starts from it: round 0's float HR@10 is the central figure the
     first run printed (torch there, the numpy twin here, on the same held-out events)."""
+    import torch
+
     from device_sdk.bundle import load_bundle
     from trainer.cli import main
 
@@ -301,7 +303,12 @@ def test_simulate_central_exports_the_central_model_and_rounds_can_start_from_it
     assert start.manifest["provenance"]["data"]["slice"] == "pretrain"
     assert any(not np.array_equal(central.weights()[k], start.weights()[k])
                for k in start.weights())
-    figure = json.loads((report / "rounds.json").read_text())["central"]["hr@10"]
+    first = json.loads((report / "rounds.json").read_text())
+    figure = first["central"]["hr@10"]
+    # The report says how the central model was trained, torch's thread count included.
+    training = first["meta"]["central_training"]
+    assert training["threads"] == torch.get_num_threads() >= 1
+    assert 1 <= training["best_epoch"] <= training["epochs_run"] <= 2
     assert main(["simulate", "--run", str(tmp_path / "b"), "--base-bundle",
                  str(report / "central" / "bundle"), *flags]) == 0
     second = json.loads((tmp_path / "b" / "report" / "rounds.json").read_text())

@@ -56,6 +56,8 @@ def train_central(population: Population, which: str, model: ModelSpec,
                   progress: bool = True) -> Any:
     """Train ``model`` centrally on the public slice (``which="pretrain"``) or on every
     user's training data (``"central"``); returns (Checkpoint, best validation metrics)."""
+    import torch
+
     import model_zoo
     from trainer.checkpoint import Checkpoint
     from trainer.train import TrainConfig, init_module, predicts_every_position, train
@@ -71,8 +73,11 @@ def train_central(population: Population, which: str, model: ModelSpec,
     best = result.history[result.best_epoch - 1]
     meta = {"data": {"name": population.name, "slice": which,
                      "users": len(split.train), **population.stats},
+            # torch's thread count: sums in another order take training down another
+            # path (README, "Central training and the thread count").
             "training": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                         "seconds": round(result.seconds, 1)}}
+                         "seconds": round(result.seconds, 1),
+                         "threads": torch.get_num_threads()}}
     return Checkpoint(model.arch, config.to_dict(), result.params, population.vocab, meta), best
 
 
@@ -261,6 +266,7 @@ def run_experiment(spec: DataSpec, model: ModelSpec, out: Path,
                 log("central reference: training on every user's data ...")
                 ref, _ = train_central(population, "central", model, progress)
                 central_result = central_metrics(ref, population)
+                meta["central_training"] = ref.meta["training"]
                 log(f"central model: HR@10 {central_result['hr@10']:.4f} on the devices' "
                     "held-out events")
                 if export_central:
