@@ -24,24 +24,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
 
 
 def one(data: str, seed: int) -> dict:
     """Train and score the demo's central model in this process (its threads set by the
     environment); the metrics, the epochs and torch's thread count."""
-    sys.path.insert(0, str(REPO))
     import torch
+    from _retail import demo_fleet
 
-    from trainer.cli import _data_spec, _simulation_model, build_parser, demo_runs
-    from trainer.simulation.experiment import build_fleet, central_metrics, train_central
+    from trainer.simulation.experiment import central_metrics, train_central
 
-    demo = build_parser().parse_args(["demo", "--mode", "fast", "--data", data,
-                                      "--seed", str(seed)])
-    demo_runs(demo)
-    spec = _simulation_model(demo)
-    population, spec = build_fleet(_data_spec(demo), spec, rounds=1,
-                                   public_fraction=demo.public_fraction, warmup=demo.warmup)
+    population, spec = demo_fleet(data, seed)
     started = time.perf_counter()
     ckpt, _ = train_central(population, "central", spec, progress=False)
     return {**central_metrics(ckpt, population), **ckpt.meta["training"],
@@ -50,7 +43,9 @@ def one(data: str, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA))
+    from _retail import ONLINE_RETAIL
+
+    parser.add_argument("--data", default=str(ONLINE_RETAIL))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)

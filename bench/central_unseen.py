@@ -30,8 +30,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DATA = REPO.parent / "shared" / "data" / "online_retail.csv.gz"
-
 
 def subset(rows: Any, keep: set[str]) -> Any:
     """An EvalSet / BasketSet (or None) cut to the users in ``keep``, rows in order."""
@@ -66,21 +64,16 @@ def without(split: Any, drop: set[str]) -> Any:
 
 
 def evaluate(ckpt: Any, population: Any, halves: dict[str, set[str]]) -> dict[str, float]:
-    from trainer.metrics import basket_metrics, ranking_metrics
-    from trainer.train import torch_topk
+    """``central_metrics`` on each half's held-out events (basket HR@10 NaN without
+    baskets)."""
+    from trainer.simulation.experiment import central_metrics
 
-    module = ckpt.torch_module()
     out = {}
     for name, users in halves.items():
-        test = subset(population.test, users)
-        line = ranking_metrics(torch_topk(module, test.history, 10), test.target,
-                               population.ranked_items, 10)
-        out[f"{name} line"] = line["hr@10"]
-        out[f"{name} basket"] = float("nan")  # data without baskets: the line protocol only
-        if population.basket is not None:
-            basket = subset(population.basket, users)
-            b = basket_metrics(torch_topk(module, basket.history, 10), basket.baskets, 10)
-            out[f"{name} basket"] = b["basket_hr@10"]
+        m = central_metrics(ckpt, replace(population, test=subset(population.test, users),
+                                          basket=subset(population.basket, users)))
+        out[f"{name} line"] = m["hr@10"]
+        out[f"{name} basket"] = m.get("basket_hr@10", float("nan"))
     return out
 
 
@@ -108,20 +101,13 @@ def measure(population: Any, spec: Any, a: set[str]) -> list[tuple[str, dict, An
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA))
+    from _retail import ONLINE_RETAIL, demo_fleet
+
+    parser.add_argument("--data", default=str(ONLINE_RETAIL))
     parser.add_argument("--seed", type=int, default=0, help="the demo's seed (public slice)")
     parser.add_argument("--split-seed", type=int, default=0, help="draws half A")
     args = parser.parse_args(argv)
-
-    from trainer.cli import _data_spec, _simulation_model, build_parser, demo_runs
-    from trainer.simulation.experiment import build_fleet
-
-    demo = build_parser().parse_args(["demo", "--mode", "fast", "--data", args.data,
-                                      "--seed", str(args.seed)])
-    demo_runs(demo)  # the recipe's pretraining settings (epochs) onto the demo's flags
-    spec = _simulation_model(demo)
-    population, spec = build_fleet(_data_spec(demo), spec, rounds=1,
-                                   public_fraction=demo.public_fraction, warmup=demo.warmup)
+    population, spec = demo_fleet(args.data, args.seed)
     held = sorted(population.test.users)
     rng = np.random.default_rng(args.split_seed)
     a = set(rng.choice(held, size=len(held) // 2, replace=False).tolist())
